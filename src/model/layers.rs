@@ -1,0 +1,143 @@
+//! Building blocks that keep the autograd graph: candle's fused LayerNorm and softmax have no backward
+//! (CANDLE-NOTES.md), so LayerNorm is composed here and softmax goes through `ops`.
+
+use super::params::{Init, Pb};
+use crate::config::Kernels;
+use candle_core::{Result, Tensor, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::cell::RefCell;
+
+/// What a forward pass needs besides its inputs: training mode (dropout on), the seeded dropout stream,
+/// and which kernels run the custom ops.
+pub struct Ctx {
+    pub train: bool,
+    pub kernels: Kernels,
+    rng: RefCell<ChaCha8Rng>,
+}
+
+impl Ctx {
+    pub fn new(train: bool, kernels: Kernels, rng: ChaCha8Rng) -> Self {
+        Ctx { train, kernels, rng: RefCell::new(rng) }
+    }
+
+    /// Evaluation mode: no dropout.
+    pub fn eval(kernels: Kernels) -> Self {
+        Self::new(false, kernels, crate::rng::stream(0, "eval", "", 0))
+    }
+
+    /// Inverted dropout with a mask from the seeded stream (identity outside training or for p = 0).
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if !self.train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - p as f32;
+        let scale = 1.0 / keep;
+        let mut rng = self.rng.borrow_mut();
+        let mask: Vec<f32> =
+            (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { scale } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// y = x W^T + b, weights `weight` [out, in] and `bias` [out] as in PyTorch.
+#[derive(Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(pb: &Pb, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let weight = pb.get("weight", (out_dim, in_dim), Init::Normal(0.02))?;
+        let bias = Some(pb.get("bias", out_dim, Init::Const(0.0))?);
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.t()?;
+        let y = match x.dims() {
+            [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
+            _ => x.matmul(&w)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// LayerNorm over the last dimension, composed from differentiable ops.
+#[derive(Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(pb: &Pb, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: pb.get("weight", dim, Init::Const(1.0))?,
+            bias: pb.get("bias", dim, Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// A lookup table `weight` [n, dim]; its backward is candle's index_add.
+#[derive(Clone)]
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(pb: &Pb, n: usize, dim: usize) -> Result<Self> {
+        Ok(Embedding { weight: pb.get("weight", (n, dim), Init::Normal(0.02))? })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// ids [B, L] (u32) -> [B, L, dim].
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        self.weight.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, ()))
+    }
+}
+
+/// Multi-head scaled dot-product attention on already projected q [B, Lq, D], k, v [B, Lk, D].
+/// `mask` is additive, broadcastable to [B, H, Lq, Lk]. Attention-probability dropout `p` in training.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, p: f64, ctx: &Ctx)
+    -> Result<Tensor> {
+    let (b, lq, d) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let dh = d / heads;
+    let split = |x: &Tensor, l: usize| x.reshape((b, l, heads, dh))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
+    let scores = q.matmul(&k.t()?)?;
+    let probs = crate::ops::attention_softmax(&scores, 1.0 / (dh as f64).sqrt(), mask, ctx.kernels)?;
+    let probs = ctx.dropout(&probs, p)?;
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))
+}
+
+/// Additive attention mask [B, 1, 1, L] from a 0/1 padding mask [B, L]: 0 where attended, -10000
+/// (ALBEF's xbert) where padded.
+pub fn extended_mask(mask: &Tensor) -> Result<Tensor> {
+    let (b, l) = mask.dims2()?;
+    ((mask.ones_like()? - mask)? * -10000.0)?.reshape((b, 1, 1, l))
+}

@@ -1,0 +1,129 @@
+//! Image-text matching with hard negatives (REFERENCE.md, ITM).
+
+use crate::config::Negatives;
+use crate::model::bert::Bert;
+use crate::model::layers::{Ctx, Linear};
+use anyhow::bail;
+use candle_core::{Tensor, D};
+use rand::Rng;
+
+/// For each text the index of its negative image, and for each image the index of its negative text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItmNegatives {
+    pub image_for_text: Vec<usize>,
+    pub text_for_image: Vec<usize>,
+}
+
+/// Draws one negative image per text (from rows of `sim_t2i`) and then one negative text per image (rows
+/// of `sim_i2t`), the reference's order. Both are the in-batch [B, B] ITC logits (already divided by
+/// temp), row-major. Hard: probability softmax over the row with the diagonal and every pair of the same
+/// image id masked by -inf BEFORE the softmax (the reference zeroes after it, which crashes on small
+/// batches). Random: uniform over the same allowed set.
+pub fn sample_negatives(sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], mode: Negatives, rng: &mut impl Rng)
+    -> anyhow::Result<ItmNegatives> {
+    let b = ids.len();
+    if b < 2 {
+        bail!("ITM needs at least 2 image-text pairs per batch to draw negatives, got {b}");
+    }
+    if sim_i2t.len() != b * b || sim_t2i.len() != b * b {
+        bail!("ITM similarity rows must be {b} x {b}");
+    }
+    let mut draw = |sims: &[f32]| -> anyhow::Result<Vec<usize>> {
+        (0..b)
+            .map(|i| {
+                let allowed = |j: usize| j != i && ids[j] != ids[i];
+                let row = &sims[i * b..(i + 1) * b];
+                let max = (0..b).filter(|&j| allowed(j)).map(|j| row[j]).fold(f32::NEG_INFINITY, f32::max);
+                if max == f32::NEG_INFINITY {
+                    bail!("ITM: every pair in the batch shows image id {} (row {i}); no negative exists", ids[i]);
+                }
+                let w: Vec<f64> = (0..b)
+                    .map(|j| match (allowed(j), mode) {
+                        (false, _) => 0.0,
+                        (true, Negatives::Random) => 1.0,
+                        (true, Negatives::Hard) => ((row[j] - max) as f64).exp(),
+                    })
+                    .collect();
+                let mut u = rng.random::<f64>() * w.iter().sum::<f64>();
+                let last = (0..b).rev().find(|&j| w[j] > 0.0).expect("a positive weight exists");
+                Ok((0..b).find(|&j| { u -= w[j]; w[j] > 0.0 && u < 0.0 }).unwrap_or(last))
+            })
+            .collect()
+    };
+    let image_for_text = draw(sim_t2i)?;
+    let text_for_image = draw(sim_i2t)?;
+    Ok(ItmNegatives { image_for_text, text_for_image })
+}
+
+pub struct ItmOutput {
+    pub loss: candle_core::Tensor,
+    /// Fraction of the 3B pairs the head classifies correctly.
+    pub accuracy: f64,
+}
+
+/// Fusion pass over [positives; (text b, negative image of text b); (negative text of image b, image b)],
+/// `itm_head` on the fusion [CLS], cross-entropy with labels [1]*B + [0]*2B. Gradients flow into the
+/// negatives' embeddings.
+pub fn itm(bert: &Bert, itm_head: &Linear, text_embeds: &Tensor, text_mask: &Tensor, image_embeds: &Tensor,
+    neg: &ItmNegatives, ctx: &Ctx) -> candle_core::Result<ItmOutput> {
+    let b = text_embeds.dim(0)?;
+    let dev = text_embeds.device();
+    let idx = |v: &[usize]| Tensor::from_vec(v.iter().map(|&i| i as u32).collect::<Vec<_>>(), v.len(), dev);
+    let (img_neg, txt_neg) = (idx(&neg.image_for_text)?, idx(&neg.text_for_image)?);
+    let text_all = Tensor::cat(&[text_embeds, text_embeds, &text_embeds.index_select(&txt_neg, 0)?], 0)?;
+    let mask_all = Tensor::cat(&[text_mask, text_mask, &text_mask.index_select(&txt_neg, 0)?], 0)?;
+    let image_all = Tensor::cat(&[image_embeds, &image_embeds.index_select(&img_neg, 0)?, image_embeds], 0)?;
+    let fused = bert.forward_fusion(&text_all, &mask_all, &image_all, ctx)?;
+    let logits = itm_head.forward(&fused.narrow(1, 0, 1)?.squeeze(1)?)?;
+    let labels: Vec<u32> = (0..3 * b).map(|i| u32::from(i < b)).collect();
+    let labels = Tensor::from_vec(labels, 3 * b, dev)?;
+    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+    let correct = logits.argmax(D::Minus1)?.eq(&labels)?.to_dtype(candle_core::DType::F32)?.mean_all()?;
+    Ok(ItmOutput { loss, accuracy: correct.to_scalar::<f32>()? as f64 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negatives_never_diagonal_or_same_image() {
+        for b in 2..12usize {
+            for seed in 0..200u64 {
+                let mut rng = crate::rng::stream(seed, "test", "neg", b as u64);
+                // Ids with repeats: image k shown by captions 2k and 2k+1 when b is large enough.
+                let ids: Vec<i64> = (0..b).map(|i| if b > 3 { (i / 2) as i64 } else { i as i64 }).collect();
+                let sims: Vec<f32> = (0..b * b).map(|_| rng.random::<f32>() * 20.0 - 10.0).collect();
+                let mode = if seed % 2 == 0 { Negatives::Hard } else { Negatives::Random };
+                let neg = sample_negatives(&sims, &sims, &ids, mode, &mut rng).unwrap();
+                for i in 0..b {
+                    for j in [neg.image_for_text[i], neg.text_for_image[i]] {
+                        assert!(j != i && ids[j] != ids[i], "b={b} seed={seed} row {i} drew {j}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hard_negatives_follow_the_softmax() {
+        // Row 0 prefers column 2 (logit 2 vs 0): p = e^2 / (1 + e^2) ~= 0.881.
+        let sims = [0., 0., 2., 0., 0., 0., 0., 0., 0.];
+        let mut rng = crate::rng::stream(1, "test", "hard", 0);
+        let n = 20000;
+        let hits = (0..n)
+            .filter(|_| sample_negatives(&sims, &sims, &[0, 1, 2], Negatives::Hard, &mut rng).unwrap().text_for_image[0] == 2)
+            .count();
+        let p = hits as f64 / n as f64;
+        assert!((p - 0.8808).abs() < 0.01, "{p}");
+    }
+
+    #[test]
+    fn small_or_single_image_batches_are_clear_errors() {
+        let mut rng = crate::rng::stream(0, "t", "", 0);
+        let e = sample_negatives(&[0.], &[0.], &[3], Negatives::Hard, &mut rng).unwrap_err();
+        assert!(e.to_string().contains("at least 2"));
+        let e = sample_negatives(&[0.; 4], &[0.; 4], &[5, 5], Negatives::Hard, &mut rng).unwrap_err();
+        assert!(e.to_string().contains("image id 5"));
+    }
+}
