@@ -10,6 +10,7 @@ use super::vit::Vit;
 use crate::config::{Config, ModelConfig, Negatives, ObjectivesConfig};
 use crate::objectives::{itc, itm, mlm};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::collections::HashMap;
 use rand_chacha::ChaCha8Rng;
 
 /// The modules that exist twice (online and momentum): one definition, two parameter sets.
@@ -249,5 +250,72 @@ impl Albef {
             None => Tensor::zeros((), DType::F32, self.device())?,
         };
         Ok(StepOutput { loss, itc: itc_loss, itm: itm_loss, mlm: mlm_loss, itm_accuracy, temp: temp_value, alpha })
+    }
+
+    /// Every tensor of the model state under ALBEF's checkpoint names: online parameters, the `_m`
+    /// twins, `image_queue`, `text_queue` [embed_dim, Q], `queue_ptr` and `idx_queue` (int64).
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out: Vec<(String, Tensor)> =
+            self.params.vars().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+        for (name, var) in self.momentum.store.vars() {
+            let ckpt = super::momentum::checkpoint_name(&name).expect("momentum parameters have twins");
+            out.push((ckpt, var.as_tensor().detach()));
+        }
+        let dev = self.device();
+        out.push(("image_queue".into(), self.queue.image_queue.clone()));
+        out.push(("text_queue".into(), self.queue.text_queue.clone()));
+        out.push(("queue_ptr".into(), Tensor::new(&[self.queue.ptr as i64], dev)?));
+        out.push(("idx_queue".into(), Tensor::new(self.queue.idx_queue.as_slice(), dev)?.unsqueeze(0)?));
+        Ok(out)
+    }
+
+    /// Loads a state written by [`Albef::named_tensors`] (or an import). Every model tensor must be
+    /// present with the right shape; returns the names of file tensors the model does not use.
+    pub fn load_named(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<Vec<String>> {
+        use anyhow::Context;
+        let mut used = std::collections::HashSet::new();
+        let mut take = |name: &str| -> anyhow::Result<Tensor> {
+            used.insert(name.to_string());
+            tensors.get(name).cloned().with_context(|| format!("tensor `{name}` is missing"))
+        };
+        let check = |name: &str, t: &Tensor, want: &Tensor| -> anyhow::Result<()> {
+            if t.dims() != want.dims() {
+                anyhow::bail!("tensor `{name}` has shape {:?}, the model expects {:?}", t.dims(), want.dims());
+            }
+            Ok(())
+        };
+        for (name, var) in self.params.vars() {
+            let t = take(&name)?;
+            check(&name, &t, var.as_tensor())?;
+            self.params.insert(&name, &t)?;
+        }
+        for (name, var) in self.momentum.store.vars() {
+            let ckpt = super::momentum::checkpoint_name(&name).expect("momentum parameters have twins");
+            let t = take(&ckpt)?;
+            check(&ckpt, &t, var.as_tensor())?;
+            self.momentum.store.insert(&name, &t)?;
+        }
+        for (name, slot) in [("image_queue", &mut self.queue.image_queue), ("text_queue", &mut self.queue.text_queue)] {
+            let t = take(name)?;
+            check(name, &t, slot)?;
+            *slot = t.to_dtype(DType::F32)?.to_device(self.params.device())?;
+        }
+        let q = self.queue.size();
+        let ptr = take("queue_ptr")?.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        match ptr.as_slice() {
+            [p] if (0..q as i64).contains(p) => self.queue.ptr = *p as usize,
+            _ => anyhow::bail!("tensor `queue_ptr` must hold one index in [0, {q}), got {ptr:?}"),
+        }
+        // ALBEF pre-training checkpoints have no idx_queue; keep the "never written" marks then.
+        if tensors.contains_key("idx_queue") {
+            let idx = take("idx_queue")?.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+            if idx.len() != q {
+                anyhow::bail!("tensor `idx_queue` has {} entries, the queue holds {q}", idx.len());
+            }
+            self.queue.idx_queue = idx;
+        }
+        let mut unused: Vec<String> = tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        unused.sort();
+        Ok(unused)
     }
 }
