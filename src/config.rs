@@ -465,6 +465,20 @@ impl Config {
         Ok(())
     }
 
+    /// The WordPiece vocabulary: `data.vocab`, or else the `vocab.txt` beside `ann` (where `synth`
+    /// writes the generated dataset's vocabulary).
+    pub fn vocab_path(&self, ann: &Path) -> Result<PathBuf> {
+        if let Some(v) = &self.data.vocab {
+            return Ok(v.clone());
+        }
+        let beside = ann.parent().unwrap_or(Path::new(".")).join("vocab.txt");
+        if beside.is_file() {
+            Ok(beside)
+        } else {
+            bail!("no vocabulary: set `data.vocab` to a vocab.txt or tokenizer.json (none found beside {})", ann.display())
+        }
+    }
+
     /// Alpha actually used: 0 when distillation is off.
     pub fn effective_alpha(&self) -> f64 {
         if self.objectives.distill { self.model.alpha } else { 0.0 }

@@ -147,6 +147,18 @@ impl Albef {
         })
     }
 
+    /// A model with the state of a checkpoint: a `.safetensors` file of [`Albef::named_tensors`], or a
+    /// checkpoint directory holding `model.safetensors`.
+    pub fn from_checkpoint(cfg: &Config, path: &std::path::Path, device: &Device) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
+        let tensors = candle_core::safetensors::load(&file, device)
+            .with_context(|| format!("cannot read checkpoint {}", file.display()))?;
+        let mut model = Albef::new(cfg, ParamStore::new(cfg.seed, device))?;
+        model.load_named(&tensors).with_context(|| format!("checkpoint {} does not fit the config", file.display()))?;
+        Ok(model)
+    }
+
     pub fn device(&self) -> &Device {
         self.params.device()
     }
