@@ -176,16 +176,19 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
 }
 
+mod bench;
+mod train;
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(_) => not_built("train", "the trainer (issue 5)"),
+        Command::Train(a) => train::run(a),
         Command::Eval(_) => not_built("eval", "retrieval evaluation (issue 6)"),
         Command::Embed(_) => not_built("embed", "retrieval evaluation (issue 6)"),
         Command::Ablate(_) => not_built("ablate", "distillation ablations (issue 7)"),
         Command::Synth(_) => not_built("synth", "the data pipeline (issue 4)"),
         Command::Prepare(_) => not_built("prepare", "the data pipeline (issue 4)"),
         Command::Import(_) => not_built("import", "weight import (issue 9)"),
-        Command::Bench(_) => not_built("bench", "benchmarks (issues 5 and 8)"),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -104,6 +104,8 @@ pub struct StepOutput {
     pub itm_accuracy: Option<f64>,
     pub temp: f64,
     pub alpha: f64,
+    /// Seconds spent in the EMA update (the benchmark reports it apart from the forward).
+    pub ema_s: f64,
 }
 
 pub struct Albef {
@@ -184,7 +186,9 @@ impl Albef {
         let (text_embeds, text_feat) = self.online.text(ids, mask, ctx)?;
 
         // The EMA update comes before any momentum forward.
+        let ema_start = std::time::Instant::now();
         self.momentum.update()?;
+        let ema_s = ema_start.elapsed().as_secs_f64();
         let hard = obj.itm && obj.itm_negatives == Negatives::Hard;
         let need_feat_m = obj.itc || hard;
         let need_image_m = need_feat_m || (obj.mlm && alpha > 0.0);
@@ -261,7 +265,7 @@ impl Albef {
             Some(t) => t,
             None => Tensor::zeros((), DType::F32, self.device())?,
         };
-        Ok(StepOutput { loss, itc: itc_loss, itm: itm_loss, mlm: mlm_loss, itm_accuracy, temp: temp_value, alpha })
+        Ok(StepOutput { loss, itc: itc_loss, itm: itm_loss, mlm: mlm_loss, itm_accuracy, temp: temp_value, alpha, ema_s })
     }
 
     /// Every tensor of the model state under ALBEF's checkpoint names: online parameters, the `_m`

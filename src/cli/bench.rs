@@ -1,0 +1,26 @@
+//! `alignfuse bench`: throughput benchmarks. Each reports ratios against a baseline measured in the
+//! same run where one exists.
+
+use super::BenchArgs;
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let cfg = || -> Result<Config> {
+        let path = args.config.as_ref().context("this benchmark needs --config")?;
+        Config::load(path, &args.set)
+    };
+    let json = match args.what.as_str() {
+        "train" => {
+            let dir = std::env::temp_dir().join("alignfuse-bench");
+            let r = crate::train::bench::bench_train(cfg()?, &dir, args.steps)?;
+            println!("{r}");
+            serde_json::to_value(&r)?
+        }
+        other => bail!("unknown benchmark `{other}`: use train"),
+    };
+    if let Some(p) = &args.json {
+        crate::write_atomic(p, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! `alignfuse bench train`: times training steps on the configured data and model, split into phases
+//! (data wait, forward, EMA update, backward, optimiser), and reports pairs/s and peak memory.
+
+use super::{forward, schedule, Setup};
+use crate::config::Config;
+use anyhow::{ensure, Result};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Debug, Serialize)]
+pub struct TrainBench {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub pairs_per_s: f64,
+    /// Mean milliseconds per step of each phase.
+    pub data_ms: f64,
+    pub forward_ms: f64,
+    pub ema_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    pub peak_rss_mib: Option<f64>,
+    pub device: String,
+}
+
+impl std::fmt::Display for TrainBench {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total = self.data_ms + self.forward_ms + self.ema_ms + self.backward_ms + self.optimizer_ms;
+        writeln!(f, "{} steps of {} pairs on {}: {:.1} pairs/s, {:.1} ms/step", self.steps, self.batch_size, self.device,
+            self.pairs_per_s, total)?;
+        writeln!(f, "{:<10} {:>10} {:>7}", "phase", "ms/step", "share")?;
+        for (name, ms) in [("data", self.data_ms), ("forward", self.forward_ms), ("ema", self.ema_ms),
+            ("backward", self.backward_ms), ("optimizer", self.optimizer_ms)] {
+            writeln!(f, "{name:<10} {ms:>10.1} {:>6.1}%", 100.0 * ms / total.max(1e-9))?;
+        }
+        match self.peak_rss_mib {
+            Some(m) => write!(f, "peak RSS {m:.0} MiB"),
+            None => write!(f, "peak RSS unavailable"),
+        }
+    }
+}
+
+/// Runs one warm-up step, then `steps` timed steps (one micro-batch each) from the start of epoch 0.
+pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBench> {
+    ensure!(steps >= 1, "--steps must be at least 1");
+    let mut cfg = cfg;
+    cfg.train.grad_accum = 1;
+    let mut run = Setup::new(cfg, work_dir)?;
+    let cfg = run.cfg.clone();
+    ensure!(run.loader.batches_per_epoch() > steps, "the dataset has {} batches per epoch; bench needs more than --steps = {steps}",
+        run.loader.batches_per_epoch());
+    let mut batches = run.loader.epoch(0, 0)?;
+    let (mut data, mut fwd, mut ema, mut bwd, mut opt) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for i in 0..=steps {
+        if i == 1 {
+            (data, fwd, ema, bwd, opt) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        }
+        let t = Instant::now();
+        let batch = batches.next().expect("checked above")?;
+        data += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let alpha = schedule::alpha(cfg.effective_alpha(), cfg.objectives.alpha_ramp_epochs, i, run.steps_per_epoch);
+        let out = forward(&mut run.model, &cfg, run.special, &batch, i as u64, alpha)?;
+        fwd += t.elapsed().as_secs_f64() - out.ema_s;
+        ema += out.ema_s;
+        let t = Instant::now();
+        let grads = out.loss.backward()?;
+        bwd += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        run.opt.accumulate(&grads)?;
+        run.opt.step(cfg.train.lr, cfg.train.grad_clip)?;
+        opt += t.elapsed().as_secs_f64();
+    }
+    let ms = |s: f64| 1000.0 * s / steps as f64;
+    let total = data + fwd + ema + bwd + opt;
+    Ok(TrainBench {
+        steps,
+        batch_size: cfg.train.batch_size,
+        pairs_per_s: (steps * cfg.train.batch_size) as f64 / total,
+        data_ms: ms(data),
+        forward_ms: ms(fwd),
+        ema_ms: ms(ema),
+        backward_ms: ms(bwd),
+        optimizer_ms: ms(opt),
+        peak_rss_mib: peak_rss_mib(),
+        device: format!("{:?}", run.device),
+    })
+}
+
+/// VmHWM from /proc/self/status (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,157 @@
+//! Checkpoints that a crash cannot corrupt.
+//!
+//! Each checkpoint is a directory `OUT/checkpoints/step-NNNNNNN/` holding `model.safetensors` (ALBEF key
+//! names: online weights, `_m` twins, queues, temp), `optim.safetensors` (AdamW moments) and `state.json`
+//! (config, step, data position, metrics). It is written under a temporary name and renamed when
+//! complete; `latest` and `best` are symlinks swapped atomically (rename over the old link). A process
+//! killed at any point leaves the previous `latest` intact and loadable.
+
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Everything besides tensors needed to continue a run exactly. Random streams are derived from
+/// (seed, purpose, step), so the seed and the position are the whole RNG state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format: String,
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// Where the data stream continues: this epoch, from this micro-batch.
+    pub epoch: usize,
+    pub batch_in_epoch: usize,
+    pub seed: u64,
+    /// Validation r_mean of the best checkpoint so far.
+    pub best_r_mean: Option<f64>,
+    /// Non-finite steps skipped (`on_nonfinite = "skip"`) and images skipped (`on_bad_image = "skip"`).
+    pub skipped_steps: usize,
+    pub skipped_images: usize,
+    pub config: Config,
+}
+
+pub const FORMAT: &str = "alignfuse-checkpoint-1";
+
+pub struct Checkpoints {
+    dir: PathBuf,
+}
+
+/// A loaded checkpoint.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub model: HashMap<String, Tensor>,
+    pub optim: HashMap<String, Tensor>,
+}
+
+impl Checkpoints {
+    pub fn new(out: &Path) -> Self {
+        Checkpoints { dir: out.join("checkpoints") }
+    }
+
+    pub fn latest(&self) -> PathBuf {
+        self.dir.join("latest")
+    }
+
+    pub fn best(&self) -> PathBuf {
+        self.dir.join("best")
+    }
+
+    /// Writes a complete checkpoint and points `latest` (and `best` when `is_best`) at it.
+    pub fn save(&self, state: &TrainState, model: Vec<(String, Tensor)>, optim: Vec<(String, Tensor)>, is_best: bool)
+        -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let name = format!("step-{:07}", state.step);
+        let tmp = self.dir.join(format!(".tmp-{name}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir(&tmp)?;
+        write_safetensors(&tmp.join("model.safetensors"), model)?;
+        crash_point(state.step);
+        write_safetensors(&tmp.join("optim.safetensors"), optim)?;
+        std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(state)?)?;
+        sync_dir(&tmp)?;
+        let final_dir = self.dir.join(&name);
+        if final_dir.exists() {
+            // Re-saving the same step (an epoch end right after a periodic save): swap the old one out.
+            let old = self.dir.join(format!(".old-{name}"));
+            std::fs::rename(&final_dir, &old)?;
+            std::fs::rename(&tmp, &final_dir)?;
+            self.point("latest", &name)?;
+            std::fs::remove_dir_all(&old)?;
+        } else {
+            std::fs::rename(&tmp, &final_dir)?;
+            self.point("latest", &name)?;
+        }
+        if is_best {
+            self.point("best", &name)?;
+        }
+        sync_dir(&self.dir)?;
+        self.prune()?;
+        Ok(final_dir)
+    }
+
+    /// Atomically makes `link` point at `target` (a sibling directory name).
+    fn point(&self, link: &str, target: &str) -> Result<()> {
+        let tmp = self.dir.join(format!(".{link}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp)?;
+        std::fs::rename(&tmp, self.dir.join(link)).with_context(|| format!("cannot update {link} in {}", self.dir.display()))
+    }
+
+    /// Removes checkpoint directories that neither `latest` nor `best` points at, and stale temporaries.
+    fn prune(&self) -> Result<()> {
+        let keep: Vec<PathBuf> =
+            [self.latest(), self.best()].iter().filter_map(|l| std::fs::read_link(l).ok()).collect();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale = name.starts_with(".tmp-") || name.starts_with(".old-");
+            let unreferenced = name.starts_with("step-") && !keep.iter().any(|k| k.as_os_str() == entry.file_name());
+            if stale || unreferenced {
+                std::fs::remove_dir_all(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loads a checkpoint directory (or a `latest` / `best` link).
+pub fn load(dir: &Path, device: &candle_core::Device) -> Result<Loaded> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
+    let state: TrainState =
+        serde_json::from_str(&text).with_context(|| format!("{} is not an alignfuse checkpoint state", state_path.display()))?;
+    if state.format != FORMAT {
+        bail!("{}: checkpoint format `{}`, expected `{FORMAT}`", state_path.display(), state.format);
+    }
+    let read = |f: &str| {
+        let p = dir.join(f);
+        candle_core::safetensors::load(&p, device).with_context(|| format!("cannot read {}", p.display()))
+    };
+    Ok(Loaded { dir: dir.to_path_buf(), state, model: read("model.safetensors")?, optim: read("optim.safetensors")? })
+}
+
+fn write_safetensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&map, path).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Test hook for the crash-safety test: `ALIGNFUSE_ABORT_IN_CHECKPOINT=N` kills the process in the middle
+/// of writing the checkpoint of step N, as a power cut or `kill -9` would.
+fn crash_point(step: usize) {
+    if std::env::var("ALIGNFUSE_ABORT_IN_CHECKPOINT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(step) {
+        std::process::abort();
+    }
+}

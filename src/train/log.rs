@@ -1,0 +1,140 @@
+//! What a run reports: one JSON record per optimiser step and per evaluation in `OUT/log.jsonl`, a
+//! progress bar on a terminal, plain lines otherwise.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+/// One optimiser step's numbers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepRecord {
+    pub step: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub itc: Option<f64>,
+    pub itm: Option<f64>,
+    pub mlm: Option<f64>,
+    pub lr: f64,
+    pub alpha: f64,
+    pub temp: f64,
+    pub itm_acc: Option<f64>,
+    pub grad_norm: f64,
+    pub pairs_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Record {
+    Step(StepRecord),
+    /// Retrieval metrics of a split (`val` after each epoch, `test` at the end).
+    Eval { split: String, epoch: usize, step: usize, metrics: serde_json::Value },
+}
+
+impl Record {
+    fn step(&self) -> usize {
+        match self {
+            Record::Step(s) => s.step,
+            Record::Eval { step, .. } => *step,
+        }
+    }
+}
+
+pub struct RunLog {
+    path: PathBuf,
+    file: BufWriter<std::fs::File>,
+    bar: Option<ProgressBar>,
+    log_every: usize,
+}
+
+impl RunLog {
+    /// Opens `OUT/log.jsonl`. When resuming at `resume_step`, records past it (written by the interrupted
+    /// run after its last checkpoint) are dropped so the log matches the resumed state.
+    pub fn open(out: &Path, resume_step: Option<usize>, total_steps: usize, log_every: usize) -> Result<Self> {
+        let path = out.join("log.jsonl");
+        let kept: Vec<String> = match resume_step {
+            Some(step) if path.exists() => read_records(&path)?
+                .into_iter()
+                .filter(|r| r.step() <= step)
+                .map(|r| serde_json::to_string(&r))
+                .collect::<Result<_, _>>()?,
+            _ => vec![],
+        };
+        let mut file = BufWriter::new(
+            std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?,
+        );
+        for line in kept {
+            writeln!(file, "{line}")?;
+        }
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total_steps as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
+                    .expect("valid template"),
+            );
+            bar.set_position(resume_step.unwrap_or(0) as u64);
+            bar
+        });
+        Ok(RunLog { path, file, bar, log_every: log_every.max(1) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn step(&mut self, r: &StepRecord) -> Result<()> {
+        self.write(&Record::Step(r.clone()))?;
+        let line = format!(
+            "epoch {} step {} loss {:.4} (itc {} itm {} mlm {}) lr {:.2e} alpha {:.3} temp {:.4} {:.1} pairs/s",
+            r.epoch, r.step, r.loss, opt(r.itc), opt(r.itm), opt(r.mlm), r.lr, r.alpha, r.temp, r.pairs_per_s
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(r.step as u64);
+                bar.set_message(line);
+            }
+            None if r.step % self.log_every == 0 => eprintln!("{line}"),
+            None => {}
+        }
+        Ok(())
+    }
+
+    pub fn eval(&mut self, split: &str, epoch: usize, step: usize, metrics: serde_json::Value) -> Result<()> {
+        self.write(&Record::Eval { split: split.into(), epoch, step, metrics })
+    }
+
+    /// A line for the user that must not be overwritten by the progress bar.
+    pub fn say(&self, msg: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    fn write(&mut self, r: &Record) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(r)?)?;
+        self.file.flush()?;
+        Ok(())
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+/// All records of a log file; a malformed line is an error naming its line number.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: not a log record", path.display(), i + 1)))
+        .collect()
+}
