@@ -32,16 +32,18 @@ pub fn sample_negatives(sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], mode: Neg
         (0..b)
             .map(|i| {
                 let allowed = |j: usize| j != i && ids[j] != ids[i];
-                let row = &sims[i * b..(i + 1) * b];
-                let max = (0..b).filter(|&j| allowed(j)).map(|j| row[j]).fold(f32::NEG_INFINITY, f32::max);
-                if max == f32::NEG_INFINITY {
+                if !(0..b).any(allowed) {
                     bail!("ITM: every pair in the batch shows image id {} (row {i}); no negative exists", ids[i]);
                 }
+                let row = &sims[i * b..(i + 1) * b];
+                let max = (0..b).filter(|&j| allowed(j)).map(|j| row[j]).fold(f32::NEG_INFINITY, f32::max);
+                // Non-finite logits (a diverged step, caught by the trainer's loss check) draw uniformly.
+                let hard = mode == Negatives::Hard && max.is_finite() && (0..b).all(|j| !allowed(j) || row[j].is_finite());
                 let w: Vec<f64> = (0..b)
-                    .map(|j| match (allowed(j), mode) {
+                    .map(|j| match (allowed(j), hard) {
                         (false, _) => 0.0,
-                        (true, Negatives::Random) => 1.0,
-                        (true, Negatives::Hard) => ((row[j] - max) as f64).exp(),
+                        (true, false) => 1.0,
+                        (true, true) => ((row[j] - max) as f64).exp(),
                     })
                     .collect();
                 let mut u = rng.random::<f64>() * w.iter().sum::<f64>();
