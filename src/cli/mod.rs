@@ -177,6 +177,8 @@ pub struct BenchArgs {
 }
 
 mod bench;
+mod prepare;
+mod synth;
 mod train;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -185,8 +187,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(_) => not_built("eval", "retrieval evaluation (issue 6)"),
         Command::Embed(_) => not_built("embed", "retrieval evaluation (issue 6)"),
         Command::Ablate(_) => not_built("ablate", "distillation ablations (issue 7)"),
-        Command::Synth(_) => not_built("synth", "the data pipeline (issue 4)"),
-        Command::Prepare(_) => not_built("prepare", "the data pipeline (issue 4)"),
+        Command::Synth(a) => synth::run(a),
+        Command::Prepare(a) => prepare::run(a),
         Command::Import(_) => not_built("import", "weight import (issue 9)"),
         Command::Bench(a) => bench::run(a),
     }

@@ -1,0 +1,11 @@
+//! `alignfuse synth`: writes the generated shapes dataset (the main job's default data) to a folder.
+
+use super::SynthArgs;
+use anyhow::Result;
+
+pub fn run(args: SynthArgs) -> Result<()> {
+    let p = crate::data::synth::generate(&args.out, args.n, args.seed)?;
+    println!("wrote {} (train), {} (val), {} (test) and {} under {}", p.train.display(), p.val.display(),
+        p.test.display(), p.vocab.display(), p.dir.display());
+    Ok(())
+}
