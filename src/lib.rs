@@ -7,6 +7,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod data;
+pub mod eval;
 pub mod model;
 pub mod objectives;
 pub mod ops;

@@ -1,5 +1,8 @@
 //! The command line: one file per subcommand; this file holds the argument definitions and dispatch.
 
+mod embed;
+mod eval;
+
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -179,8 +182,8 @@ pub struct BenchArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(_) => not_built("train", "the trainer (issue 5)"),
-        Command::Eval(_) => not_built("eval", "retrieval evaluation (issue 6)"),
-        Command::Embed(_) => not_built("embed", "retrieval evaluation (issue 6)"),
+        Command::Eval(args) => eval::run(args),
+        Command::Embed(args) => embed::run(args),
         Command::Ablate(_) => not_built("ablate", "distillation ablations (issue 7)"),
         Command::Synth(_) => not_built("synth", "the data pipeline (issue 4)"),
         Command::Prepare(_) => not_built("prepare", "the data pipeline (issue 4)"),
