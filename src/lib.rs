@@ -29,12 +29,18 @@ pub fn device(spec: &str) -> Result<Device> {
     }
 }
 
-/// Writes a file completely under a temporary name, then renames it over `path`: readers never see a
-/// half-written file, and a crash leaves the old one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().context("path has no file name")?.to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+/// Writes `path` by letting `write` fill a temporary file beside it, then renaming it into place, so
+/// that `path` never holds a half-written file (a crash leaves the old one). Errors name `path`.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = std::fs::create_dir_all(dir)
+        .map_err(Into::into)
+        .and_then(|()| write(&tmp))
+        .and_then(|()| Ok(std::fs::rename(&tmp, path)?));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
 }

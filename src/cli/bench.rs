@@ -17,10 +17,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("{r}");
             serde_json::to_value(&r)?
         }
-        other => bail!("unknown benchmark `{other}`: use train"),
+        "rerank" => {
+            let cfg = cfg()?;
+            let device = crate::device(&cfg.device)?;
+            let r = crate::eval::bench::bench_rerank(&cfg, args.images, cfg.eval.k_test, &device)?;
+            println!("{r}");
+            serde_json::to_value(&r)?
+        }
+        other => bail!("unknown benchmark `{other}`: use train or rerank"),
     };
     if let Some(p) = &args.json {
-        crate::write_atomic(p, serde_json::to_string_pretty(&json)?.as_bytes())?;
+        let text = serde_json::to_string_pretty(&json)?;
+    crate::write_atomic(p, |tmp| Ok(std::fs::write(tmp, text)?))?;
     }
     Ok(())
 }

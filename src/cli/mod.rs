@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand; this file holds the argument definitions and dispatch.
 
+
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -162,21 +163,29 @@ pub struct ImportArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// What to time: `train` (training steps), `data` (image transforms), `kernels` (custom ops).
+    /// What to time: `train` (training steps: pairs/s, time per phase, peak memory), `rerank` (ITM
+    /// re-ranking: pairs/s with and without cross-attention K/V reuse), `data` (image transforms),
+    /// `kernels` (custom ops against the plain candle composition).
     #[arg(default_value = "train")]
     pub what: String,
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Timed training steps (`train`).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Images in the synthetic retrieval set (`rerank`; five captions each).
+    #[arg(long, default_value_t = 200)]
+    pub images: usize,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
 mod bench;
+mod embed;
+mod eval;
 mod prepare;
 mod synth;
 mod train;
@@ -184,8 +193,8 @@ mod train;
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
-        Command::Eval(_) => not_built("eval", "retrieval evaluation (issue 6)"),
-        Command::Embed(_) => not_built("embed", "retrieval evaluation (issue 6)"),
+        Command::Eval(args) => eval::run(args),
+        Command::Embed(args) => embed::run(args),
         Command::Ablate(_) => not_built("ablate", "distillation ablations (issue 7)"),
         Command::Synth(a) => synth::run(a),
         Command::Prepare(a) => prepare::run(a),

@@ -20,7 +20,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("\ntest retrieval:\n{t}");
     }
     let summary = args.out.join("summary.json");
-    crate::write_atomic(&summary, serde_json::to_string_pretty(&s)?.as_bytes())?;
+    let text = serde_json::to_string_pretty(&s)?;
+    crate::write_atomic(&summary, |tmp| Ok(std::fs::write(tmp, text)?))?;
     println!("log: {}  summary: {}", args.out.join("log.jsonl").display(), summary.display());
     Ok(())
 }

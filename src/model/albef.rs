@@ -1,7 +1,7 @@
 //! The whole ALBEF model and one pre-training step: encoders (online and momentum twin), projections,
 //! `temp`, `itm_head`, the feature queue, and the forward that returns ITC + ITM + MLM.
 
-use super::bert::TextEncoder;
+use super::bert::{ImageKv, TextEncoder};
 use super::layers::{Ctx, Linear};
 use super::momentum::Momentum;
 use super::params::{Init, Pb, ParamStore};
@@ -48,7 +48,13 @@ impl Encoders {
 
     /// Fusion-mode [CLS] [B, H] of text tokens cross-attending to image tokens (input of `itm_head`).
     pub fn fusion_cls(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        cls(&self.text_encoder.bert.forward_fusion(text_embeds, mask, image_embeds, ctx)?)
+        self.text_encoder.bert.fusion_cls(text_embeds, mask, image_embeds, ctx)
+    }
+
+    /// [`Encoders::fusion_cls`] on precomputed image keys/values ([`ImageKv`] of G images):
+    /// texts g*n..(g+1)*n of the B = G*n texts attend to image g.
+    pub fn fusion_cls_kv(&self, text_embeds: &Tensor, mask: &Tensor, image_kv: &ImageKv, ctx: &Ctx) -> Result<Tensor> {
+        self.text_encoder.bert.fusion_cls_kv(text_embeds, mask, image_kv, ctx)
     }
 }
 

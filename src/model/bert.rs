@@ -34,11 +34,24 @@ impl Attention {
         })
     }
 
-    /// `x` attends to `kv` (itself for self-attention, the image tokens for cross-attention).
-    fn forward(&self, x: &Tensor, kv: &Tensor, mask: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
-        let q = self.query.forward(x)?;
-        let (k, v) = (self.key.forward(kv)?, self.value.forward(kv)?);
-        let a = attend(&q, &k, &v, self.heads, mask, self.p_attn, ctx)?;
+    /// The key and value projections of the tokens attended to.
+    fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.key.forward(kv)?, self.value.forward(kv)?))
+    }
+
+    /// `x` [B, L, H] attends to projected keys and values [G, N, H] with B = G * n: rows g*n..(g+1)*n
+    /// share key set g. n = 1 is ordinary batched attention. For n > 1 each group's rows are read as one
+    /// query sequence of n*L tokens, so the shared keys enter one large matmul instead of n copies
+    /// (per-row results are the same: attention rows are independent). A mask needs n = 1.
+    fn attend_to(&self, x: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let g = k.dim(0)?;
+        if g == 0 || b % g != 0 || (b != g && mask.is_some()) {
+            candle_core::bail!("attention: {b} query rows cannot share {g} key sets{}",
+                if mask.is_some() { " under a per-row mask" } else { "" })
+        }
+        let q = self.query.forward(x)?.reshape((g, b / g * l, h))?;
+        let a = attend(&q, k, v, self.heads, mask, self.p_attn, ctx)?.reshape((b, l, h))?;
         let a = ctx.dropout(&self.dense.forward(&a)?, self.p_hidden)?;
         self.norm.forward(&(a + x)?)
     }
@@ -65,15 +78,33 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, image: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
-        let mut x = self.attention.forward(x, x, Some(mask), ctx)?;
-        if let (Some(cross), Some(img)) = (&self.crossattention, image) {
-            x = cross.forward(&x, img, None, ctx)?;
+    /// `image_kv`: this layer's cross-attention keys and values of the image tokens (fusion layers only).
+    /// `cls_only`: compute the output for the [CLS] position only ([B, 1, H]); it still attends to every
+    /// token, and every later sublayer works per position, so its value is unchanged.
+    fn forward(&self, x: &Tensor, mask: &Tensor, image_kv: Option<&(Tensor, Tensor)>, cls_only: bool, ctx: &Ctx)
+        -> Result<Tensor> {
+        let (k, v) = self.attention.project_kv(x)?;
+        let queries = if cls_only { x.narrow(1, 0, 1)? } else { x.clone() };
+        let mut x = self.attention.attend_to(&queries, &k, &v, Some(mask), ctx)?;
+        if let (Some(cross), Some((k, v))) = (&self.crossattention, image_kv) {
+            x = cross.attend_to(&x, k, v, None, ctx)?;
         }
         let h = self.intermediate.forward(&x)?.gelu_erf()?;
         let h = ctx.dropout(&self.output.forward(&h)?, self.p_hidden)?;
         self.output_norm.forward(&(h + x)?)
     }
+}
+
+/// Per fusion layer, the cross-attention keys and values [G, N, H] of G images ([`Bert::image_kv`]).
+pub struct ImageKv {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+/// What the fusion layers cross-attend to: image tokens, or their keys/values already projected.
+#[derive(Clone, Copy)]
+enum ImageSide<'a> {
+    Tokens(&'a Tensor),
+    Kv(&'a ImageKv),
 }
 
 /// `text_encoder.bert`: embeddings and all layers.
@@ -122,24 +153,66 @@ impl Bert {
         ctx.dropout(&self.embed_norm.forward(&x)?, self.p_hidden)
     }
 
-    fn run(&self, mut x: Tensor, mask: &Tensor, layers: std::ops::Range<usize>, image: Option<&Tensor>, ctx: &Ctx)
-        -> Result<Tensor> {
+    /// Runs `layers` on hidden states `x`; with `cls_only`, the last of them computes [CLS] only.
+    fn run(&self, mut x: Tensor, mask: &Tensor, layers: std::ops::Range<usize>, image: Option<ImageSide>, cls_only: bool,
+        ctx: &Ctx) -> Result<Tensor> {
         let ext = extended_mask(mask)?;
-        for layer in &self.layers[layers] {
-            x = layer.forward(&x, &ext, image, ctx)?;
+        let last = layers.end.saturating_sub(1);
+        for i in layers {
+            let layer = &self.layers[i];
+            let kv = match (image, &layer.crossattention) {
+                (Some(ImageSide::Tokens(img)), Some(cross)) => Some(cross.project_kv(img)?),
+                (Some(ImageSide::Kv(kv)), Some(_)) => match kv.layers.get(i - self.fusion_layer) {
+                    Some(layer_kv) => Some(layer_kv.clone()),
+                    None => candle_core::bail!("image keys/values cover {} fusion layers, the model has more", kv.layers.len()),
+                },
+                _ => None,
+            };
+            x = layer.forward(&x, &ext, kv.as_ref(), cls_only && i == last, ctx)?;
         }
         Ok(x)
     }
 
     /// Text mode: ids [B, L], mask [B, L] (1 = token, 0 = padding) -> text_embeds [B, L, H].
     pub fn forward_text(&self, ids: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        self.run(self.embed(ids, ctx)?, mask, 0..self.fusion_layer, None, ctx)
+        self.run(self.embed(ids, ctx)?, mask, 0..self.fusion_layer, None, false, ctx)
     }
 
     /// Fusion mode: text_embeds [B, L, H] cross-attend to image_embeds [B, N, W] in the fusion layers.
     pub fn forward_fusion(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx)
         -> Result<Tensor> {
-        self.run(text_embeds.clone(), mask, self.fusion_layer..self.layers.len(), Some(image_embeds), ctx)
+        self.run(text_embeds.clone(), mask, self.fusion_range(), Some(ImageSide::Tokens(image_embeds)), false, ctx)
+    }
+
+    /// The fusion-mode [CLS] [B, H] (what `itm_head` reads): [`Bert::forward_fusion`] with the last layer
+    /// computed for [CLS] only.
+    pub fn fusion_cls(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        self.run(text_embeds.clone(), mask, self.fusion_range(), Some(ImageSide::Tokens(image_embeds)), true, ctx)?
+            .squeeze(1)
+    }
+
+    /// The cross-attention keys and values of image_embeds [G, N, W] in every fusion layer. They depend
+    /// only on the image, so re-ranking computes them once per image instead of once per candidate text.
+    pub fn image_kv(&self, image_embeds: &Tensor) -> Result<ImageKv> {
+        let layers = self.layers[self.fusion_layer..]
+            .iter()
+            .map(|layer| match &layer.crossattention {
+                Some(cross) => cross.project_kv(image_embeds),
+                None => candle_core::bail!("fusion layers have cross-attention"),
+            })
+            .collect::<Result<_>>()?;
+        Ok(ImageKv { layers })
+    }
+
+    /// [`Bert::fusion_cls`] on precomputed keys/values of G images: text_embeds [B, L, H] with B = G * n,
+    /// texts g*n..(g+1)*n attend to image g. With G = B (n = 1) it is `fusion_cls` op for op; with images
+    /// shared by several texts it equals it up to float rounding.
+    pub fn fusion_cls_kv(&self, text_embeds: &Tensor, mask: &Tensor, image_kv: &ImageKv, ctx: &Ctx) -> Result<Tensor> {
+        self.run(text_embeds.clone(), mask, self.fusion_range(), Some(ImageSide::Kv(image_kv)), true, ctx)?.squeeze(1)
+    }
+
+    fn fusion_range(&self) -> std::ops::Range<usize> {
+        self.fusion_layer..self.layers.len()
     }
 
     /// Multimodal mode: all layers from the ids (text layers, then fusion layers with the image).
