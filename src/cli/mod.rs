@@ -175,6 +175,9 @@ pub struct BenchArgs {
     /// Timed training steps (`train`).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Folder of images to decode and transform (`data`; default: the configured training images).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Images in the synthetic retrieval set (`rerank`; five captions each).
     #[arg(long, default_value_t = 200)]
     pub images: usize,

@@ -1,0 +1,450 @@
+//! Batches for training and evaluation, decoded and augmented on worker threads ahead of the step.
+//!
+//! Every batch is a pure function of (seed, epoch, batch index): the epoch order is a seeded
+//! permutation, each sample's augmentation and caption choice are seeded by (seed, epoch, sample), and
+//! workers only decide *when* a batch is ready, never *what* is in it. So the same seed gives identical
+//! batches for any number of workers, and training can resume at any batch of an epoch.
+
+use super::annotations::TrainSet;
+use super::image::{load_rgb, test_transform, TrainTransform};
+use super::tokenizer::{to_tensors, Encoded, TextTokenizer};
+use crate::config::{Config, OnBadImage};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// One training batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `f32 [B, 3, res, res]`, CLIP-normalised.
+    pub images: Tensor,
+    /// `u32 [B, L]`: `[CLS] ... [SEP]` then `[PAD]`, L = longest caption in the batch.
+    pub input_ids: Tensor,
+    /// `f32 [B, L]`: 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// Image id of each pair (equal ids = same image).
+    pub image_ids: Vec<u64>,
+    /// Index of each pair in the [`TrainSet`].
+    pub indices: Vec<usize>,
+    /// Position of this batch in its epoch (what a checkpoint stores to resume).
+    pub batch_index: usize,
+    /// Images of this batch's slice of the epoch order that could not be read and were replaced
+    /// (`on_bad_image = "skip"`), so each unreadable image is reported once per epoch (unless it falls in
+    /// the tail that `drop_last` leaves out anyway).
+    pub skipped: Vec<PathBuf>,
+}
+
+/// What a worker hands back: the batch before it becomes tensors on the training device.
+struct RawBatch {
+    images: Vec<f32>,
+    text: Encoded,
+    image_ids: Vec<u64>,
+    indices: Vec<usize>,
+    batch_index: usize,
+    skipped: Vec<PathBuf>,
+}
+
+/// Everything a worker needs to build any batch of any epoch.
+struct TrainJob {
+    set: Arc<TrainSet>,
+    tokenizer: Arc<TextTokenizer>,
+    transform: TrainTransform,
+    batch_size: usize,
+    max_tokens: usize,
+    seed: u64,
+    on_bad_image: OnBadImage,
+}
+
+/// The training data loader: shuffled each epoch, `drop_last`, prefetched by `num_workers` threads.
+pub struct TrainLoader {
+    job: Arc<TrainJob>,
+    num_workers: usize,
+    prefetch: usize,
+    device: Device,
+}
+
+impl TrainLoader {
+    /// A loader over `set` with the batch size, resolution, seed and `[data]` settings of `cfg`.
+    pub fn new(set: Arc<TrainSet>, tokenizer: Arc<TextTokenizer>, cfg: &Config, device: Device) -> Result<Self> {
+        let batch_size = cfg.train.batch_size;
+        ensure!(batch_size >= 1, "batch size must be at least 1");
+        ensure!(set.len() >= batch_size,
+            "the training set has {} pairs, fewer than one batch of {batch_size} (batches are full: drop_last)", set.len());
+        let job = TrainJob {
+            transform: TrainTransform::from_config(&cfg.data, cfg.model.vision.image_res),
+            set,
+            tokenizer,
+            batch_size,
+            max_tokens: cfg.data.max_tokens,
+            seed: cfg.seed,
+            on_bad_image: cfg.data.on_bad_image,
+        };
+        Ok(TrainLoader { job: Arc::new(job), num_workers: cfg.data.num_workers.max(1), prefetch: cfg.data.prefetch.max(1), device })
+    }
+
+    /// Full batches per epoch; the last `len % batch_size` pairs of each epoch's order are dropped.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.job.set.len() / self.job.batch_size
+    }
+
+    /// The batches of `epoch` from `start_batch` on (0 for a fresh epoch, the checkpoint's next batch to
+    /// resume), in order. Items are errors for unreadable images under `on_bad_image = "fail"`.
+    pub fn epoch(&self, epoch: usize, start_batch: usize) -> Result<impl Iterator<Item = Result<Batch>> + '_> {
+        let total = self.batches_per_epoch();
+        ensure!(start_batch <= total, "cannot start epoch {epoch} at batch {start_batch}: it has {total} batches");
+        let order = Arc::new(epoch_order(self.job.seed, epoch, self.job.set.len()));
+        let job = Arc::clone(&self.job);
+        let pool = Prefetch::new(start_batch..total, self.num_workers, self.num_workers * self.prefetch,
+            move |b| job.build(&order, epoch, b))?;
+        Ok(pool.map(|raw| {
+            let raw = raw?;
+            let b = raw.indices.len();
+            let res = self.job.transform.res;
+            let (input_ids, attention_mask) = to_tensors(&raw.text, &self.device)?;
+            Ok(Batch {
+                images: Tensor::from_vec(raw.images, (b, 3, res, res), &self.device)?,
+                input_ids,
+                attention_mask,
+                image_ids: raw.image_ids,
+                indices: raw.indices,
+                batch_index: raw.batch_index,
+                skipped: raw.skipped,
+            })
+        }))
+    }
+}
+
+/// The permutation of `0..n` that epoch `epoch` visits samples in.
+fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut crate::rng::stream(seed, "order", "", epoch as u64));
+    order
+}
+
+impl TrainJob {
+    /// Batch `b` of the epoch: the pairs at positions `b*B .. (b+1)*B` of `order`. An unreadable image
+    /// (with `skip`) is replaced by the next readable pairs after that slice, wrapping around, so the
+    /// batch stays full and no other batch changes (resuming by batch index stays exact); a pair used
+    /// as a replacement also appears in its own batch.
+    fn build(&self, order: &[usize], epoch: usize, b: usize) -> Result<RawBatch> {
+        let (n, bs) = (order.len(), self.batch_size);
+        let own = b * bs..(b + 1) * bs;
+        let plane = 3 * self.transform.res * self.transform.res;
+        let mut images = vec![0f32; bs * plane];
+        let (mut indices, mut image_ids, mut captions, mut skipped) = (vec![], vec![], vec![], vec![]);
+        for pos in (own.start..own.start + n).map(|p| p % n) {
+            if indices.len() == bs {
+                break;
+            }
+            let idx = order[pos];
+            let entry = &self.set.entries[idx];
+            let img = match load_rgb(&entry.image) {
+                Ok(img) => img,
+                Err(e) if self.on_bad_image == OnBadImage::Fail => {
+                    return Err(e.context(format!("training pair {idx} (epoch {epoch}, batch {b}); set data.on_bad_image = \"skip\" to drop such pairs")));
+                }
+                Err(_) => {
+                    if own.contains(&pos) {
+                        skipped.push(entry.image.clone());
+                    }
+                    continue;
+                }
+            };
+            let slot = indices.len();
+            let mut rng = crate::rng::stream(self.seed, "augment", &epoch.to_string(), idx as u64);
+            self.transform
+                .apply(&img, &mut rng, &mut images[slot * plane..(slot + 1) * plane])
+                .with_context(|| format!("transforming {}", entry.image.display()))?;
+            indices.push(idx);
+            image_ids.push(entry.image_id);
+            captions.push(self.set.caption(idx, self.seed, epoch));
+        }
+        if indices.len() < bs {
+            bail!("only {} of the {n} training images are readable, fewer than one batch of {bs}", indices.len());
+        }
+        let text = self.tokenizer.encode_batch(&captions, self.max_tokens)?;
+        Ok(RawBatch { images, text, image_ids, indices, batch_index: b, skipped })
+    }
+}
+
+/// A batch of evaluation images, test-transformed.
+#[derive(Debug, Clone)]
+pub struct ImageBatch {
+    /// `f32 [b, 3, res, res]`.
+    pub images: Tensor,
+    /// Which images of the set these are (in order; the last batch may be shorter).
+    pub range: Range<usize>,
+}
+
+/// The images of a retrieval set (`RetrievalSet::images`) in order, `batch_size` at a time with the
+/// test transform, prefetched by `num_workers` threads. An unreadable image is an error: evaluation
+/// never drops images, since that would change the metric.
+pub fn eval_image_batches(
+    images: &[PathBuf],
+    res: usize,
+    batch_size: usize,
+    num_workers: usize,
+    device: Device,
+) -> Result<impl Iterator<Item = Result<ImageBatch>>> {
+    ensure!(batch_size >= 1, "evaluation batch size must be at least 1");
+    let paths: Arc<Vec<PathBuf>> = Arc::new(images.to_vec());
+    let n = paths.len();
+    let workers = num_workers.max(1);
+    let pool = Prefetch::new(0..n.div_ceil(batch_size), workers, 2 * workers, move |b| {
+        let range = b * batch_size..((b + 1) * batch_size).min(n);
+        let plane = 3 * res * res;
+        let mut data = vec![0f32; range.len() * plane];
+        for (slot, path) in paths[range.clone()].iter().enumerate() {
+            test_transform(&load_rgb(path)?, res, &mut data[slot * plane..(slot + 1) * plane])?;
+        }
+        Ok((range, data))
+    })?;
+    Ok(pool.map(move |item| {
+        let (range, data) = item?;
+        Ok(ImageBatch { images: Tensor::from_vec(data, (range.len(), 3, res, res), &device)?, range })
+    }))
+}
+
+/// An ordered parallel map over `jobs` with at most `depth` results in flight: workers take job
+/// indices from a shared queue, results are handed out in index order. Dropping it stops the workers
+/// after their current job.
+struct Prefetch<T> {
+    jobs: Option<mpsc::Sender<usize>>,
+    results: mpsc::Receiver<(usize, Result<T>)>,
+    workers: Vec<JoinHandle<()>>,
+    ready: HashMap<usize, Result<T>>,
+    next_dispatch: usize,
+    next_yield: usize,
+    end: usize,
+}
+
+impl<T: Send + 'static> Prefetch<T> {
+    fn new(jobs: Range<usize>, workers: usize, depth: usize, f: impl Fn(usize) -> Result<T> + Send + Sync + 'static) -> Result<Self> {
+        let f = Arc::new(f);
+        let (job_tx, job_rx) = mpsc::channel::<usize>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (result_tx, results) = mpsc::channel();
+        let workers = (0..workers)
+            .map(|w| {
+                let (f, job_rx, result_tx) = (Arc::clone(&f), Arc::clone(&job_rx), result_tx.clone());
+                std::thread::Builder::new()
+                    .name(format!("alignfuse-data-{w}"))
+                    .spawn(move || loop {
+                        let Ok(Ok(i)) = job_rx.lock().map(|rx| rx.recv()) else { break };
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i)))
+                            .unwrap_or_else(|_| Err(anyhow!("data worker panicked while preparing item {i}")));
+                        if result_tx.send((i, result)).is_err() {
+                            break;
+                        }
+                    })
+                    .context("cannot start a data worker thread")
+            })
+            .collect::<Result<_>>()?;
+        let mut pool = Prefetch { jobs: Some(job_tx), results, workers, ready: HashMap::new(),
+            next_dispatch: jobs.start, next_yield: jobs.start, end: jobs.end };
+        for _ in 0..depth.max(1) {
+            pool.dispatch();
+        }
+        Ok(pool)
+    }
+
+    fn dispatch(&mut self) {
+        if self.next_dispatch < self.end {
+            if let Some(jobs) = &self.jobs {
+                // A send fails only once every worker has exited; `next` then reports it.
+                let _ = jobs.send(self.next_dispatch);
+            }
+            self.next_dispatch += 1;
+        }
+    }
+}
+
+impl<T: Send + 'static> Iterator for Prefetch<T> {
+    type Item = Result<T>;
+
+    fn next(&mut self) -> Option<Result<T>> {
+        if self.next_yield >= self.end {
+            return None;
+        }
+        loop {
+            if let Some(result) = self.ready.remove(&self.next_yield) {
+                self.next_yield += 1;
+                self.dispatch();
+                return Some(result);
+            }
+            match self.results.recv() {
+                Ok((i, result)) => {
+                    self.ready.insert(i, result);
+                }
+                Err(_) => {
+                    self.next_yield = self.end;
+                    return Some(Err(anyhow!("all data worker threads have stopped")));
+                }
+            }
+        }
+    }
+}
+
+impl<T> Drop for Prefetch<T> {
+    fn drop(&mut self) {
+        self.jobs.take();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CaptionStyle;
+    use crate::data::annotations::{RetrievalSet, TextOptions};
+
+    const TEXT: TextOptions = TextOptions { max_words: 30, style: CaptionStyle::Albef };
+
+    /// `n` tiny images with captions "image k" (k spelled out) plus a vocabulary covering them.
+    struct Fixture {
+        dir: PathBuf,
+        tokenizer: Arc<TextTokenizer>,
+    }
+
+    const WORDS: [&str; 10] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+
+    impl Fixture {
+        fn new(name: &str, n: usize, bad: &[usize]) -> (Fixture, Arc<TrainSet>) {
+            let dir = std::env::temp_dir().join(format!("alignfuse-loader-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut ann = vec![];
+            for k in 0..n {
+                let file = format!("{k}.png");
+                if bad.contains(&k) {
+                    std::fs::write(dir.join(&file), b"corrupt").unwrap();
+                } else {
+                    ::image::RgbImage::from_fn(10, 7, |x, y| ::image::Rgb([(k * 20) as u8, (x * 9) as u8, (y * 30) as u8]))
+                        .save(dir.join(&file))
+                        .unwrap();
+                }
+                ann.push(serde_json::json!({"image": file, "caption": [format!("image {}", WORDS[k % 10]), "another caption"]}));
+            }
+            std::fs::write(dir.join("train.json"), serde_json::to_string(&ann).unwrap()).unwrap();
+            let vocab: Vec<&str> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "image", "another", "caption"]
+                .into_iter().chain(WORDS).collect();
+            std::fs::write(dir.join("vocab.txt"), vocab.join("\n")).unwrap();
+            let tokenizer = Arc::new(TextTokenizer::from_file(&dir.join("vocab.txt")).unwrap());
+            let set = Arc::new(TrainSet::load(&[dir.join("train.json")], None, TEXT, false).unwrap());
+            (Fixture { dir, tokenizer }, set)
+        }
+
+        fn loader(&self, set: &Arc<TrainSet>, workers: usize, batch: usize, on_bad: OnBadImage) -> TrainLoader {
+            let mut cfg = Config::default();
+            cfg.model.vision.image_res = 8;
+            cfg.train.batch_size = batch;
+            cfg.data.num_workers = workers;
+            cfg.data.prefetch = 2;
+            cfg.data.on_bad_image = on_bad;
+            TrainLoader::new(Arc::clone(set), Arc::clone(&self.tokenizer), &cfg, Device::Cpu).unwrap()
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A batch as plain values, for comparisons: images, ids, mask, indices, image ids.
+    type Flat = (Vec<f32>, Vec<u32>, Vec<f32>, Vec<usize>, Vec<u64>);
+
+    fn flat(b: &Batch) -> Flat {
+        (b.images.flatten_all().unwrap().to_vec1().unwrap(), b.input_ids.flatten_all().unwrap().to_vec1().unwrap(),
+            b.attention_mask.flatten_all().unwrap().to_vec1().unwrap(), b.indices.clone(), b.image_ids.clone())
+    }
+
+    fn epoch(loader: &TrainLoader, e: usize, start: usize) -> Vec<Batch> {
+        loader.epoch(e, start).unwrap().collect::<Result<Vec<_>>>().unwrap()
+    }
+
+    #[test]
+    fn identical_batches_for_any_worker_count_and_resume() {
+        let (fx, set) = Fixture::new("det", 11, &[]);
+        let one = epoch(&fx.loader(&set, 1, 3, OnBadImage::Fail), 2, 0);
+        let three = epoch(&fx.loader(&set, 3, 3, OnBadImage::Fail), 2, 0);
+        assert_eq!(one.len(), 3, "11 pairs in batches of 3, last 2 dropped");
+        assert_eq!(one.iter().map(flat).collect::<Vec<_>>(), three.iter().map(flat).collect::<Vec<_>>());
+        let b = &one[0];
+        assert_eq!(b.images.dims(), [3, 3, 8, 8]);
+        assert_eq!(b.input_ids.dims()[0], 3);
+        assert_eq!(b.input_ids.dtype(), candle_core::DType::U32);
+        let resumed = epoch(&fx.loader(&set, 2, 3, OnBadImage::Fail), 2, 1);
+        assert_eq!(resumed.iter().map(flat).collect::<Vec<_>>(), one[1..].iter().map(flat).collect::<Vec<_>>());
+        assert_eq!(resumed[0].batch_index, 1);
+        let mut seen: Vec<usize> = one.iter().flat_map(|b| b.indices.clone()).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 9, "no pair twice in an epoch");
+        let other = epoch(&fx.loader(&set, 2, 3, OnBadImage::Fail), 3, 0);
+        assert_ne!(one[0].indices, other[0].indices, "another epoch, another order");
+        assert!(fx.loader(&set, 1, 3, OnBadImage::Fail).epoch(0, 4).is_err());
+        assert_eq!(fx.loader(&set, 1, 3, OnBadImage::Fail).epoch(0, 3).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn bad_image_fails_with_its_path() {
+        let (fx, set) = Fixture::new("fail", 6, &[4]);
+        let loader = fx.loader(&set, 2, 6, OnBadImage::Fail);
+        let err = loader.epoch(0, 0).unwrap().next().unwrap().unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("4.png") && msg.contains("on_bad_image"), "{msg}");
+    }
+
+    #[test]
+    fn bad_images_are_skipped_reported_once_and_replaced() {
+        let (fx, set) = Fixture::new("skip", 12, &[1, 5, 7]);
+        let loader = fx.loader(&set, 2, 4, OnBadImage::Skip);
+        for e in 0..3 {
+            let batches = epoch(&loader, e, 0);
+            assert_eq!(batches.len(), 3);
+            let mut reported: Vec<PathBuf> = vec![];
+            for b in &batches {
+                assert_eq!(b.indices.len(), 4, "batches stay full");
+                assert!(b.indices.iter().all(|i| ![1, 5, 7].contains(i)));
+                let mut unique = b.indices.clone();
+                unique.sort();
+                unique.dedup();
+                assert_eq!(unique.len(), 4, "no pair twice in a batch");
+                reported.extend(b.skipped.iter().cloned());
+            }
+            reported.sort();
+            let want: Vec<PathBuf> = [1, 5, 7].iter().map(|k| fx.dir.join(format!("{k}.png"))).collect();
+            assert_eq!(reported, want, "epoch {e}: each bad image reported exactly once");
+        }
+        let (fx, set) = Fixture::new("allbad", 3, &[0, 1]);
+        let err = fx.loader(&set, 1, 2, OnBadImage::Skip).epoch(0, 0).unwrap().next().unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("only 1 of the 3"), "{err:#}");
+    }
+
+    #[test]
+    fn eval_batches_in_order_without_dropping() {
+        let (fx, _) = Fixture::new("eval", 5, &[]);
+        let ann: Vec<_> = (0..5).map(|k| serde_json::json!({"image": format!("{k}.png"), "caption": ["image", "caption"]})).collect();
+        std::fs::write(fx.dir.join("test.json"), serde_json::to_string(&ann).unwrap()).unwrap();
+        let set = RetrievalSet::load(&fx.dir.join("test.json"), None, TEXT).unwrap();
+        let batches: Vec<ImageBatch> = eval_image_batches(&set.images, 6, 2, 3, Device::Cpu).unwrap().collect::<Result<_>>().unwrap();
+        assert_eq!(batches.iter().map(|b| b.range.clone()).collect::<Vec<_>>(), [0..2, 2..4, 4..5]);
+        assert_eq!(batches[2].images.dims(), [1, 3, 6, 6]);
+        let img = load_rgb(&set.images[3]).unwrap();
+        let mut want = vec![0f32; 3 * 36];
+        test_transform(&img, 6, &mut want).unwrap();
+        let got: Vec<f32> = batches[1].images.get(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, want);
+        std::fs::write(&set.images[2], b"broken").unwrap();
+        let results: Vec<Result<ImageBatch>> = eval_image_batches(&set.images, 6, 2, 2, Device::Cpu).unwrap().collect();
+        let err = results[1].as_ref().unwrap_err();
+        assert!(format!("{err:#}").contains("2.png"), "{err:#}");
+    }
+}
