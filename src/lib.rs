@@ -3,8 +3,10 @@
 //!
 //! One batch flows `data` (annotations -> tensors) -> `model` (encoders, momentum twin, queues) ->
 //! `objectives` (itc, itm, mlm) -> `train` (summed loss, backward, AdamW). `eval` runs the COCO/Flickr
-//! retrieval protocol; `ops` holds the custom fused ops behind `kernels = "fused" | "reference"`.
+//! retrieval protocol; `ablate` trains objective variants side by side and reports them; `ops` holds the
+//! custom fused ops behind `kernels = "fused" | "reference"`.
 
+pub mod ablate;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -1,31 +1,12 @@
 //! The trainer end to end on a micro model and the generated shapes data: exact resume, crash safety
 //! of checkpoint writes, non-finite handling.
 
-use alignfuse::config::{Config, OnNonFinite};
+mod common;
+use alignfuse::config::OnNonFinite;
 use alignfuse::train::log::{read_records, Record, StepRecord};
 use alignfuse::train::{checkpoint, train, TrainOptions};
-use std::path::{Path, PathBuf};
-
-fn micro_config(extra: &[&str]) -> Config {
-    let mut sets: Vec<String> = [
-        "model.vision.image_res=16", "model.vision.patch_size=8", "model.vision.vision_width=32",
-        "model.vision.vision_depth=1", "model.vision.vision_heads=2", "model.text.hidden_size=32",
-        "model.text.num_hidden_layers=2", "model.text.fusion_layer=1", "model.text.num_attention_heads=2",
-        "model.text.intermediate_size=64", "model.text.hidden_dropout_prob=0.1",
-        "model.text.attention_probs_dropout_prob=0.1", "model.embed_dim=16", "model.queue_size=20",
-        "data.synth_n=64", "data.num_workers=2", "data.randaugment_n=2", "train.batch_size=8", "train.epochs=2",
-        "train.warmup_steps=2", "train.log_every=1", "eval.k_test=4", "eval.batch_size=32", "device=cpu",
-    ].iter().map(|s| s.to_string()).collect();
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
-    Config::load(&path, &sets).unwrap()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+use common::{micro_config, scratch};
+use std::path::Path;
 
 fn steps(out: &Path) -> Vec<StepRecord> {
     read_records(&out.join("log.jsonl")).unwrap().into_iter().filter_map(|r| match r {
@@ -46,11 +27,11 @@ fn same(a: &StepRecord, b: &StepRecord) -> bool {
 fn resume_is_exact() {
     let cfg = micro_config(&["train.grad_accum=2", "train.epochs=3"]);
     let straight = scratch("resume-straight");
-    train(cfg.clone(), &TrainOptions { out: straight.clone(), resume: None, max_steps: Some(10) }).unwrap();
+    train(cfg.clone(), &TrainOptions { out: straight.clone(), resume: None, max_steps: Some(10), label: None }).unwrap();
     let split = scratch("resume-split");
-    train(cfg.clone(), &TrainOptions { out: split.clone(), resume: None, max_steps: Some(5) }).unwrap();
+    train(cfg.clone(), &TrainOptions { out: split.clone(), resume: None, max_steps: Some(5), label: None }).unwrap();
     assert_eq!(steps(&split).len(), 5);
-    train(cfg, &TrainOptions { out: split.clone(), resume: Some("latest".into()), max_steps: Some(10) }).unwrap();
+    train(cfg, &TrainOptions { out: split.clone(), resume: Some("latest".into()), max_steps: Some(10), label: None }).unwrap();
     let (a, b) = (steps(&straight), steps(&split));
     assert_eq!(a.len(), 10);
     assert_eq!(b.len(), 10);
@@ -81,7 +62,7 @@ fn killed_during_checkpoint_write_keeps_previous() {
     assert_eq!(latest, Path::new("step-0000002"));
     let loaded = checkpoint::load(&ckpts.join("latest"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(loaded.state.step, 2);
-    let s = train(cfg, &TrainOptions { out: out.clone(), resume: Some("latest".into()), max_steps: Some(6) }).unwrap();
+    let s = train(cfg, &TrainOptions { out: out.clone(), resume: Some("latest".into()), max_steps: Some(6), label: None }).unwrap();
     assert_eq!(s.steps, 6);
     assert!(!ckpts.join(".tmp-step-0000004").exists(), "stale temporaries are cleaned up");
 }
@@ -90,13 +71,13 @@ fn killed_during_checkpoint_write_keeps_previous() {
 fn non_finite_loss_stops_or_skips() {
     let cfg = micro_config(&["train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0"]);
     let out = scratch("nan-stop");
-    let err = train(cfg.clone(), &TrainOptions { out, resume: None, max_steps: Some(6) }).unwrap_err();
+    let err = train(cfg.clone(), &TrainOptions { out, resume: None, max_steps: Some(6), label: None }).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("is NaN") || msg.contains("is inf") || msg.contains("is -inf"), "{msg}");
     assert!(msg.contains("loss `") && msg.contains("step "), "{msg}");
     let mut skip = cfg;
     skip.train.on_nonfinite = OnNonFinite::Skip;
-    let s = train(skip, &TrainOptions { out: scratch("nan-skip"), resume: None, max_steps: Some(6) }).unwrap();
+    let s = train(skip, &TrainOptions { out: scratch("nan-skip"), resume: None, max_steps: Some(6), label: None }).unwrap();
     assert!(s.skipped_steps > 0);
     assert_eq!(s.steps, 6);
 }

@@ -98,12 +98,20 @@ pub struct EmbedArgs {
 pub struct AblateArgs {
     #[command(flatten)]
     pub cfg: ConfigArgs,
+    /// Ablation directory: the shared data (data/), one run directory per variant and seed (runs/), and
+    /// report.md, results.json, loss.png, val_r_mean.png. Re-running skips finished runs and resumes an
+    /// interrupted one.
     #[arg(long)]
     pub out: PathBuf,
-    /// Comma-separated variant names (default: the ALBEF Table 1 ladder).
-    #[arg(long)]
+    /// Comma-separated variants (default: the ALBEF Table 1 ladder
+    /// itc,itc+mlm,itc+mlm+itm_rand,itc+mlm+itm_hard,full). A variant is `+`-joined objectives from itc,
+    /// mlm, itm_rand (ITM, random negatives), itm_hard (ITM, hard negatives), mod (momentum distillation),
+    /// or `full` (= itc+mlm+itm_hard+mod). Sweeps: `alpha=X` (distillation weight, 0..1) and `queue=N` (ITC
+    /// queue length), of `full` when alone, e.g. `--variants full,alpha=0.2,alpha=0.8,queue=256`, or of the
+    /// objectives they are joined to, e.g. `itc+mod+queue=256`.
+    #[arg(long, verbatim_doc_comment)]
     pub variants: Option<String>,
-    /// Seeds per variant.
+    /// Runs per variant, with seeds seed, seed+1, ... (initialisation and data order change; the data do not).
     #[arg(long, default_value_t = 1)]
     pub seeds: usize,
 }
@@ -186,6 +194,7 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
 }
 
+mod ablate;
 mod bench;
 mod embed;
 mod eval;
@@ -198,7 +207,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Eval(args) => eval::run(args),
         Command::Embed(args) => embed::run(args),
-        Command::Ablate(_) => not_built("ablate", "distillation ablations (issue 7)"),
+        Command::Ablate(a) => ablate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Prepare(a) => prepare::run(a),
         Command::Import(_) => not_built("import", "weight import (issue 9)"),

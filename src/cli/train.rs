@@ -7,7 +7,7 @@ use anyhow::Result;
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = Config::load(&args.cfg.config, &args.cfg.set)?;
-    let opts = TrainOptions { out: args.out.clone(), resume: args.resume, max_steps: args.max_steps };
+    let opts = TrainOptions { out: args.out.clone(), resume: args.resume, max_steps: args.max_steps, label: None };
     let s = train(cfg, &opts)?;
     println!("trained {} steps in {:.1} s; checkpoint {}", s.steps, s.wall_s, s.checkpoint.display());
     if let Some(r) = &s.last {
@@ -19,9 +19,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(t) = &s.test {
         println!("\ntest retrieval:\n{t}");
     }
-    let summary = args.out.join("summary.json");
-    let text = serde_json::to_string_pretty(&s)?;
-    crate::write_atomic(&summary, |tmp| Ok(std::fs::write(tmp, text)?))?;
+    let summary = s.save(&args.out)?;
     println!("log: {}  summary: {}", args.out.join("log.jsonl").display(), summary.display());
     Ok(())
 }

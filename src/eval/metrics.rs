@@ -6,7 +6,7 @@
 //! build (tests/fixtures/README.md); counting is deterministic and independent of any sort.
 
 use crate::data::annotations::RetrievalSet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// Score of candidates outside a query's re-ranked top k, as in the reference.
@@ -80,7 +80,7 @@ pub fn describe_ground_truth(match_text: bool, shared_captions: usize) -> String
 }
 
 /// Recall at 1/5/10 for text retrieval (TR, image -> text) and image retrieval (IR, text -> image).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
     pub tr_r1: f64,
     pub tr_r5: f64,

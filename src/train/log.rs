@@ -46,12 +46,17 @@ pub struct RunLog {
     file: BufWriter<std::fs::File>,
     bar: Option<ProgressBar>,
     log_every: usize,
+    /// `label` plus a space, or empty: prepended to every line for the user.
+    prefix: String,
 }
 
 impl RunLog {
     /// Opens `OUT/log.jsonl`. When resuming at `resume_step`, records past it (written by the interrupted
-    /// run after its last checkpoint) are dropped so the log matches the resumed state.
-    pub fn open(out: &Path, resume_step: Option<usize>, total_steps: usize, log_every: usize) -> Result<Self> {
+    /// run after its last checkpoint) are dropped so the log matches the resumed state. `label` starts every
+    /// line (and the progress bar) for the user.
+    pub fn open(out: &Path, resume_step: Option<usize>, total_steps: usize, log_every: usize, label: Option<&str>)
+        -> Result<Self> {
+        let prefix = label.map_or(String::new(), |l| format!("{l} "));
         let path = out.join("log.jsonl");
         let kept: Vec<String> = match resume_step {
             Some(step) if path.exists() => read_records(&path)?
@@ -70,13 +75,14 @@ impl RunLog {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps as u64);
             bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
+                ProgressStyle::with_template("{prefix}{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
                     .expect("valid template"),
             );
+            bar.set_prefix(prefix.clone());
             bar.set_position(resume_step.unwrap_or(0) as u64);
             bar
         });
-        Ok(RunLog { path, file, bar, log_every: log_every.max(1) })
+        Ok(RunLog { path, file, bar, log_every: log_every.max(1), prefix })
     }
 
     pub fn path(&self) -> &Path {
@@ -94,7 +100,7 @@ impl RunLog {
                 bar.set_position(r.step as u64);
                 bar.set_message(line);
             }
-            None if r.step % self.log_every == 0 => eprintln!("{line}"),
+            None if r.step % self.log_every == 0 => eprintln!("{}{line}", self.prefix),
             None => {}
         }
         Ok(())
@@ -106,9 +112,10 @@ impl RunLog {
 
     /// A line for the user that must not be overwritten by the progress bar.
     pub fn say(&self, msg: &str) {
+        let line = format!("{}{msg}", self.prefix);
         match &self.bar {
-            Some(bar) => bar.println(msg),
-            None => eprintln!("{msg}"),
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
         }
     }
 

@@ -33,18 +33,37 @@ pub struct TrainOptions {
     pub resume: Option<String>,
     /// Stop (with a checkpoint) after this many optimiser steps in total.
     pub max_steps: Option<usize>,
+    /// Prefix of every progress line, so a caller running several trainings (`ablate`) says which one.
+    pub label: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
 pub struct TrainSummary {
     pub steps: usize,
+    /// Seconds of this session only: a resumed run's earlier sessions are not included.
     pub wall_s: f64,
+    /// The step this session resumed from, when it did.
+    pub resumed_from: Option<usize>,
     pub last: Option<StepRecord>,
     pub val: Option<RetrievalReport>,
     pub test: Option<RetrievalReport>,
     pub checkpoint: PathBuf,
     pub skipped_steps: usize,
     pub skipped_images: usize,
+}
+
+impl TrainSummary {
+    /// `OUT/summary.json`, written last by `train` and `ablate`: its presence marks a finished run.
+    pub fn path(out: &Path) -> PathBuf {
+        out.join("summary.json")
+    }
+
+    pub fn save(&self, out: &Path) -> Result<PathBuf> {
+        let path = Self::path(out);
+        let text = serde_json::to_string_pretty(self)?;
+        crate::write_atomic(&path, |tmp| Ok(std::fs::write(tmp, text)?))?;
+        Ok(path)
+    }
 }
 
 /// With no training annotation configured, generates the synthetic shapes dataset under OUT/data (once;
@@ -170,7 +189,8 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         state = TrainState { config: cfg.clone(), ..loaded.state };
         eprintln!("resuming from {} at step {} (epoch {}, batch {})", dir.display(), state.step, state.epoch, state.batch_in_epoch);
     }
-    let mut log = RunLog::open(&opts.out, opts.resume.as_ref().map(|_| state.step), stop_at, cfg.train.log_every)?;
+    let resumed_from = opts.resume.as_ref().map(|_| state.step);
+    let mut log = RunLog::open(&opts.out, resumed_from, stop_at, cfg.train.log_every, opts.label.as_deref())?;
     let alpha_max = cfg.effective_alpha();
     let mut last: Option<StepRecord> = None;
     let mut val_report = None;
@@ -263,6 +283,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     Ok(TrainSummary {
         steps: state.step,
         wall_s: started.elapsed().as_secs_f64(),
+        resumed_from,
         last,
         val: val_report,
         test: test_report,

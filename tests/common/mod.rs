@@ -1,6 +1,8 @@
-//! Shared helpers for the golden-fixture tests: load a fixture file, compare tensors.
+//! Shared helpers: load a golden fixture, compare tensors; a micro config that trains in about a second and
+//! a scratch directory for end-to-end runs.
 #![allow(dead_code)]
 
+use alignfuse::config::Config;
 use alignfuse::model::params::ParamStore;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -44,4 +46,28 @@ pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
 
 pub fn ids_u32(t: &Tensor) -> Tensor {
     t.to_dtype(DType::U32).unwrap()
+}
+
+/// The tiny preset shrunk to a micro model on 64 generated pairs (2 epochs of 8 steps), plus `extra`
+/// overrides.
+pub fn micro_config(extra: &[&str]) -> Config {
+    let mut sets: Vec<String> = [
+        "model.vision.image_res=16", "model.vision.patch_size=8", "model.vision.vision_width=32",
+        "model.vision.vision_depth=1", "model.vision.vision_heads=2", "model.text.hidden_size=32",
+        "model.text.num_hidden_layers=2", "model.text.fusion_layer=1", "model.text.num_attention_heads=2",
+        "model.text.intermediate_size=64", "model.text.hidden_dropout_prob=0.1",
+        "model.text.attention_probs_dropout_prob=0.1", "model.embed_dim=16", "model.queue_size=20",
+        "data.synth_n=64", "data.num_workers=2", "data.randaugment_n=2", "train.batch_size=8", "train.epochs=2",
+        "train.warmup_steps=2", "train.log_every=1", "eval.k_test=4", "eval.batch_size=32", "device=cpu",
+    ].iter().map(|s| s.to_string()).collect();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
+    Config::load(&path, &sets).unwrap()
+}
+
+/// An empty directory under Cargo's per-test-target scratch space.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
