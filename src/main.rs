@@ -6,6 +6,12 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // candle's CPU pool spins at barriers: with as many compute threads as cores, any other busy thread
+    // (data workers, the OS) stalls every op. Leave one core free unless the user chose.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.saturating_sub(1).max(1).to_string());
+    }
     if let Err(e) = alignfuse::cli::run(alignfuse::cli::Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -32,6 +32,11 @@ fn scalar(fx: &HashMap<String, Tensor>, name: &str) -> f32 {
     fx[name].to_vec1::<f32>().unwrap()[0]
 }
 
+
+/// The same math in different batch shapes: gemm's blocking and thread split change the f32 summation
+/// order (seen up to 1.2e-5 relative with two threads). A real mistake (wrong image, wrong mask) is O(1).
+const ROUNDING: f32 = 1e-4;
+
 #[test]
 fn metrics_match_itm_eval_fixture_stable_rule() {
     let fx = load_fixture("itm_eval.safetensors");
@@ -113,7 +118,7 @@ fn fusion_with_precomputed_image_kv_equals_plain_fusion() {
     let per_text = images.index_select(&Tensor::new(&[0u32, 0, 0, 1, 1, 1], &Device::Cpu).unwrap(), 0).unwrap();
     let full = bert.forward_fusion(&text, &mask, &per_text, &ctx).unwrap();
     let plain = bert.fusion_cls(&text, &mask, &per_text, &ctx).unwrap();
-    assert_close("[CLS] of the last layer alone", &plain, &full.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), 1e-5);
+    assert_close("[CLS] of the last layer alone", &plain, &full.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), ROUNDING);
 
     // One image per text: the same ops as the plain path, bit for bit.
     let kv = bert.image_kv(&per_text).unwrap();
@@ -121,8 +126,8 @@ fn fusion_with_precomputed_image_kv_equals_plain_fusion() {
 
     // Each image's K/V shared by its three texts: equal up to float rounding.
     let shared = bert.image_kv(&images).unwrap();
-    assert_close("shared image K/V", &bert.fusion_cls_kv(&text, &mask, &shared, &ctx).unwrap(), &plain, 1e-5);
-    assert_close("Encoders::fusion_cls_kv", &model.online.fusion_cls_kv(&text, &mask, &shared, &ctx).unwrap(), &plain, 1e-5);
+    assert_close("shared image K/V", &bert.fusion_cls_kv(&text, &mask, &shared, &ctx).unwrap(), &plain, ROUNDING);
+    assert_close("Encoders::fusion_cls_kv", &model.online.fusion_cls_kv(&text, &mask, &shared, &ctx).unwrap(), &plain, ROUNDING);
 
     let four = bert.image_kv(&wavy(&[4, 5, 32], 0.0)).unwrap();
     let err = bert.fusion_cls_kv(&text, &mask, &four, &ctx).unwrap_err().to_string();
@@ -222,7 +227,9 @@ impl Direct {
 
 #[track_caller]
 fn assert_near(what: &str, got: f32, want: f32) {
-    assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{what}: {got} vs {want}");
+    // An ITM logit passes the ~1e-5 batching differences of its inputs through every fusion layer at
+    // unit gain (seen: 3e-4 relative on one pair of this random model); a wrong image or mask is O(0.1).
+    assert!((got - want).abs() <= 1e-3 * (1.0 + want.abs()), "{what}: {got} vs {want}");
 }
 
 #[test]
@@ -237,8 +244,8 @@ fn evaluation_agrees_with_the_models_own_forward() {
 
     // Embeddings: batched (4 per batch, padded) equals one at a time.
     let emb = embed_set(&model, &set, &tok, &cfg, true).unwrap();
-    assert_close("image_feat", &emb.image_feat, &direct.image_feat, 1e-5);
-    assert_close("text_feat", &emb.text_feat, &direct.text_feat, 1e-5);
+    assert_close("image_feat", &emb.image_feat, &direct.image_feat, ROUNDING);
+    assert_close("text_feat", &emb.text_feat, &direct.text_feat, ROUNDING);
     let tokens = emb.tokens.as_ref().unwrap();
 
     // ITC: top-k similarities are the cosines of the model's normalised projections.
@@ -329,8 +336,8 @@ fn eval_and_embed_commands() {
     let set = RetrievalSet::load(&ann, None, TextOptions { max_words: 30, style: CaptionStyle::Albef }).unwrap();
     let tok = TextTokenizer::from_file(&dir.0.join("vocab.txt")).unwrap();
     let direct = direct_forward(&model, &set, &tok, &cfg);
-    assert_close("image_embeds", &written["image_embeds"], &direct.image_feat, 1e-5);
-    assert_close("text_embeds", &written["text_embeds"], &direct.text_feat, 1e-5);
+    assert_close("image_embeds", &written["image_embeds"], &direct.image_feat, ROUNDING);
+    assert_close("text_embeds", &written["text_embeds"], &direct.text_feat, ROUNDING);
     assert_eq!(written["txt2img"].to_vec1::<i64>().unwrap(), [0, 0, 1, 1, 2, 3, 3, 3, 4, 5, 5]);
     assert_eq!(written["text_offsets"].to_vec1::<i64>().unwrap(), [0, 2, 4, 5, 8, 9, 11]);
     let leftovers: Vec<_> = std::fs::read_dir(dir.0.join("out")).unwrap().map(|e| e.unwrap().file_name()).collect();

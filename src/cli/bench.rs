@@ -40,7 +40,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("decode + train transform at {} px: {r}", cfg.model.vision.image_res);
             serde_json::json!({"images": r.images, "threads": r.threads, "seconds": r.seconds, "images_per_sec": r.images_per_sec})
         }
-        other => bail!("unknown benchmark `{other}`: use train, rerank or data"),
+        "kernels" => {
+            let device = match &args.config {
+                Some(p) => crate::device(&Config::load(p, &args.set)?.device)?,
+                None => crate::device("auto")?,
+            };
+            let r = crate::ops::bench_ops(&device, args.steps)?;
+            println!("{r}");
+            serde_json::to_value(&r)?
+        }
+        other => bail!("unknown benchmark `{other}`: use train, rerank, data or kernels"),
     };
     if let Some(p) = &args.json {
         let text = serde_json::to_string_pretty(&json)?;

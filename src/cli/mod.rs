@@ -180,7 +180,7 @@ pub struct BenchArgs {
     pub config: Option<PathBuf>,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Timed training steps (`train`).
+    /// Timed training steps (`train`) or repetitions per op (`kernels`).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
     /// Folder of images to decode and transform (`data`; default: the configured training images).

@@ -71,7 +71,8 @@ impl Vit {
         let (d, p) = (cfg.vision_width, cfg.patch_size);
         let n = (cfg.image_res / p).pow(2);
         Ok(Vit {
-            patch_weight: pb.get("patch_embed.proj.weight", (d, 3, p, p), Init::Normal(0.02))?,
+            // LeCun-normal over the patch's 3*p*p inputs, like Linear.
+            patch_weight: pb.get("patch_embed.proj.weight", (d, 3, p, p), Init::Normal(1.0 / ((3 * p * p) as f64).sqrt()))?,
             patch_bias: pb.get("patch_embed.proj.bias", d, Init::Const(0.0))?,
             cls_token: pb.get("cls_token", (1, 1, d), Init::Normal(0.02))?,
             pos_embed: pb.get("pos_embed", (1, n + 1, d), Init::Normal(0.02))?,

@@ -40,3 +40,50 @@ fn positive_mask(ids: &[i64], idx_queue: &[i64], device: &candle_core::Device) -
         ids.iter().flat_map(|i| all.iter().map(move |j| if i == j { 1.0 } else { 0.0 })).collect();
     Tensor::from_vec(mask, (ids.len(), all.len()), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn positive_mask_marks_same_image_ids_in_batch_and_queue() -> Result<()> {
+        let m: Vec<Vec<f32>> = positive_mask(&[0, 1, 0], &[-100, 1, 0], &Device::Cpu)?.to_vec2()?;
+        assert_eq!(m[0], vec![1., 0., 1., 0., 0., 1.]);
+        assert_eq!(m[1], vec![0., 1., 0., 0., 1., 0.]);
+        assert_eq!(m[2], m[0]);
+        Ok(())
+    }
+
+    /// Multi-positive targets `pos / pos.sum(1)` with alpha = 0, against the formula in f64.
+    #[test]
+    fn multi_positive_itc_matches_the_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let f = |v: &[f32], n: usize| -> Result<Tensor> { crate::model::albef::normalize(&Tensor::from_slice(v, (n, 2), &dev)?) };
+        let img = f(&[1., 0., 0.6, 0.8, -1., 0.2], 3)?;
+        let txt = f(&[0.9, 0.1, 0.5, 0.9, -0.8, 0.5], 3)?;
+        let mut queue = FeatureQueue::new(2, 2, 0, &dev)?;
+        queue.idx_queue = vec![1, 0];
+        let ids = [0i64, 1, 0];
+        let temp = Tensor::new(0.5f32, &dev)?;
+        for kernels in [Kernels::Reference, Kernels::Fused] {
+            let got = itc(&img, &txt, &img, &txt, &queue, &temp, 0.0, Some(&ids), kernels)?.loss.to_scalar::<f32>()? as f64;
+            let all_ids: Vec<i64> = ids.iter().chain(&queue.idx_queue).copied().collect();
+            let loss_dir = |q: &Tensor, keys: &Tensor, qdata: &Tensor| -> Result<f64> {
+                let k_all = Tensor::cat(&[&keys.t()?, qdata], 1)?;
+                let sims: Vec<Vec<f32>> = q.matmul(&k_all)?.to_vec2()?;
+                let mut total = 0.0;
+                for (i, row) in sims.iter().enumerate() {
+                    let s: Vec<f64> = row.iter().map(|&x| x as f64 / 0.5).collect();
+                    let lse = s.iter().map(|x| x.exp()).sum::<f64>().ln();
+                    let pos: Vec<usize> = (0..s.len()).filter(|&j| all_ids[j] == ids[i]).collect();
+                    total -= pos.iter().map(|&j| s[j] - lse).sum::<f64>() / pos.len() as f64;
+                }
+                Ok(total / sims.len() as f64)
+            };
+            let want = (loss_dir(&img, &txt, &queue.text_queue)? + loss_dir(&txt, &img, &queue.image_queue)?) / 2.0;
+            assert!((got - want).abs() < 1e-5 * want.abs(), "{kernels:?}: {got} vs {want}");
+        }
+        Ok(())
+    }
+}

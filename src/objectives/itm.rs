@@ -75,8 +75,8 @@ pub fn itm(bert: &Bert, itm_head: &Linear, text_embeds: &Tensor, text_mask: &Ten
     let text_all = Tensor::cat(&[text_embeds, text_embeds, &text_embeds.index_select(&txt_neg, 0)?], 0)?;
     let mask_all = Tensor::cat(&[text_mask, text_mask, &text_mask.index_select(&txt_neg, 0)?], 0)?;
     let image_all = Tensor::cat(&[image_embeds, &image_embeds.index_select(&img_neg, 0)?, image_embeds], 0)?;
-    let fused = bert.forward_fusion(&text_all, &mask_all, &image_all, ctx)?;
-    let logits = itm_head.forward(&fused.narrow(1, 0, 1)?.squeeze(1)?)?;
+    // Only the fusion [CLS] reaches the head: the last layer is computed for it alone.
+    let logits = itm_head.forward(&bert.fusion_cls(&text_all, &mask_all, &image_all, ctx)?)?;
     let labels: Vec<u32> = (0..3 * b).map(|i| u32::from(i < b)).collect();
     let labels = Tensor::from_vec(labels, 3 * b, dev)?;
     let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;

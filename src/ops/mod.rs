@@ -1,17 +1,38 @@
 //! Custom ops with one entry point each and two implementations: `Kernels::Reference` composes plain
 //! candle ops (every one with a backward), `Kernels::Fused` runs a fused custom op (CPU loop or CUDA
-//! kernel) with its own backward. Models call only these functions, so the switch is one config key.
+//! kernel, kernels/*.cu) with its own backward. Models call only these functions, so the switch is one
+//! config key. `bench_ops` times one against the other and reports how far apart they are.
+//!
+//! Fused computes in f32 whatever the storage: f32 and (on CUDA) bf16 tensors are read in place, other
+//! float dtypes go through an f32 copy; f64 keeps the Reference composition, which is exact in f64.
+
+mod bench;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod itc;
+mod softmax;
+
+pub use bench::{bench_ops, BenchReport, CopyBench, OpBench, OutputError};
 
 use crate::config::Kernels;
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Result, Tensor, D};
 
 /// `softmax(scores * scale + mask)` over the last dimension, for attention.
 ///
 /// `scores`: [B, H, Lq, Lk]; `mask`: additive, broadcastable to `scores` (typically [B, 1, 1, Lk] with 0
 /// for keys to attend and a large negative number for padding). The mask gets no gradient.
+///
+/// Rows masked entirely with a finite value (BERT's -10000) equal the unmasked softmax of that row in
+/// both implementations (a constant shift). Rows whose every logit is -inf: Reference gives NaN, Fused
+/// gives zeros (attend to nothing), so one empty row cannot poison the whole loss.
 pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>, kernels: Kernels) -> Result<Tensor> {
-    match kernels {
-        Kernels::Reference | Kernels::Fused => {
+    if scores.rank() == 0 {
+        bail!("attention_softmax: scores must have at least one dimension");
+    }
+    match (kernels, fused_dtype(scores)) {
+        (Kernels::Fused, Some(work)) => softmax::attention_softmax_fused(scores, scale, mask, work),
+        _ => {
             let mut x = (scores * scale)?;
             if let Some(m) = mask {
                 x = x.broadcast_add(m)?;
@@ -23,9 +44,10 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>, ker
 
 /// Which entries of an ITC row are positives.
 pub enum Positives<'a> {
-    /// Row i's positive is column i (the paired caption / image of the batch).
+    /// Row i's positive is column i (the paired caption / image of the batch); needs N >= B.
     Diagonal,
-    /// A [B, N] 0/1 f32 mask (same image id = positive); targets are `mask / mask.sum(1)`.
+    /// A [B, N] 0/1 f32 mask (same image id = positive); targets are `mask / mask.sum(1)` (a row without
+    /// positives gives a NaN loss in both implementations).
     Mask(&'a Tensor),
 }
 
@@ -35,11 +57,31 @@ pub enum Positives<'a> {
 ///
 /// `sim`: [B, N] cosine similarities of online queries against momentum keys (batch then queue), with
 /// gradient; `sim_m`: [B, N] the momentum queries' similarities (no gradient); `temp`: a one-element
-/// tensor with gradient. No gradient flows through the targets.
+/// tensor with gradient. No gradient flows through the targets. Returns an f32 scalar.
 pub fn itc_loss(sim: &Tensor, sim_m: &Tensor, temp: &Tensor, alpha: f64, positives: Positives,
     kernels: Kernels) -> Result<Tensor> {
-    match kernels {
-        Kernels::Reference | Kernels::Fused => itc_loss_reference(sim, sim_m, temp, alpha, positives),
+    let (b, n) = sim.dims2()?;
+    if n == 0 {
+        bail!("itc_loss: sim has no columns");
+    }
+    if sim_m.dims() != [b, n] {
+        bail!("itc_loss: sim_m has shape {:?}, sim {:?}", sim_m.dims(), sim.dims());
+    }
+    if temp.elem_count() != 1 {
+        bail!("itc_loss: temp must have one element, it has shape {:?}", temp.dims());
+    }
+    match positives {
+        Positives::Diagonal if b > n => {
+            bail!("itc_loss: diagonal positives need at least as many columns as rows, sim is {b}x{n}")
+        }
+        Positives::Mask(m) if m.dims() != [b, n] => {
+            bail!("itc_loss: positives mask has shape {:?}, sim {:?}", m.dims(), sim.dims())
+        }
+        _ => {}
+    }
+    match (kernels, fused_dtype(sim)) {
+        (Kernels::Fused, Some(work)) => itc::itc_loss_fused(sim, sim_m, temp, alpha, positives, work),
+        _ => itc_loss_reference(sim, sim_m, temp, alpha, positives),
     }
 }
 
@@ -62,4 +104,59 @@ fn itc_loss_reference(sim: &Tensor, sim_m: &Tensor, temp: &Tensor, alpha: f64, p
     let logp = candle_nn::ops::log_softmax(&sim.broadcast_div(&temp)?, D::Minus1)?;
     let per_row = (logp * targets)?.sum(1)?;
     per_row.mean(0)?.neg()?.to_dtype(DType::F32)
+}
+
+/// The storage dtype a fused op computes from for `t`, None where Fused keeps the Reference path (f64 and
+/// non-float dtypes). bf16 is read in place by the CUDA kernels; elsewhere the fused ops take f32.
+fn fused_dtype(t: &Tensor) -> Option<DType> {
+    match (t.device(), t.dtype()) {
+        (Device::Cuda(_), DType::BF16) => Some(DType::BF16),
+        (_, DType::F32 | DType::BF16 | DType::F16) => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// Seeded inputs and comparisons shared by the ops' tests and the benchmark.
+mod testing {
+    use candle_core::{Device, Result, Tensor};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    pub(super) fn rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    /// Uniform in [-range, range), f32.
+    pub(super) fn uniform(rng: &mut ChaCha8Rng, dims: &[usize], range: f32, device: &Device) -> Result<Tensor> {
+        let n = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-range..range)).collect();
+        Tensor::from_vec(v, dims, device)
+    }
+
+    /// (max |a - b|, that divided by max(1, max |b|)) over all elements, in f64; NaN where either has a
+    /// NaN the other lacks.
+    pub(super) fn max_err(a: &Tensor, b: &Tensor) -> Result<(f64, f64)> {
+        let a = a.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        let b = b.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+        if a.len() != b.len() {
+            candle_core::bail!("comparing {} elements with {}", a.len(), b.len());
+        }
+        let (mut abs, mut scale) = (0f64, 1f64);
+        for (x, y) in a.iter().zip(&b) {
+            if x.is_nan() != y.is_nan() {
+                return Ok((f64::NAN, f64::NAN));
+            }
+            if !x.is_nan() {
+                abs = abs.max((x - y).abs());
+                scale = scale.max(y.abs());
+            }
+        }
+        Ok((abs, abs / scale))
+    }
+
+    /// max |t| in f64.
+    #[cfg(test)]
+    pub(super) fn max_abs(t: &Tensor) -> Result<f64> {
+        t.abs()?.flatten_all()?.max(0)?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
+    }
 }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Type-checks the CUDA build on a machine without a GPU: candle's CUDA backend and this crate's
+# kernels/*.cu (build.rs runs nvcc --ptx under `cargo check` too, so a kernel that does not compile
+# fails here). The CUDA 13.0 toolkit comes from PyPI wheels, installed once into a cached venv.
+# The `nvvm` extra matters: without it pip takes the newest nvidia-nvvm (13.5), whose PTX (.version 9.5)
+# the lent GPUs' driver 580 (CUDA 13.0, PTX ISA <= 9.0) refuses; the check below enforces <= 9.0.
+#
+# Usage: .ci/cuda-check.sh [extra cargo check args]
+#   ALIGNFUSE_CRATE       crate to check (default: the repository holding this script)
+#   ALIGNFUSE_CUDA_CACHE  toolkit cache (default: $HOME/.cache/alignfuse-cuda)
+# Its own CARGO_TARGET_DIR ($ALIGNFUSE_CUDA_TARGET, default <cache>/target) keeps the CPU build intact; keep PATH, CUDA_HOME
+# and CUDA_COMPUTE_CAP fixed between runs, as changing them rebuilds candle-kernels (~7 min).
+set -euo pipefail
+
+crate="${ALIGNFUSE_CRATE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+cache="${ALIGNFUSE_CUDA_CACHE:-$HOME/.cache/alignfuse-cuda}"
+venv="$cache/venv"
+spec='cuda-toolkit[nvcc,nvvm,crt,cudart,cccl,nvrtc,cublas,curand]==13.0.2'
+stamp="$venv/.alignfuse-toolkit"
+
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$spec" ]]; then
+    echo "cuda-check: installing the CUDA 13.0.2 toolkit wheels into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "$spec"
+    echo "$spec" > "$stamp"
+fi
+
+cuda_home=("$venv"/lib/python3.*/site-packages/nvidia/cu13)
+if [[ ! -x "${cuda_home[0]}/bin/nvcc" ]]; then
+    echo "cuda-check: no nvcc under ${cuda_home[0]}; delete $venv to reinstall" >&2
+    exit 1
+fi
+export CUDA_HOME="${cuda_home[0]}"
+export PATH="$CUDA_HOME/bin:$PATH"
+export CUDA_COMPUTE_CAP=90
+# Outside the clone, so later CI runs on the same machine reuse candle-kernels (7+ min cold).
+export CARGO_TARGET_DIR="${ALIGNFUSE_CUDA_TARGET:-$cache/target}"
+
+cd "$crate"
+start=$SECONDS
+cargo check --features cuda --all-targets "$@"
+
+# PTX ISA of our kernels (the newest build of each): the lent machines' driver loads at most 9.0.
+for ptx in $(ls -t "$CARGO_TARGET_DIR"/debug/build/*/out/*.ptx 2>/dev/null | awk -F/ '!seen[$NF]++'); do
+    version=$(sed -n 's/^\.version \([0-9.]*\).*/\1/p' "$ptx" | head -n 1)
+    if ! awk -v v="$version" 'BEGIN { exit !(v != "" && v + 0 <= 9.0) }'; then
+        echo "cuda-check: $ptx has PTX .version ${version:-?}; the GPUs' driver needs <= 9.0 (nvvm 13.0)" >&2
+        exit 1
+    fi
+done
+echo "cuda-check: passed in $((SECONDS - start)) s (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'))" >&2

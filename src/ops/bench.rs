@@ -1,0 +1,268 @@
+//! `bench_ops`: times `Kernels::Fused` against `Kernels::Reference` (forward + backward, same inputs, same
+//! run) for the shapes ALBEF trains with, checks every fused output against the reference one, and
+//! measures the device's copy bandwidth to put the times in scale. Backs `alignfuse bench kernels`.
+
+use super::testing::{max_err, rng, uniform};
+use super::{attention_softmax, itc_loss, Positives};
+use crate::config::Kernels;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::Rng;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// One op and shape: median wall times over the repetitions, and the error of each output.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpBench {
+    /// Op, shape and variant, e.g. `attention_softmax [64, 12, 25, 25] +mask`.
+    pub name: String,
+    #[serde(serialize_with = "dtype_name")]
+    pub dtype: DType,
+    /// Forward alone (what evaluation runs).
+    pub fused_fwd_ms: f64,
+    pub reference_fwd_ms: f64,
+    /// Forward + backward, including the upstream `sum(y * w)` and candle's gradient bookkeeping, which
+    /// both paths share.
+    pub fused_ms: f64,
+    pub reference_ms: f64,
+    pub errors: Vec<OutputError>,
+}
+
+/// Errors of one output (`y`, `d scores`, `loss`, `d sim`, `d temp`), each max |a - b| / max(1, max |b|).
+/// `exact` is the reference composition run in f64 on the same inputs: where fused and reference differ,
+/// it says which of the two is off (f32 sums over 65536 columns, or anything in bf16, drift).
+/// NaN: one side has a NaN where the other does not.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutputError {
+    pub output: &'static str,
+    pub fused_vs_reference: f64,
+    pub fused_vs_exact: f64,
+    pub reference_vs_exact: f64,
+}
+
+impl OpBench {
+    /// Reference time over fused time, forward + backward.
+    pub fn speedup(&self) -> f64 {
+        self.reference_ms / self.fused_ms
+    }
+
+    /// Largest error over the outputs of the chosen kind (NaN if any is NaN).
+    pub fn worst(&self, kind: impl Fn(&OutputError) -> f64) -> f64 {
+        self.errors.iter().map(kind).fold(0.0, |m, e| if e.is_nan() || m.is_nan() { f64::NAN } else { m.max(e) })
+    }
+}
+
+/// Device-to-device copy of one buffer; bandwidth counts the bytes read plus the bytes written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CopyBench {
+    pub bytes: usize,
+    pub ms: f64,
+    pub gbps: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub reps: usize,
+    pub ops: Vec<OpBench>,
+    pub copy: CopyBench,
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "kernels on {} (median of {} runs, ms; fwd = forward, f+b = forward + backward; errors: worst \
+            output, max |a - b| / max(1, max |b|), exact = reference in f64)", self.device, self.reps)?;
+        writeln!(f, "{:<40} {:>5} {:>9} {:>9} {:>9} {:>9} {:>7} {:>10} {:>11} {:>10}", "op", "dtype", "fused fwd",
+            "ref fwd", "fused f+b", "ref f+b", "speedup", "fused-ref", "fused-exact", "ref-exact")?;
+        for op in &self.ops {
+            writeln!(f, "{:<40} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6.1}x {:>10.1e} {:>11.1e} {:>10.1e}", op.name,
+                op.dtype.as_str(), op.fused_fwd_ms, op.reference_fwd_ms, op.fused_ms, op.reference_ms, op.speedup(),
+                op.worst(|e| e.fused_vs_reference), op.worst(|e| e.fused_vs_exact),
+                op.worst(|e| e.reference_vs_exact))?;
+        }
+        let c = &self.copy;
+        writeln!(f, "copy {} MiB: {:.3} ms, {:.1} GB/s (read + write)", c.bytes >> 20, c.ms, c.gbps)
+    }
+}
+
+enum Case {
+    Attention { dims: [usize; 4], mask: bool, scale: f64, dtype: DType },
+    Itc { b: usize, n: usize, multi_positive: bool, dtype: DType },
+}
+
+/// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
+/// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
+/// ITC against the batch plus a 65536 queue.
+fn cases() -> Vec<Case> {
+    let (q, b) = (65536, 64);
+    vec![
+        Case::Attention { dims: [64, 12, 25, 25], mask: true, scale: 0.125, dtype: DType::F32 },
+        Case::Attention { dims: [64, 12, 25, 257], mask: false, scale: 0.125, dtype: DType::F32 },
+        Case::Attention { dims: [8, 12, 577, 577], mask: false, scale: 0.125, dtype: DType::F32 },
+        Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::F32 },
+        Case::Itc { b, n: b + q, multi_positive: true, dtype: DType::F32 },
+        Case::Attention { dims: [64, 12, 25, 25], mask: true, scale: 0.125, dtype: DType::BF16 },
+        Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::BF16 },
+    ]
+}
+
+/// The same inputs in the case's dtype and in f64 (for the exact answer).
+struct Inputs<T> {
+    native: T,
+    exact: T,
+}
+
+impl Inputs<Tensor> {
+    fn new(t: Tensor, dtype: DType) -> Result<Self> {
+        Ok(Inputs { native: t.to_dtype(dtype)?, exact: t.to_dtype(DType::F64)? })
+    }
+}
+
+impl Inputs<Var> {
+    fn new(t: Tensor, dtype: DType) -> Result<Self> {
+        let native = Var::from_tensor(&t.to_dtype(dtype)?)?;
+        Ok(Inputs { native, exact: Var::from_tensor(&t.to_dtype(DType::F64)?)? })
+    }
+}
+
+impl<T> Inputs<T> {
+    fn get(&self, exact: bool) -> &T {
+        if exact { &self.exact } else { &self.native }
+    }
+}
+
+/// Runs every case on `device` (`reps` timed runs each, after one warm-up) and the copy bandwidth test.
+pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
+    let reps = reps.max(1);
+    let mut r = rng(2024);
+    let mut ops = Vec::new();
+    for case in cases() {
+        ops.push(match case {
+            Case::Attention { dims, mask, scale, dtype } => {
+                let x = Inputs::<Var>::new(uniform(&mut r, &dims, 4.0, device)?, dtype)?;
+                let w = Inputs::<Tensor>::new(uniform(&mut r, &dims, 1.0, device)?, DType::F32)?;
+                let m = if mask {
+                    let (b, lk) = (dims[0], dims[3]);
+                    let keep: Vec<usize> = (0..b).map(|_| r.random_range(1..=lk)).collect();
+                    let v: Vec<f32> = (0..b * lk).map(|k| if k % lk < keep[k / lk] { 0.0 } else { -10000.0 }).collect();
+                    Some(Inputs::<Tensor>::new(Tensor::from_vec(v, (b, 1, 1, lk), device)?, dtype)?)
+                } else {
+                    None
+                };
+                let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
+                    let x = x.get(exact).as_tensor();
+                    let y = attention_softmax(x, scale, m.as_ref().map(|m| m.get(exact)), k)?;
+                    if !backward {
+                        return Ok(vec![y]);
+                    }
+                    let w = w.get(exact);
+                    let grads = (y.to_dtype(w.dtype())? * w)?.sum_all()?.backward()?;
+                    Ok(vec![y, grad(&grads, x)?])
+                };
+                let name = format!("attention_softmax {:?}{}", dims, if mask { " +mask" } else { "" });
+                compare(device, reps, name, dtype, &["y", "d scores"], run)?
+            }
+            Case::Itc { b, n, multi_positive, dtype } => {
+                let sim_f32 = uniform(&mut r, &[b, n], 1.0, device)?;
+                let sim_m = Inputs::<Tensor>::new((&sim_f32 + uniform(&mut r, &[b, n], 0.05, device)?)?, dtype)?;
+                let sim = Inputs::<Var>::new(sim_f32, dtype)?;
+                let temp = Inputs::<Var>::new(Tensor::new(&[0.07f32], device)?, dtype)?;
+                let pos = if multi_positive {
+                    let v: Vec<f32> =
+                        (0..b * n).map(|k| if k / n == k % n || r.random_bool(1e-4) { 1.0 } else { 0.0 }).collect();
+                    Some(Inputs::<Tensor>::new(Tensor::from_vec(v, (b, n), device)?, dtype)?)
+                } else {
+                    None
+                };
+                let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
+                    let positives = pos.as_ref().map_or(Positives::Diagonal, |p| Positives::Mask(p.get(exact)));
+                    let (s, t) = (sim.get(exact).as_tensor(), temp.get(exact).as_tensor());
+                    let loss = itc_loss(s, sim_m.get(exact), t, 0.4, positives, k)?;
+                    if !backward {
+                        return Ok(vec![loss]);
+                    }
+                    let grads = loss.backward()?;
+                    Ok(vec![loss, grad(&grads, s)?, grad(&grads, t)?])
+                };
+                let name = format!("itc_loss [{b}, {n}] {}", if multi_positive { "mask" } else { "diagonal" });
+                compare(device, reps, name, dtype, &["loss", "d sim", "d temp"], run)?
+            }
+        });
+    }
+    Ok(BenchReport { device: format!("{device:?}"), reps, ops, copy: copy_bandwidth(device, reps)? })
+}
+
+fn grad(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Result<Tensor> {
+    grads.get(t).cloned().ok_or_else(|| candle_core::Error::Msg("the benchmarked op gave no gradient".into()))
+}
+
+/// Times `run(kernels, exact = false, backward)` for both implementations, without and with the backward,
+/// and compares the outputs with each other and with `run(Reference, exact = true, backward = true)`.
+fn compare(device: &Device, reps: usize, name: String, dtype: DType, outputs: &[&'static str],
+    run: impl Fn(Kernels, bool, bool) -> Result<Vec<Tensor>>) -> Result<OpBench> {
+    let (fused_fwd_ms, _) = time(device, reps, || run(Kernels::Fused, false, false))?;
+    let (reference_fwd_ms, _) = time(device, reps, || run(Kernels::Reference, false, false))?;
+    let (fused_ms, fused) = time(device, reps, || run(Kernels::Fused, false, true))?;
+    let (reference_ms, reference) = time(device, reps, || run(Kernels::Reference, false, true))?;
+    let exact = run(Kernels::Reference, true, true)?;
+    let mut errors = Vec::new();
+    for (((&output, f), r), e) in outputs.iter().zip(&fused).zip(&reference).zip(&exact) {
+        errors.push(OutputError {
+            output,
+            fused_vs_reference: max_err(f, r)?.1,
+            fused_vs_exact: max_err(f, e)?.1,
+            reference_vs_exact: max_err(r, e)?.1,
+        });
+    }
+    Ok(OpBench { name, dtype, fused_fwd_ms, reference_fwd_ms, fused_ms, reference_ms, errors })
+}
+
+/// Median milliseconds of `reps` runs of `f` after one warm-up (which also loads CUDA modules), with the
+/// device synchronised around each; returns the warm-up's outputs.
+fn time<T>(device: &Device, reps: usize, f: impl Fn() -> Result<T>) -> Result<(f64, T)> {
+    let out = f()?;
+    device.synchronize()?;
+    let mut times: Vec<Duration> = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        let o = f()?;
+        device.synchronize()?;
+        times.push(start.elapsed());
+        drop(o);
+    }
+    times.sort();
+    Ok((times[times.len() / 2].as_secs_f64() * 1e3, out))
+}
+
+fn copy_bandwidth(device: &Device, reps: usize) -> Result<CopyBench> {
+    let bytes = 256 << 20;
+    let src = Tensor::zeros(bytes / 4, DType::F32, device)?;
+    let (ms, _) = time(device, reps, || src.copy())?;
+    Ok(CopyBench { bytes, ms, gbps: 2.0 * bytes as f64 / (ms * 1e-3) / 1e9 })
+}
+
+#[cfg(test)]
+mod tests {
+    fn err(output: &'static str, e: f64) -> super::OutputError {
+        super::OutputError { output, fused_vs_reference: e, fused_vs_exact: 1e-7, reference_vs_exact: 0.0 }
+    }
+
+    #[test]
+    fn report_formats() {
+        let report = super::BenchReport {
+            device: "Cpu".into(),
+            reps: 1,
+            ops: vec![super::OpBench { name: "x".into(), dtype: candle_core::DType::F32, fused_fwd_ms: 0.5,
+                reference_fwd_ms: 2.0, fused_ms: 1.0, reference_ms: 3.0, errors: vec![
+                    err("y", 1e-7),
+                    err("d", f64::NAN),
+                ] }],
+            copy: super::CopyBench { bytes: 1 << 20, ms: 1.0, gbps: 2.0 },
+        };
+        let text = report.to_string();
+        assert!(text.contains("3.0x") && text.contains("NaN"), "{text}");
+    }
+}
+
+fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
+}
