@@ -5,11 +5,9 @@
 //! can also be *frozen*: it hands out detached tensors sharing the Vars' storage, so a model built from
 //! it records no autograd graph yet sees in-place `Var::set` updates (the momentum twin).
 
-use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use rand_distr::{Distribution, Normal};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// How a freshly created parameter is filled.
@@ -115,25 +113,6 @@ impl ParamStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Loads every tensor of a safetensors file whose name `map` accepts (returning the store name),
-    /// before the model is built; returns the names loaded.
-    pub fn load_safetensors(&self, path: &Path, map: impl Fn(&str) -> Option<String>) -> anyhow::Result<Vec<String>> {
-        let tensors = candle_core::safetensors::load(path, &self.device)
-            .with_context(|| format!("cannot read safetensors file {}", path.display()))?;
-        let mut loaded = vec![];
-        for (name, t) in tensors {
-            if let Some(dst) = map(&name) {
-                self.insert(&dst, &t).with_context(|| format!("{}: tensor `{name}`", path.display()))?;
-                loaded.push(dst);
-            }
-        }
-        if loaded.is_empty() {
-            bail!("{}: no tensor of this file matched the expected names", path.display());
-        }
-        loaded.sort();
-        Ok(loaded)
     }
 }
 

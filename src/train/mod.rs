@@ -161,8 +161,10 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
     let mut run = Setup::new(cfg, &opts.out)?;
     let cfg = run.cfg.clone();
-    let val = cfg.data.val_ann.as_ref().map(|p| RetrievalSet::load(p, cfg.data.image_root.as_deref(), text_options(&cfg))).transpose()?;
-    let test = cfg.data.test_ann.as_ref().map(|p| RetrievalSet::load(p, cfg.data.image_root.as_deref(), text_options(&cfg))).transpose()?;
+    let retrieval = |ann: &Option<PathBuf>| {
+        ann.as_ref().map(|p| RetrievalSet::load(p, cfg.data.image_root.as_deref(), text_options(&cfg))).transpose()
+    };
+    let (val, test) = (retrieval(&cfg.data.val_ann)?, retrieval(&cfg.data.test_ann)?);
     let (steps_per_epoch, micro_per_epoch, accum) = (run.steps_per_epoch, run.micro_per_epoch, cfg.train.grad_accum);
     let total_steps = steps_per_epoch * cfg.train.epochs;
     let stop_at = opts.max_steps.unwrap_or(total_steps).min(total_steps);
