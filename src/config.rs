@@ -174,6 +174,16 @@ pub struct DataConfig {
     /// What a corrupt or missing image does during training: `"fail"` (stop with its path) or `"skip"`
     /// (drop the pair, count it and log its path).
     pub on_bad_image: OnBadImage,
+    /// Image normalisation statistics: `"clip"` (ALBEF, BLIP) or `"imagenet"` (what DINOv2 and timm's
+    /// ImageNet ViTs were trained with; use it with their weights).
+    pub normalize: Normalize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    Clip,
+    Imagenet,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -227,6 +237,12 @@ pub struct TrainConfig {
     /// What a non-finite loss does: `"stop"` (error naming step and loss; last good checkpoint kept) or
     /// `"skip"` (drop the step's update and count it).
     pub on_nonfinite: OnNonFinite,
+    /// Start from this checkpoint (an `alignfuse import` output or another run's model.safetensors)
+    /// instead of the seeded initialisation. `--resume` takes precedence.
+    pub init: Option<PathBuf>,
+    /// Learning-rate multiplier for what a fine-tune from pretrained unimodal encoders starts from scratch:
+    /// `vision_proj`, `text_proj`, `itm_head` and the fusion layers' cross-attention (1 = ALBEF: one rate).
+    pub head_lr_scale: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -362,6 +378,7 @@ impl Default for DataConfig {
             num_workers: 2,
             prefetch: 2,
             on_bad_image: OnBadImage::Fail,
+            normalize: Normalize::Clip,
         }
     }
 }
@@ -384,6 +401,8 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             log_every: 50,
             on_nonfinite: OnNonFinite::Stop,
+            init: None,
+            head_lr_scale: 1.0,
         }
     }
 }
@@ -455,6 +474,7 @@ impl Config {
             format!("{} < 2: ITM needs at least 2 pairs per batch to draw negatives", self.train.batch_size))?;
         check(self.train.batch_size >= 1, "train.batch_size", "must be at least 1".into())?;
         check(self.train.grad_accum >= 1, "train.grad_accum", "must be at least 1".into())?;
+        check(self.train.head_lr_scale > 0.0, "train.head_lr_scale", format!("{} must be positive", self.train.head_lr_scale))?;
         check(self.data.num_workers >= 1, "data.num_workers", "must be at least 1".into())?;
         check(self.data.prefetch >= 1, "data.prefetch", "must be at least 1".into())?;
         check(self.eval.k_test >= 1, "eval.k_test", "must be at least 1".into())?;

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod import;
 pub mod model;
 pub mod objectives;
 pub mod ops;

@@ -192,7 +192,7 @@ fn direct_forward(model: &Albef, set: &RetrievalSet, tok: &TextTokenizer, cfg: &
     let (mut image_embeds, mut image_feat, mut text_embeds, mut text_feat) = (vec![], vec![], vec![], vec![]);
     for path in &set.images {
         let mut pixels = vec![0f32; 3 * res * res];
-        test_transform(&load_rgb(path).unwrap(), res, &mut pixels).unwrap();
+        test_transform(&load_rgb(path).unwrap(), res, cfg.data.normalize, &mut pixels).unwrap();
         let (embeds, feat) = model.online.image(&Tensor::from_vec(pixels, (1, 3, res, res), &Device::Cpu).unwrap(), &ctx).unwrap();
         image_embeds.push(embeds);
         image_feat.push(feat);

@@ -81,3 +81,26 @@ fn non_finite_loss_stops_or_skips() {
     assert!(s.skipped_steps > 0);
     assert_eq!(s.steps, 6);
 }
+
+/// `train.init` starts from a checkpoint's weights (an `alignfuse import` output, or another run's model)
+/// instead of the seeded initialisation; a missing file is an error naming the key.
+#[test]
+fn train_init_starts_from_a_checkpoint() {
+    let cfg = micro_config(&[]);
+    let first = scratch("init-first");
+    train(cfg.clone(), &TrainOptions { out: first.clone(), resume: None, max_steps: Some(2), label: None }).unwrap();
+    let file = first.join("checkpoints/latest/model.safetensors");
+    let saved = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let mut with_init = cfg.clone();
+    with_init.train.init = Some(file);
+    let setup = alignfuse::train::Setup::new(with_init, &scratch("init-second")).unwrap();
+    let fresh = alignfuse::train::Setup::new(cfg.clone(), &scratch("init-fresh")).unwrap();
+    let name = "text_encoder.bert.encoder.layer.0.attention.self.query.weight";
+    let get = |s: &alignfuse::train::Setup| s.model.params.var(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(get(&setup), saved[name].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_ne!(get(&fresh), get(&setup), "two trained steps changed the weights");
+    let mut missing = cfg;
+    missing.train.init = Some(first.join("nope.safetensors"));
+    let err = alignfuse::train::Setup::new(missing, &scratch("init-missing")).err().expect("a missing init file is an error");
+    assert!(format!("{err:#}").contains("train.init"), "{err:#}");
+}

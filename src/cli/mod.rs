@@ -1,7 +1,7 @@
 //! The command line: one file per subcommand; this file holds the argument definitions and dispatch.
 
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -158,15 +158,30 @@ pub enum PrepareWhat {
 
 #[derive(Args)]
 pub struct ImportArgs {
-    /// Source format: hf-bert, dinov2-onnx, hf-vit, timm, albef, blip, hf-hub.
+    /// Source format: hf-bert, dinov2-onnx, hf-vit, timm, albef, blip, or hf-hub (SRC is a repo id
+    /// `org/name[@revision]` read from the local Hugging Face cache).
     #[arg(long = "from")]
     pub from: String,
     /// Source file or directory (or repo id for hf-hub).
-    pub src: PathBuf,
+    pub src: String,
     #[command(flatten)]
     pub cfg: ConfigArgs,
+    /// Checkpoint to write (.safetensors): the complete model state for the config.
     #[arg(long)]
     pub out: PathBuf,
+    /// Start from this checkpoint instead of the seeded initialisation (to combine imports, e.g. a
+    /// ViT from DINOv2 and a text encoder from MiniLM).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// hf-bert: source layers seeding the fusion layers, in order, e.g. `3,4,5` (cross-attention stays fresh).
+    #[arg(long, value_delimiter = ',')]
+    pub fusion_from: Option<Vec<usize>>,
+    /// hf-hub: the cached files' format (default: from config.json's model_type).
+    #[arg(long)]
+    pub hub_format: Option<String>,
+    /// Also write the report (every key used, ignored or not placed) as JSON here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -198,6 +213,7 @@ mod ablate;
 mod bench;
 mod embed;
 mod eval;
+mod import;
 mod prepare;
 mod synth;
 mod train;
@@ -210,11 +226,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ablate(a) => ablate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Prepare(a) => prepare::run(a),
-        Command::Import(_) => not_built("import", "weight import (issue 9)"),
+        Command::Import(a) => import::run(a),
         Command::Bench(a) => bench::run(a),
     }
-}
-
-fn not_built(cmd: &str, part: &str) -> Result<()> {
-    bail!("`alignfuse {cmd}` is not built yet: it arrives with {part}. Nothing was done.")
 }

@@ -8,7 +8,7 @@
 //! `image::imageops::resize` (same kernel) walks pixels column-wise through an f32 RGBA copy and is
 //! several times slower.
 
-use crate::config::DataConfig;
+use crate::config::{DataConfig, Normalize};
 use anyhow::{ensure, Context, Result};
 use ::image::{DynamicImage, ImageReader, RgbImage};
 use rand::Rng;
@@ -477,12 +477,20 @@ fn floor(v: f64) -> i64 {
     if (t as f64) > v { t - 1 } else { t }
 }
 
-/// ToTensor + Normalize with CLIP statistics into `out` (CHW, length `3*w*h`), through a per-channel
+/// ImageNet's per-channel mean and standard deviation (DINOv2, timm).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// ToTensor + Normalize with `norm`'s statistics into `out` (CHW, length `3*w*h`), through a per-channel
 /// table of the 256 possible values (same f32 arithmetic as torchvision, so identical results).
-fn normalize_into(img: &RgbImage, out: &mut [f32]) -> Result<()> {
+fn normalize_into(img: &RgbImage, norm: Normalize, out: &mut [f32]) -> Result<()> {
+    let (mean, std) = match norm {
+        Normalize::Clip => (CLIP_MEAN, CLIP_STD),
+        Normalize::Imagenet => (IMAGENET_MEAN, IMAGENET_STD),
+    };
     let plane = img.width() as usize * img.height() as usize;
     ensure!(out.len() == 3 * plane, "output buffer holds {} values, the image needs {}", out.len(), 3 * plane);
-    let luts: [[f32; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]));
+    let luts: [[f32; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c]));
     let (r, rest) = out.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
     for (i, px) in img.chunks_exact(3).enumerate() {
@@ -501,6 +509,7 @@ pub struct TrainTransform {
     pub crop_scale: [f64; 2],
     pub hflip: bool,
     pub randaugment: RandAugment,
+    pub normalize: Normalize,
 }
 
 impl TrainTransform {
@@ -511,6 +520,7 @@ impl TrainTransform {
             crop_scale: data.crop_scale,
             hflip: data.hflip,
             randaugment: RandAugment { n: data.randaugment_n, m: data.randaugment_m },
+            normalize: data.normalize,
         }
     }
 
@@ -525,16 +535,16 @@ impl TrainTransform {
             flip_horizontal(&mut x);
         }
         self.randaugment.apply(&mut x, rng);
-        normalize_into(&x, out)
+        normalize_into(&x, self.normalize, out)
     }
 }
 
 /// The evaluation transform: bicubic resize to `res x res` (aspect ratio not kept, as in the reference)
-/// and CLIP normalisation into `out` (CHW f32, length `3*res*res`).
-pub fn test_transform(img: &RgbImage, res: usize, out: &mut [f32]) -> Result<()> {
+/// and normalisation into `out` (CHW f32, length `3*res*res`).
+pub fn test_transform(img: &RgbImage, res: usize, norm: Normalize, out: &mut [f32]) -> Result<()> {
     ensure!(res > 0, "the image resolution must be positive");
     let full = CropBox { x: 0, y: 0, w: img.width() as usize, h: img.height() as usize };
-    normalize_into(&resize_bicubic(img, full, res, res), out)
+    normalize_into(&resize_bicubic(img, full, res, res), norm, out)
 }
 
 /// Throughput of decode + train transform, for `alignfuse bench`.
@@ -753,7 +763,7 @@ mod tests {
     #[test]
     fn transforms_are_deterministic_and_normalised() {
         let img = pattern();
-        let t = TrainTransform { res: 6, crop_scale: [0.2, 1.0], hflip: true, randaugment: RandAugment { n: 2, m: 7.0 } };
+        let t = TrainTransform { res: 6, crop_scale: [0.2, 1.0], hflip: true, randaugment: RandAugment { n: 2, m: 7.0 }, normalize: Normalize::Clip };
         let mut a = vec![0f32; 3 * 36];
         let mut b = vec![0f32; 3 * 36];
         t.apply(&img, &mut rng(1), &mut a).unwrap();
@@ -765,12 +775,12 @@ mod tests {
         });
         assert!(differs);
         let white = RgbImage::from_pixel(9, 4, ::image::Rgb([255, 255, 255]));
-        test_transform(&white, 3, &mut a[..27]).unwrap();
+        test_transform(&white, 3, Normalize::Clip, &mut a[..27]).unwrap();
         for c in 0..3 {
             let want = (1.0 - CLIP_MEAN[c]) / CLIP_STD[c];
             assert!(a[c * 9..c * 9 + 9].iter().all(|&v| (v - want).abs() < 1e-6));
         }
-        assert!(test_transform(&white, 3, &mut a[..26]).is_err(), "wrong buffer size is an error");
+        assert!(test_transform(&white, 3, Normalize::Clip, &mut a[..26]).is_err(), "wrong buffer size is an error");
     }
 
     #[test]
@@ -807,7 +817,7 @@ mod tests {
         assert!(err.contains("bad.jpg"), "{err}");
         let err = format!("{:#}", load_rgb(&dir.join("gone.png")).unwrap_err());
         assert!(err.contains("gone.png"), "{err}");
-        let t = TrainTransform { res: 4, crop_scale: [0.5, 1.0], hflip: false, randaugment: RandAugment { n: 2, m: 7.0 } };
+        let t = TrainTransform { res: 4, crop_scale: [0.5, 1.0], hflip: false, randaugment: RandAugment { n: 2, m: 7.0 }, normalize: Normalize::Clip };
         let report = bench_transforms(&[path.clone(), half], &t, 2, 2).unwrap();
         assert_eq!(report.images, 4);
         assert!(bench_transforms(&[bad], &t, 2, 1).is_err());

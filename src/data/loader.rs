@@ -6,6 +6,7 @@
 //! batches for any number of workers, and training can resume at any batch of an epoch.
 
 use super::annotations::TrainSet;
+use crate::config::Normalize;
 use super::image::{load_rgb, test_transform, TrainTransform};
 use super::tokenizer::{to_tensors, Encoded, TextTokenizer};
 use crate::config::{Config, OnBadImage};
@@ -187,6 +188,7 @@ pub struct ImageBatch {
 pub fn eval_image_batches(
     images: &[PathBuf],
     res: usize,
+    norm: Normalize,
     batch_size: usize,
     num_workers: usize,
     device: Device,
@@ -200,7 +202,7 @@ pub fn eval_image_batches(
         let plane = 3 * res * res;
         let mut data = vec![0f32; range.len() * plane];
         for (slot, path) in paths[range.clone()].iter().enumerate() {
-            test_transform(&load_rgb(path)?, res, &mut data[slot * plane..(slot + 1) * plane])?;
+            test_transform(&load_rgb(path)?, res, norm, &mut data[slot * plane..(slot + 1) * plane])?;
         }
         Ok((range, data))
     })?;
@@ -434,16 +436,16 @@ mod tests {
         let ann: Vec<_> = (0..5).map(|k| serde_json::json!({"image": format!("{k}.png"), "caption": ["image", "caption"]})).collect();
         std::fs::write(fx.dir.join("test.json"), serde_json::to_string(&ann).unwrap()).unwrap();
         let set = RetrievalSet::load(&fx.dir.join("test.json"), None, TEXT).unwrap();
-        let batches: Vec<ImageBatch> = eval_image_batches(&set.images, 6, 2, 3, Device::Cpu).unwrap().collect::<Result<_>>().unwrap();
+        let batches: Vec<ImageBatch> = eval_image_batches(&set.images, 6, Normalize::Clip, 2, 3, Device::Cpu).unwrap().collect::<Result<_>>().unwrap();
         assert_eq!(batches.iter().map(|b| b.range.clone()).collect::<Vec<_>>(), [0..2, 2..4, 4..5]);
         assert_eq!(batches[2].images.dims(), [1, 3, 6, 6]);
         let img = load_rgb(&set.images[3]).unwrap();
         let mut want = vec![0f32; 3 * 36];
-        test_transform(&img, 6, &mut want).unwrap();
+        test_transform(&img, 6, Normalize::Clip, &mut want).unwrap();
         let got: Vec<f32> = batches[1].images.get(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(got, want);
         std::fs::write(&set.images[2], b"broken").unwrap();
-        let results: Vec<Result<ImageBatch>> = eval_image_batches(&set.images, 6, 2, 2, Device::Cpu).unwrap().collect();
+        let results: Vec<Result<ImageBatch>> = eval_image_batches(&set.images, 6, Normalize::Clip, 2, 2, Device::Cpu).unwrap().collect();
         let err = results[1].as_ref().unwrap_err();
         assert!(format!("{err:#}").contains("2.png"), "{err:#}");
     }

@@ -62,7 +62,7 @@ pub fn embed_set(model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, c
         .chunks(batch)
         .map(|texts| tokenizer.encode_batch(texts, cfg.data.max_tokens))
         .collect::<Result<Vec<_>>>()?;
-    let images = eval_image_batches(&set.images, cfg.model.vision.image_res, batch, cfg.data.num_workers,
+    let images = eval_image_batches(&set.images, cfg.model.vision.image_res, cfg.data.normalize, batch, cfg.data.num_workers,
         model.device().clone())?
         .map(|b| b.map(|b| b.images));
     let bar = progress(set.images.len() + set.texts.len(), "embed");

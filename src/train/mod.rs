@@ -132,7 +132,13 @@ impl Setup {
         let accum = cfg.train.grad_accum;
         let steps_per_epoch = loader.batches_per_epoch() / accum;
         ensure!(steps_per_epoch >= 1, "one epoch has {} batches, fewer than train.grad_accum = {accum}", loader.batches_per_epoch());
-        let model = Albef::new(&cfg, ParamStore::new(cfg.seed, &device))?;
+        let model = match &cfg.train.init {
+            Some(path) => Albef::from_checkpoint(&cfg, path, &device).with_context(|| {
+                format!("train.init = {}: create it with `alignfuse import` (configs/small.toml: scripts/prepare-small.sh)",
+                    path.display())
+            })?,
+            None => Albef::new(&cfg, ParamStore::new(cfg.seed, &device))?,
+        };
         let opt = optim::AdamW::new(model.params.vars(), &cfg.train)?;
         let special = SpecialTokens { pad: tok.pad_id(), cls: tok.cls_id(), mask: tok.mask_id(), vocab_size: tok.vocab_size() as u32 };
         Ok(Setup { device, tok, loader, model, opt, special, steps_per_epoch, micro_per_epoch: steps_per_epoch * accum, cfg })

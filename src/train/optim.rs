@@ -11,6 +11,8 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
+    /// Multiplies the learning rate (see [`lr_scale`]).
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
     /// Gradient summed over the micro-batches of the current optimiser step.
@@ -35,6 +37,13 @@ pub fn decays(var: &Var) -> bool {
     var.rank() >= 2
 }
 
+/// `train.head_lr_scale` for the parts a fine-tune from unimodal encoders starts from scratch (the ITC
+/// projections, the ITM head, the fusion layers' cross-attention), 1 for the rest.
+pub fn lr_scale(name: &str, cfg: &TrainConfig) -> f64 {
+    let fresh = ["vision_proj.", "text_proj.", "itm_head."].iter().any(|p| name.starts_with(p)) || name.contains(".crossattention.");
+    if fresh { cfg.head_lr_scale } else { 1.0 }
+}
+
 impl AdamW {
     /// One slot per parameter, in name order (the store is sorted).
     pub fn new(params: Vec<(String, Var)>, cfg: &TrainConfig) -> Result<Self> {
@@ -42,7 +51,7 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let zeros = var.as_tensor().zeros_like()?;
-                Ok(Slot { decay: decays(&var), name, var, m: zeros.clone(), v: zeros, acc: None })
+                Ok(Slot { decay: decays(&var), lr_scale: lr_scale(&name, cfg), name, var, m: zeros.clone(), v: zeros, acc: None })
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
@@ -102,6 +111,7 @@ impl AdamW {
             s.m = ((&s.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             s.v = ((&s.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let update = ((&s.m / bc1)? / ((&s.v / bc2)?.sqrt()? + self.eps)?)?;
+            let lr = lr * s.lr_scale;
             let mut p = s.var.as_tensor().detach();
             if s.decay && self.weight_decay > 0.0 {
                 p = (p * (1.0 - lr * self.weight_decay))?;
@@ -163,6 +173,23 @@ mod tests {
         assert!((w_new[1] - expect(-2.0, 0.1)).abs() < 1e-6);
         let b_new: Vec<f32> = b.as_tensor().to_vec1()?;
         assert!((b_new[0] - expect(0.5, 0.0)).abs() < 1e-6, "bias must not decay");
+        Ok(())
+    }
+
+    /// The fresh heads move `head_lr_scale` times as far as the encoders on the same gradient.
+    #[test]
+    fn head_lr_scale_applies_to_projections_heads_and_cross_attention_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let names = ["text_proj.weight", "text_encoder.bert.encoder.layer.3.crossattention.self.key.weight",
+            "text_encoder.bert.encoder.layer.3.attention.self.key.weight"];
+        let vars: Vec<Var> = names.iter().map(|_| Var::new(&[[0f32]], &dev)).collect::<candle_core::Result<_>>()?;
+        let cfg = TrainConfig { head_lr_scale: 10.0, weight_decay: 0.0, ..TrainConfig::default() };
+        let mut opt = AdamW::new(names.iter().map(|n| n.to_string()).zip(vars.iter().cloned()).collect(), &cfg)?;
+        let loss = vars.iter().map(|v| v.as_tensor().sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+        opt.accumulate(&Tensor::stack(&loss, 0)?.sum_all()?.backward()?)?;
+        opt.step(0.01, 0.0)?;
+        let moved: Vec<f32> = vars.iter().map(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>().map(|x| -x[0])).collect::<candle_core::Result<_>>()?;
+        assert!((moved[0] - 0.1).abs() < 1e-6 && (moved[1] - 0.1).abs() < 1e-6 && (moved[2] - 0.01).abs() < 1e-6, "{moved:?}");
         Ok(())
     }
 
