@@ -39,7 +39,11 @@ fn model(cfg: &Config, state: &HashMap<String, Tensor>) -> Albef {
     m
 }
 
+/// A fixture's tensors as the reference libraries see them (an HF directory: its model.safetensors).
 fn source(file: &Path) -> HashMap<String, Tensor> {
+    if file.is_dir() {
+        return source(&file.join("model.safetensors"));
+    }
     match file.extension().and_then(|e| e.to_str()) {
         Some("pth") => candle_core::pickle::read_all_with_key(file, Some("model")).unwrap().into_iter().collect(),
         _ => candle_core::safetensors::load(file, &Device::Cpu).unwrap(),
@@ -70,6 +74,15 @@ fn all_accounted(report: &Report, keys: impl IntoIterator<Item = String>) {
     }
 }
 
+/// Imports fixture `name` with the test config and checks that every key of it is accounted for.
+fn checked(format: Format, name: &str, opts: &Options) -> (Config, HashMap<String, Tensor>, HashMap<String, Tensor>, Report) {
+    let c = cfg(&[]);
+    let src = source(&fx(name));
+    let (state, report) = run(format, &fx(name), &c, opts);
+    all_accounted(&report, src.keys().cloned());
+    (c, src, state, report)
+}
+
 fn text_out(m: &Albef, ids: &Tensor, mask: &Tensor) -> Tensor {
     let ctx = Ctx::eval(m.kernels);
     m.online.text_encoder.bert.forward_text(&ids.to_dtype(DType::U32).unwrap(), &mask.to_dtype(DType::F32).unwrap(), &ctx).unwrap()
@@ -81,11 +94,7 @@ fn vit_out(m: &Albef, images: &Tensor) -> Tensor {
 
 #[test]
 fn hf_bert_lands_in_the_text_layers_and_reproduces_hf() {
-    let c = cfg(&[]);
-    let dir = fx("hf_bert");
-    let src = source(&dir.join("model.safetensors"));
-    let (state, report) = run(Format::HfBert, &dir, &c, &Options::default());
-    all_accounted(&report, src.keys().cloned());
+    let (c, src, state, report) = checked(Format::HfBert, "hf_bert", &Options::default());
     for (k, t) in &src {
         if k.starts_with("pooler.") {
             assert!(report.ignored.contains_key(k));
@@ -104,12 +113,8 @@ fn hf_bert_lands_in_the_text_layers_and_reproduces_hf() {
 
 #[test]
 fn hf_bert_mlm_and_fusion_from() {
-    let c = cfg(&[]);
-    let file = fx("hf_bert_mlm.safetensors");
-    let src = source(&file);
     let opts = Options { fusion_from: Some(vec![0, 1]), ..Default::default() };
-    let (state, report) = run(Format::HfBert, &file, &c, &opts);
-    all_accounted(&report, src.keys().cloned());
+    let (c, src, state, report) = checked(Format::HfBert, "hf_bert_mlm.safetensors", &opts);
     for (k, t) in &src {
         match k.strip_prefix("bert.") {
             Some(rest) if rest.starts_with("encoder.layer.") => {
@@ -130,18 +135,14 @@ fn hf_bert_mlm_and_fusion_from() {
             None => same(&state, &format!("text_encoder.{k}"), t),
         }
     }
-    let err = import(Format::HfBert, &file, &c, &Options { fusion_from: Some(vec![0, 1, 2]), ..Default::default() })
+    let err = import(Format::HfBert, &fx("hf_bert_mlm.safetensors"), &c, &Options { fusion_from: Some(vec![0, 1, 2]), ..Default::default() })
         .unwrap_err();
     assert!(format!("{err:#}").contains("fusion layers"), "{err:#}");
 }
 
 #[test]
 fn timm_vit_lands_and_reproduces_timm() {
-    let c = cfg(&[]);
-    let file = fx("timm_vit.safetensors");
-    let src = source(&file);
-    let (state, report) = run(Format::Timm, &file, &c, &Options::default());
-    all_accounted(&report, src.keys().cloned());
+    let (c, src, state, report) = checked(Format::Timm, "timm_vit.safetensors", &Options::default());
     for (k, t) in &src {
         if k.starts_with("head.") {
             assert!(report.ignored.contains_key(k));
@@ -173,11 +174,7 @@ fn hf_vit_expected(state: &HashMap<String, Tensor>, src: &HashMap<String, Tensor
 
 #[test]
 fn hf_vit_lands_and_reproduces_hf() {
-    let c = cfg(&[]);
-    let dir = fx("hf_vit");
-    let src = source(&dir.join("model.safetensors"));
-    let (state, report) = run(Format::HfVit, &dir, &c, &Options::default());
-    all_accounted(&report, src.keys().cloned());
+    let (c, src, state, _) = checked(Format::HfVit, "hf_vit", &Options::default());
     hf_vit_expected(&state, &src, "", "visual_encoder.");
     for i in 0..2 {
         let l = |k: &str| &src[&format!("encoder.layer.{i}.{k}")];
@@ -212,11 +209,7 @@ fn dinov2_onnx_reproduces_the_graph_backbone() {
 
 #[test]
 fn albef_pretraining_checkpoint_lands_everywhere() {
-    let c = cfg(&[]);
-    let file = fx("albef_pretrain.pth");
-    let src = source(&file);
-    let (state, report) = run(Format::Albef, &file, &c, &Options::default());
-    all_accounted(&report, src.keys().cloned());
+    let (c, src, state, report) = checked(Format::Albef, "albef_pretrain.pth", &Options::default());
     assert!(report.momentum_copied.is_empty(), "the file has every momentum tensor");
     for (k, t) in &src {
         if k.ends_with("position_ids") || k.contains("cls.predictions.decoder.") {
@@ -235,11 +228,7 @@ fn albef_pretraining_checkpoint_lands_everywhere() {
 
 #[test]
 fn albef_retrieval_checkpoint_gets_its_bert_prefix_back() {
-    let c = cfg(&[]);
-    let file = fx("albef_retrieval.pth");
-    let src = source(&file);
-    let (state, report) = run(Format::Albef, &file, &c, &Options::default());
-    all_accounted(&report, src.keys().cloned());
+    let (c, src, state, report) = checked(Format::Albef, "albef_retrieval.pth", &Options::default());
     for (k, t) in &src {
         let dst = match k.split_once('.') {
             Some((head @ ("text_encoder" | "text_encoder_m"), rest)) => format!("{head}.bert.{rest}"),
@@ -257,11 +246,7 @@ fn albef_retrieval_checkpoint_gets_its_bert_prefix_back() {
 
 #[test]
 fn blip_checkpoint_maps_onto_albefs_split() {
-    let c = cfg(&[]);
-    let file = fx("blip_retrieval.pth");
-    let src = source(&file);
-    let (state, report) = run(Format::Blip, &file, &c, &Options::default());
-    all_accounted(&report, src.keys().cloned());
+    let (c, src, state, report) = checked(Format::Blip, "blip_retrieval.pth", &Options::default());
     for (k, t) in &src {
         let (head, rest) = k.split_once('.').unwrap_or((k, ""));
         match head {
@@ -286,11 +271,7 @@ fn blip_checkpoint_maps_onto_albefs_split() {
 
 #[test]
 fn hf_blip_renames_back_to_blip() {
-    let c = cfg(&[]);
-    let dir = fx("hf_blip");
-    let src = source(&dir.join("model.safetensors"));
-    let (state, report) = run(Format::Blip, &dir, &c, &Options::default());
-    all_accounted(&report, src.keys().cloned());
+    let (_, src, state, _) = checked(Format::Blip, "hf_blip", &Options::default());
     let v = |k: &str| &src[&format!("vision_model.{k}")];
     same(&state, "visual_encoder.cls_token", v("embeddings.class_embedding"));
     same(&state, "visual_encoder.pos_embed", v("embeddings.position_embedding"));

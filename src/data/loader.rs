@@ -6,10 +6,9 @@
 //! batches for any number of workers, and training can resume at any batch of an epoch.
 
 use super::annotations::TrainSet;
-use crate::config::Normalize;
 use super::image::{load_rgb, test_transform, TrainTransform};
 use super::tokenizer::{to_tensors, Encoded, TextTokenizer};
-use crate::config::{Config, OnBadImage};
+use crate::config::{Config, Normalize, OnBadImage};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;

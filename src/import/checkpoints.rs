@@ -40,7 +40,7 @@ pub fn blip<'a>(path: &Path, cfg: &Config) -> Result<Plan<'a>> {
         let key = format!("{head}.embeddings.token_type_embeddings.weight");
         if src.has(&format!("{head}.embeddings.word_embeddings.weight")) && !src.has(&key) {
             let zeros = Tensor::zeros((t.type_vocab_size, t.hidden_size), DType::F32, &Device::Cpu)?;
-            src.entries.insert(key.clone(), super::source::Entry { tensor: zeros, origin: vec![] });
+            src.insert(key.clone(), zeros, vec![]);
             notes.push(format!("{key}: zeros (BLIP has no token-type embeddings)"));
         }
     }

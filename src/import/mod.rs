@@ -202,7 +202,7 @@ pub fn assemble(plan: Plan, cfg: &Config, init: Option<&Path>) -> Result<(Vec<(S
 /// `t` (file key `key`) made to fit model tensor `dst`: same dtype, same shape, or a `pos_embed` whose
 /// square grid is interpolated. Any other shape difference is an error.
 fn fit(file: &str, key: &str, t: &Tensor, dst: &str, want: &Tensor, report: &mut Report) -> Result<Tensor> {
-    let t = source::as_f32(t)?.to_dtype(want.dtype())?;
+    let t = t.to_dtype(want.dtype())?;
     if t.dims() == want.dims() {
         return Ok(t);
     }

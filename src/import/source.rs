@@ -3,7 +3,7 @@
 //! (three HF projections become one `qkv`).
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -76,9 +76,13 @@ impl Source {
         let taken: Vec<Entry> = parts.iter().map(|p| self.entries.remove(p).expect("caller checked")).collect();
         let tensor = Tensor::cat(&taken.iter().map(|e| &e.tensor).collect::<Vec<_>>(), 0)
             .with_context(|| format!("{}: cannot concatenate {parts:?}", self.file.display()))?;
-        let origin = taken.into_iter().flat_map(|e| e.origin).collect();
-        self.entries.insert(key, Entry { tensor, origin });
+        self.insert(key, tensor, taken.into_iter().flat_map(|e| e.origin).collect());
         Ok(())
+    }
+
+    /// Adds a tensor built from the file keys `origin` (none: made here, not read).
+    pub fn insert(&mut self, key: String, tensor: Tensor, origin: Vec<String>) {
+        self.entries.insert(key, Entry { tensor, origin });
     }
 
     /// Strips `prefix` from every key that has it.
@@ -89,12 +93,4 @@ impl Source {
     pub fn has(&self, key: &str) -> bool {
         self.entries.contains_key(key)
     }
-}
-
-/// A float tensor in f32 (checkpoints may hold f16 / bf16 / f64); integer tensors keep their type.
-pub fn as_f32(t: &Tensor) -> Result<Tensor> {
-    Ok(match t.dtype() {
-        DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-        _ => t.clone(),
-    })
 }

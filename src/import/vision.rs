@@ -84,7 +84,8 @@ pub fn dinov2_onnx(path: &Path) -> Result<Plan<'static>> {
     };
     let prefix = cls.name.trim_end_matches("embeddings.cls_token").to_string();
     let node_prefix = format!("/{}/", prefix.trim_end_matches('.').replace('.', "/")).replace("//", "/");
-    let (mut tensors, mut ignored, mut unplaced) = (vec![], vec![], vec![]);
+    let mut src = Source::new(path, std::iter::empty());
+    let (mut ignored, mut unplaced) = (vec![], vec![]);
     let (mut pos_cls, mut pos_grid) = (None, None);
     for init in inits {
         let backbone_user = init.consumers.iter().find(|c| c.starts_with(&node_prefix));
@@ -93,10 +94,10 @@ pub fn dinov2_onnx(path: &Path) -> Result<Plan<'static>> {
             p => init.name.strip_prefix(p).map(str::to_string),
         };
         if let Some(key) = named {
-            tensors.push((key, init.tensor, init.name));
+            src.insert(key, init.tensor, vec![init.name]);
         } else if let Some(node) = backbone_user.and_then(|c| c.strip_prefix(&node_prefix)?.strip_suffix("/MatMul")) {
             let key = format!("{}.weight", node.replace('/', "."));
-            tensors.push((key, init.tensor.t()?.contiguous()?, format!("{} (MatMul {node})", init.name)));
+            src.insert(key, init.tensor.t()?.contiguous()?, vec![format!("{} (MatMul {node})", init.name)]);
         } else if backbone_user.is_some_and(|c| c.starts_with(&format!("{node_prefix}embeddings/")))
             && init.tensor.rank() == 3
             && init.tensor.dim(0)? == 1
@@ -109,14 +110,10 @@ pub fn dinov2_onnx(path: &Path) -> Result<Plan<'static>> {
             ignored.push((init.name, "not part of the backbone".to_string()));
         }
     }
-    let mut src = Source::new(path, std::iter::empty());
-    for (key, t, origin) in tensors {
-        src.entries.insert(key, super::source::Entry { tensor: t, origin: vec![origin] });
-    }
     match (pos_cls, pos_grid) {
         (Some((c, cn)), Some((g, gn))) => {
             let tensor = Tensor::cat(&[&c, &g], 1)?;
-            src.entries.insert("embeddings.position_embeddings".into(), super::source::Entry { tensor, origin: vec![cn, gn] });
+            src.insert("embeddings.position_embeddings".into(), tensor, vec![cn, gn]);
         }
         _ => bail!("{}: the position embedding pieces ([CLS] part and patch grid) were not found", path.display()),
     }
