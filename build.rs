@@ -27,7 +27,10 @@ fn main() {
         .or_else(|| std::env::var_os("CUDA_HOME").map(|h| Path::new(&h).join("bin").join("nvcc")))
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    let cap: u32 = cap.trim().replace('.', "").parse()
+    let cap: u32 = cap
+        .trim()
+        .replace('.', "")
+        .parse()
         .unwrap_or_else(|_| panic!("CUDA_COMPUTE_CAP={cap:?} is not a compute capability such as 90"));
 
     let mut files: Vec<PathBuf> = std::fs::read_dir(&kernels)
@@ -48,11 +51,16 @@ fn main() {
             .arg("-o")
             .arg(&ptx)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {} (install the CUDA toolkit or set NVCC / CUDA_HOME): {e}",
-                nvcc.display()));
+            .unwrap_or_else(|e| {
+                panic!("cannot run {} (install the CUDA toolkit or set NVCC / CUDA_HOME): {e}", nvcc.display())
+            });
         if !output.status.success() {
-            panic!("nvcc failed on {}:\n{}{}", src.display(), String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr));
+            panic!(
+                "nvcc failed on {}:\n{}{}",
+                src.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
     }
 }

@@ -417,8 +417,8 @@ impl Config {
     /// Reads a TOML file, applies `key=value` overrides (dotted paths, values parsed as TOML, bare words
     /// as strings), rejects unknown keys by name and validates the values.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         Self::from_toml_str(&text, overrides).with_context(|| format!("in config file {}", path.display()))
     }
 
@@ -435,53 +435,94 @@ impl Config {
 
     /// Checks values the types cannot express; each error names the key.
     pub fn validate(&self) -> Result<()> {
+        self.validate_model()?;
+        self.validate_run()
+    }
+
+    /// The `[model]` section and the probabilities that weigh objectives.
+    fn validate_model(&self) -> Result<()> {
         let v = &self.model.vision;
         let t = &self.model.text;
-        let check = |ok: bool, key: &str, why: String| -> Result<()> {
-            if ok {
-                Ok(())
-            } else {
-                bail!("invalid value for `{key}`: {why}")
-            }
-        };
-        check(v.patch_size > 0 && v.image_res % v.patch_size == 0, "model.vision.image_res",
-            format!("{} is not a multiple of patch_size {}", v.image_res, v.patch_size))?;
-        check(v.vision_heads > 0 && v.vision_width % v.vision_heads == 0, "model.vision.vision_heads",
-            format!("vision_width {} is not divisible by {} heads", v.vision_width, v.vision_heads))?;
+        check(
+            v.patch_size > 0 && v.image_res.is_multiple_of(v.patch_size),
+            "model.vision.image_res",
+            format!("{} is not a multiple of patch_size {}", v.image_res, v.patch_size),
+        )?;
+        check(
+            v.vision_heads > 0 && v.vision_width.is_multiple_of(v.vision_heads),
+            "model.vision.vision_heads",
+            format!("vision_width {} is not divisible by {} heads", v.vision_width, v.vision_heads),
+        )?;
         check(v.vision_depth > 0, "model.vision.vision_depth", "must be at least 1".into())?;
-        check(t.num_attention_heads > 0 && t.hidden_size % t.num_attention_heads == 0,
+        check(
+            t.num_attention_heads > 0 && t.hidden_size.is_multiple_of(t.num_attention_heads),
             "model.text.num_attention_heads",
-            format!("hidden_size {} is not divisible by {} heads", t.hidden_size, t.num_attention_heads))?;
-        check(t.fusion_layer >= 1 && t.fusion_layer < t.num_hidden_layers, "model.text.fusion_layer",
-            format!("{} must lie in [1, num_hidden_layers = {}) so that text and fusion layers both exist",
-                t.fusion_layer, t.num_hidden_layers))?;
-        for (key, p) in [("model.text.hidden_dropout_prob", t.hidden_dropout_prob),
+            format!("hidden_size {} is not divisible by {} heads", t.hidden_size, t.num_attention_heads),
+        )?;
+        check(
+            t.fusion_layer >= 1 && t.fusion_layer < t.num_hidden_layers,
+            "model.text.fusion_layer",
+            format!(
+                "{} must lie in [1, num_hidden_layers = {}) so that text and fusion layers both exist",
+                t.fusion_layer, t.num_hidden_layers
+            ),
+        )?;
+        for (key, p) in [
+            ("model.text.hidden_dropout_prob", t.hidden_dropout_prob),
             ("model.text.attention_probs_dropout_prob", t.attention_probs_dropout_prob),
-            ("model.alpha", self.model.alpha), ("model.momentum", self.model.momentum),
-            ("objectives.mlm_probability", self.objectives.mlm_probability)] {
+            ("model.alpha", self.model.alpha),
+            ("model.momentum", self.model.momentum),
+            ("objectives.mlm_probability", self.objectives.mlm_probability),
+        ] {
             check((0.0..=1.0).contains(&p), key, format!("{p} is outside [0, 1]"))?;
         }
-        check(self.model.temp >= 0.001 && self.model.temp <= 0.5, "model.temp",
-            format!("{} is outside the clamp range [0.001, 0.5]", self.model.temp))?;
+        check(
+            self.model.temp >= 0.001 && self.model.temp <= 0.5,
+            "model.temp",
+            format!("{} is outside the clamp range [0.001, 0.5]", self.model.temp),
+        )?;
         check(self.model.queue_size > 0, "model.queue_size", "must be positive".into())?;
-        check(self.model.embed_dim > 0, "model.embed_dim", "must be positive".into())?;
-        check(self.data.max_tokens >= 3 && self.data.max_tokens <= t.max_position_embeddings,
-            "data.max_tokens", format!("{} must lie in [3, max_position_embeddings = {}]",
-                self.data.max_tokens, t.max_position_embeddings))?;
+        check(self.model.embed_dim > 0, "model.embed_dim", "must be positive".into())
+    }
+
+    /// Data, training, evaluation and device settings.
+    fn validate_run(&self) -> Result<()> {
+        let t = &self.model.text;
+        check(
+            self.data.max_tokens >= 3 && self.data.max_tokens <= t.max_position_embeddings,
+            "data.max_tokens",
+            format!(
+                "{} must lie in [3, max_position_embeddings = {}]",
+                self.data.max_tokens, t.max_position_embeddings
+            ),
+        )?;
         let [lo, hi] = self.data.crop_scale;
         check(0.0 < lo && lo <= hi && hi <= 1.0, "data.crop_scale", format!("[{lo}, {hi}] is not 0 < lo <= hi <= 1"))?;
-        check(self.train.batch_size >= 2 || !self.objectives.itm, "train.batch_size",
-            format!("{} < 2: ITM needs at least 2 pairs per batch to draw negatives", self.train.batch_size))?;
+        check(
+            self.train.batch_size >= 2 || !self.objectives.itm,
+            "train.batch_size",
+            format!("{} < 2: ITM needs at least 2 pairs per batch to draw negatives", self.train.batch_size),
+        )?;
         check(self.train.batch_size >= 1, "train.batch_size", "must be at least 1".into())?;
         check(self.train.grad_accum >= 1, "train.grad_accum", "must be at least 1".into())?;
-        check(self.train.head_lr_scale > 0.0, "train.head_lr_scale", format!("{} must be positive", self.train.head_lr_scale))?;
+        check(
+            self.train.head_lr_scale > 0.0,
+            "train.head_lr_scale",
+            format!("{} must be positive", self.train.head_lr_scale),
+        )?;
         check(self.data.num_workers >= 1, "data.num_workers", "must be at least 1".into())?;
         check(self.data.prefetch >= 1, "data.prefetch", "must be at least 1".into())?;
         check(self.eval.k_test >= 1, "eval.k_test", "must be at least 1".into())?;
-        check(self.objectives.itc || self.objectives.itm || self.objectives.mlm, "objectives",
-            "at least one of itc, itm, mlm must be on".into())?;
-        check(matches!(self.device.as_str(), "cpu" | "cuda" | "auto"), "device",
-            format!("{:?} is not one of \"cpu\", \"cuda\", \"auto\"", self.device))?;
+        check(
+            self.objectives.itc || self.objectives.itm || self.objectives.mlm,
+            "objectives",
+            "at least one of itc, itm, mlm must be on".into(),
+        )?;
+        check(
+            matches!(self.device.as_str(), "cpu" | "cuda" | "auto"),
+            "device",
+            format!("{:?} is not one of \"cpu\", \"cuda\", \"auto\"", self.device),
+        )?;
         Ok(())
     }
 
@@ -495,21 +536,35 @@ impl Config {
         if beside.is_file() {
             Ok(beside)
         } else {
-            bail!("no vocabulary: set `data.vocab` to a vocab.txt or tokenizer.json (none found beside {})", ann.display())
+            bail!(
+                "no vocabulary: set `data.vocab` to a vocab.txt or tokenizer.json (none found beside {})",
+                ann.display()
+            )
         }
     }
 
     /// Alpha actually used: 0 when distillation is off.
     pub fn effective_alpha(&self) -> f64 {
-        if self.objectives.distill { self.model.alpha } else { 0.0 }
+        if self.objectives.distill {
+            self.model.alpha
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Ok when `ok`, else an error naming `key` and why.
+fn check(ok: bool, key: &str, why: String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        bail!("invalid value for `{key}`: {why}")
     }
 }
 
 /// Applies one `a.b.c=value` override to a parsed TOML table.
 fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
-    let (key, raw) = spec
-        .split_once('=')
-        .with_context(|| format!("override `{spec}` is not of the form key=value"))?;
+    let (key, raw) = spec.split_once('=').with_context(|| format!("override `{spec}` is not of the form key=value"))?;
     let key = key.trim();
     let value = parse_override_value(raw.trim());
     let mut parts: Vec<&str> = key.split('.').collect();
@@ -517,9 +572,7 @@ fn apply_override(root: &mut toml::Table, spec: &str) -> Result<()> {
     let mut table = root;
     for p in parts {
         let entry = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
-        table = entry
-            .as_table_mut()
-            .with_context(|| format!("override `{spec}`: `{p}` is not a section"))?;
+        table = entry.as_table_mut().with_context(|| format!("override `{spec}`: `{p}` is not a section"))?;
     }
     table.insert(last.to_string(), value);
     Ok(())
@@ -553,8 +606,16 @@ mod tests {
 
     #[test]
     fn overrides_apply_and_are_checked() {
-        let cfg = Config::from_toml_str("", &["model.vision.image_res=32".into(), "model.vision.patch_size=8".into(),
-            "kernels=reference".into(), "train.lr=3e-4".into()]).unwrap();
+        let cfg = Config::from_toml_str(
+            "",
+            &[
+                "model.vision.image_res=32".into(),
+                "model.vision.patch_size=8".into(),
+                "kernels=reference".into(),
+                "train.lr=3e-4".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(cfg.model.vision.image_res, 32);
         assert_eq!(cfg.kernels, Kernels::Reference);
         assert_eq!(cfg.train.lr, 3e-4);

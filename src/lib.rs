@@ -26,7 +26,8 @@ use std::path::Path;
 pub fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).context("device = \"cuda\" but no CUDA device could be opened (build with --features cuda)"),
+        "cuda" => Device::new_cuda(0)
+            .context("device = \"cuda\" but no CUDA device could be opened (build with --features cuda)"),
         "auto" => Ok(if cfg!(feature = "cuda") { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
         other => bail!("unknown device `{other}`: use cpu, cuda or auto"),
     }

@@ -10,6 +10,7 @@ use alignfuse::eval::metrics::Metrics;
 use alignfuse::train::log::StepRecord;
 use common::{micro_config, scratch};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -18,11 +19,22 @@ fn default_ladder_sets_every_objective() {
     let ladder = parse_list(DEFAULT).unwrap();
     let names: Vec<&str> = ladder.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["itc", "itc+mlm", "itc+mlm+itm_rand", "itc+mlm+itm_hard", "full"]);
-    assert_eq!(ladder[0].overrides, ["objectives.itc=true", "objectives.mlm=false", "objectives.itm=false", "objectives.distill=false"]);
+    assert_eq!(
+        ladder[0].overrides,
+        ["objectives.itc=true", "objectives.mlm=false", "objectives.itm=false", "objectives.distill=false"]
+    );
     assert!(ladder[2].overrides.contains(&"objectives.itm_negatives=random".to_string()));
     assert!(ladder[3].overrides.contains(&"objectives.distill=false".to_string()));
-    assert_eq!(ladder[4].overrides, ["objectives.itc=true", "objectives.mlm=true", "objectives.itm=true",
-        "objectives.distill=true", "objectives.itm_negatives=hard"]);
+    assert_eq!(
+        ladder[4].overrides,
+        [
+            "objectives.itc=true",
+            "objectives.mlm=true",
+            "objectives.itm=true",
+            "objectives.distill=true",
+            "objectives.itm_negatives=hard"
+        ]
+    );
 }
 
 #[test]
@@ -65,21 +77,56 @@ fn bad_variants_are_explained() {
 }
 
 fn metrics(r: f64) -> Metrics {
-    Metrics { tr_r1: r, tr_r5: r + 10.0, tr_r10: r + 20.0, ir_r1: r, ir_r5: r + 10.0, ir_r10: r + 20.0,
-        tr_mean: r + 10.0, ir_mean: r + 10.0, r_mean: r + 10.0 }
+    Metrics {
+        tr_r1: r,
+        tr_r5: r + 10.0,
+        tr_r10: r + 20.0,
+        ir_r1: r,
+        ir_r5: r + 10.0,
+        ir_r10: r + 20.0,
+        tr_mean: r + 10.0,
+        ir_mean: r + 10.0,
+        r_mean: r + 10.0,
+    }
 }
 
 /// A finished run whose numbers grow with `level`.
 fn fake_run(variant: &str, seed: u64, level: f64, itm: bool) -> RunResult {
-    let eval = |e: usize| EvalMetrics { itc: metrics(level + e as f64), rerank: metrics(level + 2.0 * e as f64), images: 100 };
-    let loss: Vec<(usize, f64)> = (1..=120).map(|s| (s, 8.0 / (1.0 + s as f64 / 30.0) - level / 100.0 + 0.2 * ((s * 7) % 5) as f64)).collect();
-    let last = StepRecord { step: 120, epoch: 2, loss: 2.0, itc: Some(1.0), itm: itm.then_some(0.5), mlm: Some(0.5),
-        lr: 1e-5, alpha: 0.0, temp: 0.05, itm_acc: None, grad_norm: 1.0, pairs_per_s: 30.0 };
+    let eval =
+        |e: usize| EvalMetrics { itc: metrics(level + e as f64), rerank: metrics(level + 2.0 * e as f64), images: 100 };
+    let loss: Vec<(usize, f64)> =
+        (1..=120).map(|s| (s, 8.0 / (1.0 + s as f64 / 30.0) - level / 100.0 + 0.2 * ((s * 7) % 5) as f64)).collect();
+    let mut losses = BTreeMap::from([("itc".to_string(), 1.0), ("mlm".to_string(), 0.5)]);
+    if itm {
+        losses.insert("itm".into(), 0.5);
+    }
+    let metrics = BTreeMap::from([("temp".to_string(), 0.05)]);
+    let last = StepRecord {
+        step: 120,
+        epoch: 2,
+        loss: 2.0,
+        losses,
+        lr: 1e-5,
+        alpha: 0.0,
+        metrics,
+        grad_norm: 1.0,
+        pairs_per_s: 30.0,
+    };
     RunResult {
-        variant: variant.into(), seed, dir: PathBuf::from(format!("runs/{variant}")), itm, reused: false,
-        resumed_from: None, steps: 120, wall_s: 60.0 + level, pairs_per_s: 30.0 + level, last: Some(last),
-        split: Some("test".into()), final_eval: Some(eval(3)),
-        val: (0..3).map(|epoch| EpochEval { epoch, metrics: eval(epoch) }).collect(), loss,
+        variant: variant.into(),
+        seed,
+        dir: PathBuf::from(format!("runs/{variant}")),
+        itm,
+        reused: false,
+        resumed_from: None,
+        steps: 120,
+        wall_s: 60.0 + level,
+        pairs_per_s: 30.0 + level,
+        last: Some(last),
+        split: Some("test".into()),
+        final_eval: Some(eval(3)),
+        val: (0..3).map(|epoch| EpochEval { epoch, metrics: eval(epoch) }).collect(),
+        loss,
     }
 }
 
@@ -104,9 +151,16 @@ fn report_and_plots_from_fixed_results() {
     assert_png(&out.join("loss.png"), (960, 560));
     assert_png(&out.join("val.png"), (1280, 560));
 
-    let meta = report::Meta { command: "alignfuse ablate --config x.toml --out y".into(), seeds: vec![1, 2],
-        planned_runs: 4, eval: EvalConfig::default(), eval_ann: Some("test.json".into()), loss_plot: "loss.png".into(),
-        val_plot: "val.png".into(), loss_window: window };
+    let meta = report::Meta {
+        command: "alignfuse ablate --config x.toml --out y".into(),
+        seeds: vec![1, 2],
+        planned_runs: 4,
+        eval: EvalConfig::default(),
+        eval_ann: Some("test.json".into()),
+        loss_plot: "loss.png".into(),
+        val_plot: "val.png".into(),
+        loss_window: window,
+    };
     let table = report::write(&out, &meta, &variants, &runs).unwrap();
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains(&table));
@@ -136,7 +190,10 @@ fn report_and_plots_from_fixed_results() {
 
 fn ablate(cfg_file: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_alignfuse"))
-        .args(["ablate", "--config"]).arg(cfg_file).arg("--out").arg(out)
+        .args(["ablate", "--config"])
+        .arg(cfg_file)
+        .arg("--out")
+        .arg(out)
         .args(["--variants", "itc,full"])
         .args(extra)
         .env("RAYON_NUM_THREADS", "1")
@@ -161,8 +218,15 @@ fn end_to_end_skips_finished_and_resumes_interrupted() {
 
     let first = ablate(&cfg_file, &out, &[]);
     assert!(first.status.success(), "{}", stderr(&first));
-    for f in ["report.md", "results.json", "loss.png", "val_r_mean.png", "runs/itc/summary.json",
-        "runs/full/summary.json", "runs/full/config.toml"] {
+    for f in [
+        "report.md",
+        "results.json",
+        "loss.png",
+        "val_r_mean.png",
+        "runs/itc/summary.json",
+        "runs/full/summary.json",
+        "runs/full/config.toml",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let data: Vec<_> = std::fs::read_dir(out.join("data")).unwrap().collect();

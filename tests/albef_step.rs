@@ -4,7 +4,7 @@
 
 mod common;
 use alignfuse::config::{Config, Kernels};
-use alignfuse::model::albef::{Albef, Draws, StepBatch};
+use alignfuse::model::albef::{Albef, Draws, Inputs, Output};
 use alignfuse::model::layers::Ctx;
 use alignfuse::model::params::ParamStore;
 use alignfuse::objectives::{itm::ItmNegatives, mlm::MaskedTokens};
@@ -34,19 +34,25 @@ fn flat_i64(t: &Tensor) -> Vec<i64> {
     t.flatten_all().unwrap().to_dtype(DType::I64).unwrap().to_vec1().unwrap()
 }
 
-/// Builds the fixture's model, loads its state, runs one step; returns the model, the step output and
-/// the fixture.
-fn run_step(kernels: Kernels) -> (Albef, alignfuse::model::albef::StepOutput, HashMap<String, Tensor>) {
+/// Builds the fixture's model, loads its state, runs one step (EMA update, then the forward); returns the
+/// model, the forward's output and the fixture.
+fn run_step(kernels: Kernels) -> (Albef, Output, HashMap<String, Tensor>) {
     let fx = load_fixture("albef_step.safetensors");
     let mut cfg = Config::load(&fixture_path("albef_step.toml"), &[]).unwrap();
     cfg.kernels = kernels;
     let mut model = Albef::new(&cfg, ParamStore::new(0, &Device::Cpu)).unwrap();
-    let state: HashMap<String, Tensor> =
-        fx.iter().filter(|(k, _)| !["input.", "output.", "grad", "probe."].iter().any(|p| k.starts_with(p))).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let state: HashMap<String, Tensor> = fx
+        .iter()
+        .filter(|(k, _)| !["input.", "output.", "grad", "probe."].iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let unused = model.load_named(&state).unwrap();
     assert!(unused.is_empty(), "fixture tensors the model does not use: {unused:?}");
     let mut draws = FixedDraws {
-        neg: ItmNegatives { image_for_text: to_usize(&fx["input.neg_image_for_text"]), text_for_image: to_usize(&fx["input.neg_text_for_image"]) },
+        neg: ItmNegatives {
+            image_for_text: to_usize(&fx["input.neg_image_for_text"]),
+            text_for_image: to_usize(&fx["input.neg_text_for_image"]),
+        },
         mlm: MaskedTokens {
             ids: flat_i64(&fx["input.mlm_input_ids"]).into_iter().map(|x| x as u32).collect(),
             labels: flat_i64(&fx["input.mlm_labels"]),
@@ -54,9 +60,15 @@ fn run_step(kernels: Kernels) -> (Albef, alignfuse::model::albef::StepOutput, Ha
     };
     let ids = ids_u32(&fx["input.input_ids"]);
     let image_ids: Vec<i64> = (0..ids.dim(0).unwrap() as i64).collect();
-    let batch = StepBatch { images: &fx["input.image"], input_ids: &ids, attention_mask: &fx["input.attention_mask"], image_ids: &image_ids };
+    let batch = Inputs {
+        images: &fx["input.image"],
+        input_ids: &ids,
+        attention_mask: &fx["input.attention_mask"],
+        image_ids: &image_ids,
+    };
     let ctx = Ctx::eval(kernels);
-    let out = model.step(&batch, cfg.model.alpha, &mut draws, &ctx, &ctx).unwrap();
+    model.update_momentum().unwrap();
+    let out = model.forward(&batch, cfg.model.alpha, &mut draws, &ctx, &ctx).unwrap();
     (model, out, fx)
 }
 
@@ -66,14 +78,17 @@ fn scalar(t: &Tensor) -> Tensor {
 
 fn check(kernels: Kernels) {
     let (model, out, fx) = run_step(kernels);
-    assert_close("temp after clamp", &model.temp.as_tensor().reshape(()).unwrap(), &fx["output.temp_clamped"], 0.0);
-    assert_eq!(out.temp, 0.5);
-    let losses = [("itc", out.itc.as_ref().unwrap()), ("itm", out.itm.as_ref().unwrap()), ("mlm", out.mlm.as_ref().unwrap())];
+    let state: HashMap<String, Tensor> = model.named_tensors().unwrap().into_iter().collect();
+    assert_close("temp after clamp", &state["temp"].reshape(()).unwrap(), &fx["output.temp_clamped"], 0.0);
+    assert_eq!(out.metrics.get("temp").unwrap().to_scalar::<f32>().unwrap(), 0.5);
+    let loss = |name| out.losses.get(name).unwrap_or_else(|| panic!("no {name} loss"));
+    let losses = [("itc", loss("itc")), ("itm", loss("itm")), ("mlm", loss("mlm"))];
     for (name, loss) in losses {
         assert_close(&format!("loss_{name}"), &scalar(loss), &scalar(&fx[&format!("output.loss_{name}")]), 1e-5);
     }
     let total: f32 = losses.iter().map(|(_, l)| l.to_scalar::<f32>().unwrap()).sum();
-    assert!((out.loss.to_scalar::<f32>().unwrap() - total).abs() < 1e-5);
+    let summed = alignfuse::train::sum(&out.losses, &Device::Cpu).unwrap();
+    assert!((summed.to_scalar::<f32>().unwrap() - total).abs() < 1e-5);
 
     for (name, loss) in losses {
         let grads = loss.backward().unwrap();
@@ -81,7 +96,7 @@ fn check(kernels: Kernels) {
         let mut n = 0;
         for (k, want) in fx.iter().filter(|(k, _)| k.starts_with(&prefix)) {
             let pname = &k[prefix.len()..];
-            let var = model.params.var(pname).unwrap_or_else(|| panic!("no parameter {pname}"));
+            let var = model.params().var(pname).unwrap_or_else(|| panic!("no parameter {pname}"));
             let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
             assert_close(k, &got.reshape(want.shape()).unwrap(), want, 1e-4);
             n += 1;
@@ -92,13 +107,12 @@ fn check(kernels: Kernels) {
     // EMA happened before the momentum forward, on the momentum twin only.
     for (k, want) in fx.iter().filter(|(k, _)| k.starts_with("output.ema.")) {
         let ckpt = &k["output.ema.".len()..];
-        let name = alignfuse::model::momentum::online_name(ckpt).unwrap();
-        assert_close(k, model.momentum.store.var(&name).unwrap().as_tensor(), want, 1e-6);
+        assert_close(k, &state[ckpt], want, 1e-6);
     }
     // Queue after enqueue: batch first at ptr 6, wrapping to columns 0 and 1.
-    assert_close("image_queue", &model.queue.image_queue, &fx["output.image_queue"], 1e-5);
-    assert_close("text_queue", &model.queue.text_queue, &fx["output.text_queue"], 1e-5);
-    assert_eq!(model.queue.ptr as i64, flat_i64(&fx["output.queue_ptr"])[0]);
+    assert_close("image_queue", &model.queue().image_queue, &fx["output.image_queue"], 1e-5);
+    assert_close("text_queue", &model.queue().text_queue, &fx["output.text_queue"], 1e-5);
+    assert_eq!(model.queue().ptr as i64, flat_i64(&fx["output.queue_ptr"])[0]);
 }
 
 #[test]

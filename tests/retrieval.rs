@@ -16,7 +16,11 @@ use alignfuse::eval::rerank::{rerank, reranked_ranks, RerankOptions};
 use alignfuse::eval::sims::itc_pass;
 use alignfuse::eval::{evaluate, RetrievalReport};
 use alignfuse::model::albef::Albef;
-use alignfuse::model::layers::Ctx;
+use alignfuse::model::bert::{
+    Bert,
+    ImageSide::{Kv, Tokens},
+};
+use alignfuse::model::layers::{Ctx, Linear};
 use alignfuse::model::params::ParamStore;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -31,7 +35,6 @@ fn vec_i64(t: &Tensor) -> Vec<usize> {
 fn scalar(fx: &HashMap<String, Tensor>, name: &str) -> f32 {
     fx[name].to_vec1::<f32>().unwrap()[0]
 }
-
 
 /// The same math in different batch shapes: gemm's blocking and thread split change the f32 summation
 /// order (seen up to 1.2e-5 relative with two threads). A real mistake (wrong image, wrong mask) is O(1).
@@ -57,8 +60,17 @@ fn metrics_match_itm_eval_fixture_stable_rule() {
         assert_eq!(tr, vec_i64(&fx[&want("tr_ranks")]), "case {case} TR ranks");
         assert_eq!(ir, vec_i64(&fx[&want("ir_ranks")]), "case {case} IR ranks");
         let m = Metrics::from_ranks(&tr, &ir);
-        for (name, value) in [("tr_r1", m.tr_r1), ("tr_r5", m.tr_r5), ("tr_r10", m.tr_r10), ("ir_r1", m.ir_r1),
-            ("ir_r5", m.ir_r5), ("ir_r10", m.ir_r10), ("tr_mean", m.tr_mean), ("ir_mean", m.ir_mean), ("r_mean", m.r_mean)] {
+        for (name, value) in [
+            ("tr_r1", m.tr_r1),
+            ("tr_r5", m.tr_r5),
+            ("tr_r10", m.tr_r10),
+            ("ir_r1", m.ir_r1),
+            ("ir_r5", m.ir_r5),
+            ("ir_r10", m.ir_r10),
+            ("tr_mean", m.tr_mean),
+            ("ir_mean", m.ir_mean),
+            ("r_mean", m.r_mean),
+        ] {
             assert_eq!(value as f32, scalar(&fx, &want(name)), "case {case} {name}");
         }
     }
@@ -86,7 +98,7 @@ fn tiny_config() -> Config {
 /// golden fixtures), so that attention is peaked and ITM logits clearly depend on the image.
 fn tiny_model(cfg: &Config) -> Albef {
     let model = Albef::new(cfg, ParamStore::new(7, &Device::Cpu)).unwrap();
-    for (_, var) in model.params.vars() {
+    for (_, var) in model.params().vars() {
         if var.rank() == 2 {
             var.set(&(var.as_tensor() * 10.0).unwrap()).unwrap();
         }
@@ -94,11 +106,27 @@ fn tiny_model(cfg: &Config) -> Albef {
     model
 }
 
+/// The model's text BERT and ITM head, built as separate modules over its parameters, to compute fusion
+/// passes independently of the model's own scoring path.
+fn fusion_modules(model: &Albef, cfg: &Config) -> (Bert, Linear) {
+    let root = model.params().root();
+    let bert = Bert::new(&root.pp("text_encoder.bert"), &cfg.model.text, cfg.model.vision.vision_width).unwrap();
+    (bert, Linear::new(&root.pp("itm_head"), cfg.model.text.hidden_size, 2).unwrap())
+}
+
 /// Deterministic, varied test values of a given shape.
 fn wavy(shape: &[usize], phase: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    Tensor::arange(0u32, n as u32, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap()
-        .affine(0.731, phase).unwrap().sin().unwrap().reshape(shape).unwrap()
+    Tensor::arange(0u32, n as u32, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .affine(0.731, phase)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape(shape)
+        .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -109,28 +137,39 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn fusion_with_precomputed_image_kv_equals_plain_fusion() {
     let cfg = tiny_config();
     let model = tiny_model(&cfg);
-    let bert = &model.online.text_encoder.bert;
+    let (bert, itm_head) = fusion_modules(&model, &cfg);
     let ctx = Ctx::eval(cfg.kernels);
     let text = wavy(&[6, 5, 32], 0.3);
-    let mask = Tensor::new(&[[1f32, 1., 1., 1., 1.], [1., 1., 1., 0., 0.], [1., 1., 0., 0., 0.],
-        [1., 1., 1., 1., 0.], [1., 1., 1., 1., 1.], [1., 1., 1., 0., 0.]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(
+        &[
+            [1f32, 1., 1., 1., 1.],
+            [1., 1., 1., 0., 0.],
+            [1., 1., 0., 0., 0.],
+            [1., 1., 1., 1., 0.],
+            [1., 1., 1., 1., 1.],
+            [1., 1., 1., 0., 0.],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
     let images = wavy(&[2, 5, 32], 1.1);
     let per_text = images.index_select(&Tensor::new(&[0u32, 0, 0, 1, 1, 1], &Device::Cpu).unwrap(), 0).unwrap();
     let full = bert.forward_fusion(&text, &mask, &per_text, &ctx).unwrap();
-    let plain = bert.fusion_cls(&text, &mask, &per_text, &ctx).unwrap();
+    let plain = bert.fusion_cls(&text, &mask, Tokens(&per_text), &ctx).unwrap();
     assert_close("[CLS] of the last layer alone", &plain, &full.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), ROUNDING);
 
     // One image per text: the same ops as the plain path, bit for bit.
     let kv = bert.image_kv(&per_text).unwrap();
-    assert_eq!(max_abs_diff(&bert.fusion_cls_kv(&text, &mask, &kv, &ctx).unwrap(), &plain), 0.0);
+    assert_eq!(max_abs_diff(&bert.fusion_cls(&text, &mask, Kv(&kv), &ctx).unwrap(), &plain), 0.0);
 
     // Each image's K/V shared by its three texts: equal up to float rounding.
     let shared = bert.image_kv(&images).unwrap();
-    assert_close("shared image K/V", &bert.fusion_cls_kv(&text, &mask, &shared, &ctx).unwrap(), &plain, ROUNDING);
-    assert_close("Encoders::fusion_cls_kv", &model.online.fusion_cls_kv(&text, &mask, &shared, &ctx).unwrap(), &plain, ROUNDING);
+    assert_close("shared image K/V", &bert.fusion_cls(&text, &mask, Kv(&shared), &ctx).unwrap(), &plain, ROUNDING);
+    let itm = model.itm_logits(&text, &mask, Kv(&model.image_kv(&images).unwrap()), &ctx).unwrap();
+    assert_close("Albef::itm_logits", &itm, &itm_head.forward(&plain).unwrap(), ROUNDING);
 
     let four = bert.image_kv(&wavy(&[4, 5, 32], 0.0)).unwrap();
-    let err = bert.fusion_cls_kv(&text, &mask, &four, &ctx).unwrap_err().to_string();
+    let err = bert.fusion_cls(&text, &mask, Kv(&four), &ctx).unwrap_err().to_string();
     assert!(err.contains("6 query rows cannot share 4 key sets"), "{err}");
 }
 
@@ -165,13 +204,17 @@ fn write_retrieval_set(dir: &Path) -> PathBuf {
     let mut entries = vec![];
     for (i, caps) in captions.iter().enumerate() {
         let file = format!("img{i}.png");
-        image::RgbImage::from_fn(12, 10, |x, y| image::Rgb([(i * 40) as u8, (x * 20) as u8, (y * 25 + i as u32 * 7) as u8]))
-            .save(dir.join(&file))
-            .unwrap();
+        image::RgbImage::from_fn(12, 10, |x, y| {
+            image::Rgb([(i * 40) as u8, (x * 20) as u8, (y * 25 + i as u32 * 7) as u8])
+        })
+        .save(dir.join(&file))
+        .unwrap();
         entries.push(serde_json::json!({"image": file, "caption": caps}));
     }
-    let vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "round", "thing", "blue", "square",
-        "green", "star", "small", "big", "yellow", "cross", "purple", "diamond"];
+    let vocab = [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "round", "thing", "blue", "square",
+        "green", "star", "small", "big", "yellow", "cross", "purple", "diamond",
+    ];
     std::fs::write(dir.join("vocab.txt"), vocab.join("\n")).unwrap();
     let ann = dir.join("test.json");
     std::fs::write(&ann, serde_json::to_string(&entries).unwrap()).unwrap();
@@ -193,7 +236,8 @@ fn direct_forward(model: &Albef, set: &RetrievalSet, tok: &TextTokenizer, cfg: &
     for path in &set.images {
         let mut pixels = vec![0f32; 3 * res * res];
         test_transform(&load_rgb(path).unwrap(), res, cfg.data.normalize, &mut pixels).unwrap();
-        let (embeds, feat) = model.online.image(&Tensor::from_vec(pixels, (1, 3, res, res), &Device::Cpu).unwrap(), &ctx).unwrap();
+        let (embeds, feat) =
+            model.image(&Tensor::from_vec(pixels, (1, 3, res, res), &Device::Cpu).unwrap(), &ctx).unwrap();
         image_embeds.push(embeds);
         image_feat.push(feat);
     }
@@ -201,7 +245,7 @@ fn direct_forward(model: &Albef, set: &RetrievalSet, tok: &TextTokenizer, cfg: &
         let ids = tok.encode(text, cfg.data.max_tokens).unwrap();
         let n = ids.len();
         let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
-        let (embeds, feat) = model.online.text(&ids, &Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap(), &ctx).unwrap();
+        let (embeds, feat) = model.text(&ids, &Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap(), &ctx).unwrap();
         text_embeds.push(embeds);
         text_feat.push(feat);
     }
@@ -215,13 +259,14 @@ fn direct_forward(model: &Albef, set: &RetrievalSet, tok: &TextTokenizer, cfg: &
 
 impl Direct {
     /// The ITM positive logit of (image i, text t): `itm_head` on the [CLS] of a full fusion pass.
-    fn itm_logit(&self, model: &Albef, i: usize, t: usize) -> f32 {
-        let ctx = Ctx::eval(model.kernels);
+    fn itm_logit(&self, model: &Albef, cfg: &Config, i: usize, t: usize) -> f32 {
+        let ctx = Ctx::eval(model.kernels());
+        let (bert, itm_head) = fusion_modules(model, cfg);
         let text = &self.text_embeds[t];
         let mask = Tensor::ones((1, text.dim(1).unwrap()), DType::F32, &Device::Cpu).unwrap();
-        let fused = model.online.text_encoder.bert.forward_fusion(text, &mask, &self.image_embeds[i], &ctx).unwrap();
+        let fused = bert.forward_fusion(text, &mask, &self.image_embeds[i], &ctx).unwrap();
         let cls = fused.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
-        model.itm_head.forward(&cls).unwrap().to_vec2::<f32>().unwrap()[0][1]
+        itm_head.forward(&cls).unwrap().to_vec2::<f32>().unwrap()[0][1]
     }
 }
 
@@ -270,10 +315,11 @@ fn evaluation_agrees_with_the_models_own_forward() {
     let itm_itc = rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::ItmItc, true, 3)).unwrap();
     assert!(itm.pairs < 6 * 3 + 11 * 3, "pairs asked by both directions are scored once ({})", itm.pairs);
     for (name, pass, scores, plain, both) in
-        [("i2t", &i2t, &itm.i2t, &plain.i2t, &itm_itc.i2t), ("t2i", &t2i, &itm.t2i, &plain.t2i, &itm_itc.t2i)] {
+        [("i2t", &i2t, &itm.i2t, &plain.i2t, &itm_itc.i2t), ("t2i", &t2i, &itm.t2i, &plain.t2i, &itm_itc.t2i)]
+    {
         for (s, &c) in pass.topk.idx.iter().enumerate() {
             let (i, t) = pair(name, s / pass.topk.k, c as usize);
-            let logit = direct.itm_logit(&model, i, t);
+            let logit = direct.itm_logit(&model, &cfg, i, t);
             let what = format!("{name} ITM logit of image {i}, text {t}");
             assert_near(&what, scores[s], logit);
             assert_near(&format!("{what} without K/V reuse"), plain[s], logit);
@@ -305,8 +351,12 @@ fn evaluation_agrees_with_the_models_own_forward() {
     cfg.eval.match_text = true;
     let matched = evaluate(&model, &set, &tok, &cfg).unwrap();
     assert!(matched.to_string().contains("match_text = true"));
-    for (a, b) in [(matched.rerank.tr_r1, report.rerank.tr_r1), (matched.rerank.ir_r1, report.rerank.ir_r1),
-        (matched.itc.tr_r1, report.itc.tr_r1), (matched.itc.ir_r5, report.itc.ir_r5)] {
+    for (a, b) in [
+        (matched.rerank.tr_r1, report.rerank.tr_r1),
+        (matched.rerank.ir_r1, report.rerank.ir_r1),
+        (matched.itc.tr_r1, report.itc.tr_r1),
+        (matched.itc.ir_r5, report.itc.ir_r5),
+    ] {
         assert!(a >= b, "{a} < {b}");
     }
 }
@@ -345,8 +395,22 @@ fn eval_and_embed_commands() {
 
     // eval --json writes the numbers the library computes, with the overrides applied.
     let json = dir.0.join("report.json");
-    cli(&["eval", "--config", &config, "--checkpoint", &ckpt, "--ann", &ann_s, "--k-test", "2", "--score", "itm+itc",
-        "--json", &p(&json)]).unwrap();
+    cli(&[
+        "eval",
+        "--config",
+        &config,
+        "--checkpoint",
+        &ckpt,
+        "--ann",
+        &ann_s,
+        "--k-test",
+        "2",
+        "--score",
+        "itm+itc",
+        "--json",
+        &p(&json),
+    ])
+    .unwrap();
     let got: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let mut want_cfg = cfg.clone();
     want_cfg.eval.k_test = 2;
@@ -359,16 +423,24 @@ fn eval_and_embed_commands() {
             assert!((a - b).abs() <= 1e-12 * b.abs(), "{section}.{key}: {a} vs {b}");
         }
     }
-    assert_eq!((got["score"].as_str(), got["k_i2t"].as_u64(), got["pairs"].as_u64()), (Some("itm+itc"), Some(2), Some(want.pairs as u64)));
+    assert_eq!(
+        (got["score"].as_str(), got["k_i2t"].as_u64(), got["pairs"].as_u64()),
+        (Some("itm+itc"), Some(2), Some(want.pairs as u64))
+    );
     assert_eq!(got["ann"].as_str(), Some(ann_s.as_str()));
 
     // Errors name what is wrong.
     let missing = p(&dir.0.join("missing.json"));
-    let err = format!("{:#}", cli(&["eval", "--config", &config, "--checkpoint", &ckpt, "--ann", &missing]).unwrap_err());
+    let err =
+        format!("{:#}", cli(&["eval", "--config", &config, "--checkpoint", &ckpt, "--ann", &missing]).unwrap_err());
     assert!(err.contains("missing.json"), "{err}");
-    let err = format!("{:#}", cli(&["eval", "--config", &config, "--checkpoint", &ckpt, "--ann", &ann_s, "--score", "itc"]).unwrap_err());
+    let err = format!(
+        "{:#}",
+        cli(&["eval", "--config", &config, "--checkpoint", &ckpt, "--ann", &ann_s, "--score", "itc"]).unwrap_err()
+    );
     assert!(err.contains("--score") && err.contains("itm+itc"), "{err}");
-    let err = format!("{:#}", cli(&["eval", "--config", &config, "--checkpoint", &ann_s, "--ann", &ann_s]).unwrap_err());
+    let err =
+        format!("{:#}", cli(&["eval", "--config", &config, "--checkpoint", &ann_s, "--ann", &ann_s]).unwrap_err());
     assert!(err.contains("test.json"), "{err}");
 }
 

@@ -9,16 +9,20 @@ use common::{micro_config, scratch};
 use std::path::Path;
 
 fn steps(out: &Path) -> Vec<StepRecord> {
-    read_records(&out.join("log.jsonl")).unwrap().into_iter().filter_map(|r| match r {
-        Record::Step(s) => Some(s),
-        _ => None,
-    }).collect()
+    read_records(&out.join("log.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Step(s) => Some(s),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Compares what must be identical in a resumed run (not the wall-clock throughput).
 fn same(a: &StepRecord, b: &StepRecord) -> bool {
-    (a.step, a.epoch, a.loss, a.itc, a.itm, a.mlm, a.lr, a.alpha, a.temp, a.itm_acc, a.grad_norm)
-        == (b.step, b.epoch, b.loss, b.itc, b.itm, b.mlm, b.lr, b.alpha, b.temp, b.itm_acc, b.grad_norm)
+    (a.step, a.epoch, a.loss, &a.losses, a.lr, a.alpha, &a.metrics, a.grad_norm)
+        == (b.step, b.epoch, b.loss, &b.losses, b.lr, b.alpha, &b.metrics, b.grad_norm)
 }
 
 /// N steps, resume, N more steps == 2N steps straight, bit for bit; N = 5 crosses the epoch boundary
@@ -27,11 +31,13 @@ fn same(a: &StepRecord, b: &StepRecord) -> bool {
 fn resume_is_exact() {
     let cfg = micro_config(&["train.grad_accum=2", "train.epochs=3"]);
     let straight = scratch("resume-straight");
-    train(cfg.clone(), &TrainOptions { out: straight.clone(), resume: None, max_steps: Some(10), label: None }).unwrap();
+    train(cfg.clone(), &TrainOptions { out: straight.clone(), resume: None, max_steps: Some(10), label: None })
+        .unwrap();
     let split = scratch("resume-split");
     train(cfg.clone(), &TrainOptions { out: split.clone(), resume: None, max_steps: Some(5), label: None }).unwrap();
     assert_eq!(steps(&split).len(), 5);
-    train(cfg, &TrainOptions { out: split.clone(), resume: Some("latest".into()), max_steps: Some(10), label: None }).unwrap();
+    train(cfg, &TrainOptions { out: split.clone(), resume: Some("latest".into()), max_steps: Some(10), label: None })
+        .unwrap();
     let (a, b) = (steps(&straight), steps(&split));
     assert_eq!(a.len(), 10);
     assert_eq!(b.len(), 10);
@@ -49,7 +55,10 @@ fn killed_during_checkpoint_write_keeps_previous() {
     let cfg_file = out.join("micro.toml");
     std::fs::write(&cfg_file, toml::to_string(&cfg).unwrap()).unwrap();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_alignfuse"))
-        .args(["train", "--config"]).arg(&cfg_file).arg("--out").arg(&out)
+        .args(["train", "--config"])
+        .arg(&cfg_file)
+        .arg("--out")
+        .arg(&out)
         .args(["--max-steps", "6"])
         .env("ALIGNFUSE_ABORT_IN_CHECKPOINT", "4")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -62,7 +71,9 @@ fn killed_during_checkpoint_write_keeps_previous() {
     assert_eq!(latest, Path::new("step-0000002"));
     let loaded = checkpoint::load(&ckpts.join("latest"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(loaded.state.step, 2);
-    let s = train(cfg, &TrainOptions { out: out.clone(), resume: Some("latest".into()), max_steps: Some(6), label: None }).unwrap();
+    let s =
+        train(cfg, &TrainOptions { out: out.clone(), resume: Some("latest".into()), max_steps: Some(6), label: None })
+            .unwrap();
     assert_eq!(s.steps, 6);
     assert!(!ckpts.join(".tmp-step-0000004").exists(), "stale temporaries are cleaned up");
 }
@@ -77,7 +88,8 @@ fn non_finite_loss_stops_or_skips() {
     assert!(msg.contains("loss `") && msg.contains("step "), "{msg}");
     let mut skip = cfg;
     skip.train.on_nonfinite = OnNonFinite::Skip;
-    let s = train(skip, &TrainOptions { out: scratch("nan-skip"), resume: None, max_steps: Some(6), label: None }).unwrap();
+    let s =
+        train(skip, &TrainOptions { out: scratch("nan-skip"), resume: None, max_steps: Some(6), label: None }).unwrap();
     assert!(s.skipped_steps > 0);
     assert_eq!(s.steps, 6);
 }
@@ -96,11 +108,14 @@ fn train_init_starts_from_a_checkpoint() {
     let setup = alignfuse::train::Setup::new(with_init, &scratch("init-second")).unwrap();
     let fresh = alignfuse::train::Setup::new(cfg.clone(), &scratch("init-fresh")).unwrap();
     let name = "text_encoder.bert.encoder.layer.0.attention.self.query.weight";
-    let get = |s: &alignfuse::train::Setup| s.model.params.var(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let get = |s: &alignfuse::train::Setup| {
+        s.model.params().var(name).unwrap().as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
     assert_eq!(get(&setup), saved[name].flatten_all().unwrap().to_vec1::<f32>().unwrap());
     assert_ne!(get(&fresh), get(&setup), "two trained steps changed the weights");
     let mut missing = cfg;
     missing.train.init = Some(first.join("nope.safetensors"));
-    let err = alignfuse::train::Setup::new(missing, &scratch("init-missing")).err().expect("a missing init file is an error");
+    let err =
+        alignfuse::train::Setup::new(missing, &scratch("init-missing")).err().expect("a missing init file is an error");
     assert!(format!("{err:#}").contains("train.init"), "{err:#}");
 }

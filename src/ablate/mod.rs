@@ -14,7 +14,7 @@ pub mod run;
 pub mod variants;
 
 use crate::config::Config;
-use crate::train::{ensure_data, TrainSummary};
+use crate::train::TrainSummary;
 use anyhow::{ensure, Context, Result};
 use progress::{duration, Progress};
 use report::Meta;
@@ -50,7 +50,7 @@ pub fn ablate(opts: &AblateOptions) -> Result<Ablation> {
     // Absolute, so that the data paths in each run's config.toml compare equal from any working directory.
     let out = std::fs::canonicalize(&opts.out).with_context(|| format!("cannot resolve {}", opts.out.display()))?;
     let mut base = Config::load(&opts.config, &opts.sets)?;
-    ensure_data(&mut base, &out)?;
+    crate::data::resolve(&mut base, &out)?;
     let runs = run::plan(&opts.config, &opts.sets, &base, &opts.variants, opts.seeds, &out)?;
     let meta = Meta {
         command: command(opts),
@@ -69,9 +69,15 @@ pub fn ablate(opts: &AblateOptions) -> Result<Ablation> {
     for (k, run) in runs.iter().enumerate() {
         let reused = run.is_finished();
         if reused {
-            progress.say(k, &run.name, &format!("finished earlier, skipped ({})", TrainSummary::path(&run.dir).display()));
+            progress.say(
+                k,
+                &run.name,
+                &format!("finished earlier, skipped ({})", TrainSummary::path(&run.dir).display()),
+            );
         } else {
-            let how = run.resumable().map_or("training".to_string(), |c| format!("resuming the interrupted run from {}", c.display()));
+            let how = run
+                .resumable()
+                .map_or("training".to_string(), |c| format!("resuming the interrupted run from {}", c.display()));
             progress.say(k, &run.name, &format!("{how} in {}; {}", run.dir.display(), progress.eta(k)));
             run.train(progress.label(k, &run.name))?;
         }
@@ -105,13 +111,24 @@ fn headline(r: &RunResult) -> String {
 
 /// The command line that repeats (and so resumes) this ablation.
 fn command(opts: &AblateOptions) -> String {
-    let mut words = vec!["alignfuse".to_string(), "ablate".into(), "--config".into(), shell_word(&opts.config.display().to_string())];
+    let mut words = vec![
+        "alignfuse".to_string(),
+        "ablate".into(),
+        "--config".into(),
+        shell_word(&opts.config.display().to_string()),
+    ];
     for s in &opts.sets {
         words.extend(["--set".to_string(), shell_word(s)]);
     }
     let names: Vec<&str> = opts.variants.iter().map(|v| v.name.as_str()).collect();
-    words.extend(["--variants".to_string(), shell_word(&names.join(",")), "--seeds".into(), opts.seeds.to_string(),
-        "--out".into(), shell_word(&opts.out.display().to_string())]);
+    words.extend([
+        "--variants".to_string(),
+        shell_word(&names.join(",")),
+        "--seeds".into(),
+        opts.seeds.to_string(),
+        "--out".into(),
+        shell_word(&opts.out.display().to_string()),
+    ]);
     words.join(" ")
 }
 

@@ -14,9 +14,16 @@ const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
 /// Colours of variants 0, 1, ... (the "tab10" palette, distinguishable for most colour vision).
 const COLORS: [RGBColor; 10] = [
-    RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34), RGBColor(23, 190, 207),
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// One line: the runs of a variant share its colour; only the first of them carries the legend label.
@@ -64,23 +71,35 @@ pub fn val_r_mean(path: &Path, variants: &[String], runs: &[RunResult]) -> Resul
     let suffix = if chance.is_some() { " (dashed: chance)" } else { "" };
     render(path, (1280, 560), &rerank, |area| {
         let halves = area.split_evenly((1, 2));
-        panel(&halves[0], &format!("validation r_mean, ITM re-ranked{suffix}"), ("epoch", "r_mean (%)"), &rerank, kind)?;
+        panel(
+            &halves[0],
+            &format!("validation r_mean, ITM re-ranked{suffix}"),
+            ("epoch", "r_mean (%)"),
+            &rerank,
+            kind,
+        )?;
         panel(&halves[1], &format!("validation r_mean, ITC only{suffix}"), ("epoch", "r_mean (%)"), &itc, kind)
     })
 }
 
 /// Mean of each point's trailing `window` values.
 fn moving_average(points: &[(usize, f64)], window: usize) -> Vec<(f64, f64)> {
-    points.iter().enumerate().map(|(i, &(x, _))| {
-        let span = &points[(i + 1).saturating_sub(window)..=i];
-        (x as f64, span.iter().map(|p| p.1).sum::<f64>() / span.len() as f64)
-    }).collect()
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, _))| {
+            let span = &points[(i + 1).saturating_sub(window)..=i];
+            (x as f64, span.iter().map(|p| p.1).sum::<f64>() / span.len() as f64)
+        })
+        .collect()
 }
 
 /// Draws into an RGB buffer of `size`, the charts left and the legend of `curves` in a strip on the right
 /// (inside a chart it would hide points), and writes it to `path` as PNG.
-fn render(path: &Path, (w, h): (u32, u32), curves: &[Curve], draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<()>)
-    -> Result<()> {
+fn render(
+    path: &Path, (w, h): (u32, u32), curves: &[Curve],
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<()>,
+) -> Result<()> {
     static FONT_OK: OnceLock<bool> = OnceLock::new();
     let font_ok = *FONT_OK.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
     ensure!(font_ok, "the font embedded from assets/fonts/DejaVuSans.ttf could not be parsed");
@@ -102,7 +121,14 @@ fn render(path: &Path, (w, h): (u32, u32), curves: &[Curve], draw: impl FnOnce(&
         root.present()?;
     }
     crate::write_atomic(path, |tmp| {
-        Ok(image::save_buffer_with_format(tmp, &buf, w + legend_w, h, image::ExtendedColorType::Rgb8, image::ImageFormat::Png)?)
+        Ok(image::save_buffer_with_format(
+            tmp,
+            &buf,
+            w + legend_w,
+            h,
+            image::ExtendedColorType::Rgb8,
+            image::ImageFormat::Png,
+        )?)
     })
 }
 
@@ -117,8 +143,9 @@ enum Kind {
 }
 
 /// One chart: axes for `kind`, a line per curve.
-fn panel(area: &DrawingArea<BitMapBackend, Shift>, title: &str, (x_desc, y_desc): (&str, &str), curves: &[Curve],
-    kind: Kind) -> Result<()> {
+fn panel(
+    area: &DrawingArea<BitMapBackend, Shift>, title: &str, (x_desc, y_desc): (&str, &str), curves: &[Curve], kind: Kind,
+) -> Result<()> {
     let points = || curves.iter().flat_map(|c| c.points.iter().copied());
     let range = |v: Vec<f64>, pad: f64| {
         let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
@@ -154,13 +181,20 @@ fn panel(area: &DrawingArea<BitMapBackend, Shift>, title: &str, (x_desc, y_desc)
     }
     mesh.draw()?;
     if let Some(c) = chance {
-        chart.draw_series(DashedLineSeries::new([(x_span.0, c), (x_span.1, c)], 8, 6, BLACK.mix(0.5).stroke_width(2)))?;
+        chart.draw_series(DashedLineSeries::new(
+            [(x_span.0, c), (x_span.1, c)],
+            8,
+            6,
+            BLACK.mix(0.5).stroke_width(2),
+        ))?;
     }
     for c in curves {
         let color = COLORS[c.variant % COLORS.len()];
-        chart.draw_series(
-            LineSeries::new(c.points.iter().copied(), color.stroke_width(2)).point_size(if recall { 4 } else { 0 }),
-        )?;
+        chart.draw_series(LineSeries::new(c.points.iter().copied(), color.stroke_width(2)).point_size(if recall {
+            4
+        } else {
+            0
+        }))?;
     }
     Ok(())
 }

@@ -36,8 +36,13 @@ impl Progress {
             return format!("{left} runs left; a time estimate follows the first finished run");
         }
         let mean = self.finished_s.iter().sum::<f64>() / self.finished_s.len() as f64;
-        format!("about {} left for {left} run{} (mean {} over {} finished)", duration(mean * left as f64),
-            if left == 1 { "" } else { "s" }, duration(mean), self.finished_s.len())
+        format!(
+            "about {} left for {left} run{} (mean {} over {} finished)",
+            duration(mean * left as f64),
+            if left == 1 { "" } else { "s" },
+            duration(mean),
+            self.finished_s.len()
+        )
     }
 }
 

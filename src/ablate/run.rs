@@ -28,8 +28,9 @@ pub struct Run {
 /// Every run of the ablation. All configs are loaded and validated, and checked against what earlier runs
 /// in the same directories were trained with, before anything trains: a bad variant costs no time.
 /// `base` is the user's config with its data resolved: every run shares its data paths.
-pub fn plan(config: &Path, sets: &[String], base: &Config, variants: &[Variant], seeds: usize, out: &Path)
-    -> Result<Vec<Run>> {
+pub fn plan(
+    config: &Path, sets: &[String], base: &Config, variants: &[Variant], seeds: usize, out: &Path,
+) -> Result<Vec<Run>> {
     let mut runs = vec![];
     for variant in variants {
         let overrides: Vec<String> = sets.iter().chain(&variant.overrides).cloned().collect();
@@ -41,8 +42,13 @@ pub fn plan(config: &Path, sets: &[String], base: &Config, variants: &[Variant],
         for k in 0..seeds as u64 {
             let seed = base.seed + k;
             let name = if k == 0 { variant.name.clone() } else { format!("{}-seed{seed}", variant.name) };
-            let run = Run { variant: variant.clone(), seed, dir: out.join("runs").join(&name), name,
-                cfg: Config { seed, ..cfg.clone() } };
+            let run = Run {
+                variant: variant.clone(),
+                seed,
+                dir: out.join("runs").join(&name),
+                name,
+                cfg: Config { seed, ..cfg.clone() },
+            };
             run.check_config()?;
             runs.push(run);
         }
@@ -72,12 +78,19 @@ impl Run {
             return Ok(());
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let old: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        let old: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
         let mut differ = vec![];
         differing_keys(&old, &self.cfg_table()?, "", &mut differ);
-        ensure!(differ.is_empty(), "{} was trained with a different config than this ablation gives `{}` \
-            (differing keys: {}): use another --out, or delete {} to retrain it", path.display(), self.name,
-            differ.join(", "), self.dir.display());
+        ensure!(
+            differ.is_empty(),
+            "{} was trained with a different config than this ablation gives `{}` \
+            (differing keys: {}): use another --out, or delete {} to retrain it",
+            path.display(),
+            self.name,
+            differ.join(", "),
+            self.dir.display()
+        );
         Ok(())
     }
 
@@ -102,15 +115,20 @@ impl Run {
     pub fn result(&self, reused: bool) -> Result<RunResult> {
         let path = TrainSummary::path(&self.dir);
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let summary: SummaryTimes = serde_json::from_str(&text).with_context(|| format!("{} is not a run summary", path.display()))?;
+        let summary: SummaryTimes =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a run summary", path.display()))?;
         let log = self.dir.join("log.jsonl");
         let (mut steps, mut val, mut test) = (vec![], vec![], None);
         for record in read_records(&log)? {
             match record {
                 Record::Step(s) => steps.push(s),
                 Record::Eval { split, epoch, metrics, .. } => {
-                    let m: EvalMetrics = serde_json::from_value(metrics)
-                        .with_context(|| format!("{}: the {split} record of epoch {epoch} has no itc/rerank/images metrics", log.display()))?;
+                    let m: EvalMetrics = serde_json::from_value(metrics).with_context(|| {
+                        format!(
+                            "{}: the {split} record of epoch {epoch} has no itc/rerank/images metrics",
+                            log.display()
+                        )
+                    })?;
                     match split.as_str() {
                         "val" => val.push(EpochEval { epoch, metrics: m }),
                         _ => test = Some(m),
@@ -212,7 +230,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Dotted keys whose values differ between two TOML tables.

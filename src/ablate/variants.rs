@@ -61,7 +61,10 @@ pub fn parse(spec: &str) -> Result<Variant> {
             Ok(())
         };
         let itm = |slot: &mut Option<Negatives>, n: Negatives| -> Result<()> {
-            ensure!(slot.is_none(), fail(format!("`{part}` adds ITM a second time (itm_rand, itm_hard and full each include it)")));
+            ensure!(
+                slot.is_none(),
+                fail(format!("`{part}` adds ITM a second time (itm_rand, itm_hard and full each include it)"))
+            );
             *slot = Some(n);
             Ok(())
         };
@@ -80,12 +83,18 @@ pub fn parse(spec: &str) -> Result<Variant> {
             }
             _ => match part.split_once('=') {
                 Some(("alpha", v)) if alpha.is_none() => {
-                    let a: f64 = v.parse().ok().filter(|a| (0.0..=1.0).contains(a))
+                    let a: f64 = v
+                        .parse()
+                        .ok()
+                        .filter(|a| (0.0..=1.0).contains(a))
                         .with_context(|| fail(format!("alpha `{v}` is not a number in [0, 1]")))?;
                     alpha = Some(a);
                 }
                 Some(("queue", v)) if queue.is_none() => {
-                    let q: usize = v.parse().ok().filter(|&q| q >= 1)
+                    let q: usize = v
+                        .parse()
+                        .ok()
+                        .filter(|&q| q >= 1)
                         .with_context(|| fail(format!("queue `{v}` is not a whole number >= 1")))?;
                     queue = Some(q);
                 }
@@ -98,12 +107,25 @@ pub fn parse(spec: &str) -> Result<Variant> {
     }
     ensure!(alpha.is_none() || o.distill, fail("alpha only matters with momentum distillation: add `mod`".into()));
     ensure!(queue.is_none() || o.itc, fail("the queue holds ITC keys: add `itc`".into()));
+    Ok(variant(o, alpha, queue))
+}
 
+/// The canonical name and config overrides of a parsed variant.
+fn variant(o: Objectives, alpha: Option<f64>, queue: Option<usize>) -> Variant {
     let mut parts: Vec<String> = vec![];
     if o != FULL {
-        parts.extend([(o.itc, "itc"), (o.mlm, "mlm"), (o.itm == Some(Negatives::Random), "itm_rand"),
-            (o.itm == Some(Negatives::Hard), "itm_hard"), (o.distill, "mod")]
-            .into_iter().filter(|(on, _)| *on).map(|(_, n)| n.to_string()));
+        parts.extend(
+            [
+                (o.itc, "itc"),
+                (o.mlm, "mlm"),
+                (o.itm == Some(Negatives::Random), "itm_rand"),
+                (o.itm == Some(Negatives::Hard), "itm_hard"),
+                (o.distill, "mod"),
+            ]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| n.to_string()),
+        );
     } else if alpha.is_none() && queue.is_none() {
         parts.push("full".into());
     }
@@ -124,5 +146,5 @@ pub fn parse(spec: &str) -> Result<Variant> {
         parts.push(format!("queue={q}"));
         overrides.push(format!("model.queue_size={q}"));
     }
-    Ok(Variant { name: parts.join("+"), overrides })
+    Variant { name: parts.join("+"), overrides }
 }

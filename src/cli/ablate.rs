@@ -6,7 +6,8 @@ use anyhow::Result;
 
 pub fn run(args: AblateArgs) -> Result<()> {
     let variants = variants::parse_list(args.variants.as_deref().unwrap_or(variants::DEFAULT))?;
-    let opts = AblateOptions { config: args.cfg.config, sets: args.cfg.set, out: args.out, variants, seeds: args.seeds };
+    let opts =
+        AblateOptions { config: args.cfg.config, sets: args.cfg.set, out: args.out, variants, seeds: args.seeds };
     let a = ablate(&opts)?;
     println!("{}", a.table);
     println!("report: {}", a.report.display());

@@ -1,13 +1,16 @@
 //! The command line: one file per subcommand; this file holds the argument definitions and dispatch.
 
-
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "alignfuse", version, about = "Train ALBEF/BLIP-style vision-language models (ITC + ITM + MLM with \
-momentum distillation) on image-caption pairs and evaluate them on image-text retrieval.")]
+#[command(
+    name = "alignfuse",
+    version,
+    about = "Train ALBEF/BLIP-style vision-language models (ITC + ITM + MLM with \
+momentum distillation) on image-caption pairs and evaluate them on image-text retrieval."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -8,18 +8,26 @@ use anyhow::Result;
 pub fn run(args: PrepareArgs) -> Result<()> {
     match args.what {
         PrepareWhat::Vocab { ann, size, out } => {
-            let set = TrainSet::load(&ann, None, TextOptions { max_words: usize::MAX, style: CaptionStyle::Albef }, false)?;
+            let set =
+                TrainSet::load(&ann, None, TextOptions { max_words: usize::MAX, style: CaptionStyle::Albef }, false)?;
             let captions: Vec<&str> = set.entries.iter().flat_map(|e| e.captions.iter().map(String::as_str)).collect();
             crate::data::tokenizer::train_wordpiece(&captions, size, &out)?;
             println!("wrote {} from {} captions", out.display(), captions.len());
         }
         PrepareWhat::Tuxpaint { src, out, seed } => {
             let s = crate::data::tuxpaint::prepare(&src, &out, seed)?;
-            println!("{} image-caption pairs ({} distinct captions): {} train, {} val, {} test",
-                s.pairs, s.distinct_captions, s.train_pairs, s.val_pairs, s.test_pairs);
+            println!(
+                "{} image-caption pairs ({} distinct captions): {} train, {} val, {} test",
+                s.pairs, s.distinct_captions, s.train_pairs, s.val_pairs, s.test_pairs
+            );
             println!("wrote {}, {}, {}", s.train.display(), s.val.display(), s.test.display());
-            println!("skipped: {} SVG stamps (not decodable), {} without a caption, {} under symbols/, {} unreadable",
-                s.skipped_svg, s.skipped_no_caption, s.skipped_symbols, s.unreadable.len());
+            println!(
+                "skipped: {} SVG stamps (not decodable), {} without a caption, {} under symbols/, {} unreadable",
+                s.skipped_svg,
+                s.skipped_no_caption,
+                s.skipped_symbols,
+                s.unreadable.len()
+            );
             for p in &s.unreadable {
                 println!("  unreadable: {}", p.display());
             }

@@ -5,7 +5,13 @@ use anyhow::Result;
 
 pub fn run(args: SynthArgs) -> Result<()> {
     let p = crate::data::synth::generate(&args.out, args.n, args.seed)?;
-    println!("wrote {} (train), {} (val), {} (test) and {} under {}", p.train.display(), p.val.display(),
-        p.test.display(), p.vocab.display(), p.dir.display());
+    println!(
+        "wrote {} (train), {} (val), {} (test) and {} under {}",
+        p.train.display(),
+        p.val.display(),
+        p.test.display(),
+        p.vocab.display(),
+        p.dir.display()
+    );
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use super::TrainArgs;
 use crate::config::Config;
+use crate::train::log::named;
 use crate::train::{train, TrainOptions};
 use anyhow::Result;
 
@@ -11,7 +12,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let s = train(cfg, &opts)?;
     println!("trained {} steps in {:.1} s; checkpoint {}", s.steps, s.wall_s, s.checkpoint.display());
     if let Some(r) = &s.last {
-        println!("last step: loss {:.4} (itc {} itm {} mlm {}), {:.1} pairs/s", r.loss, fmt(r.itc), fmt(r.itm), fmt(r.mlm), r.pairs_per_s);
+        println!("last step: loss {:.4} ({}), {:.1} pairs/s", r.loss, named(&r.losses), r.pairs_per_s);
     }
     if s.skipped_steps + s.skipped_images > 0 {
         println!("skipped: {} non-finite steps, {} unreadable images", s.skipped_steps, s.skipped_images);
@@ -22,8 +23,4 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let summary = s.save(&args.out)?;
     println!("log: {}  summary: {}", args.out.join("log.jsonl").display(), summary.display());
     Ok(())
-}
-
-fn fmt(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.4}"))
 }

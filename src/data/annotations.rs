@@ -3,9 +3,10 @@
 //! Training files become a [`TrainSet`] (one entry per JSON entry; a caption list yields one caption per
 //! epoch, like ALBEF's `pretrain_dataset`). Evaluation files become a [`RetrievalSet`] that keeps every
 //! caption with its image, like ALBEF's `re_eval_dataset`. Captions are cleaned by
-//! [`pre_caption`] once, at load time. Every error names the file and the entry index.
+//! [`pre_caption`] once, at load time, character for character the reference functions, because the
+//! tokenizer sees their output: a different cleaning gives different token ids than the PyTorch code.
+//! Every error names the file and the entry index.
 
-use super::caption::pre_caption;
 use crate::config::CaptionStyle;
 use anyhow::{bail, Context, Result};
 use rand::Rng;
@@ -142,7 +143,11 @@ fn read_entries(file: &Path) -> Result<Vec<RawEntry>> {
     let value: Value = serde_json::from_slice(&bytes)
         .with_context(|| format!("annotation file {} is not valid JSON", file.display()))?;
     let Value::Array(items) = value else {
-        bail!("annotation file {} must hold a JSON list of {{\"image\", \"caption\"}} objects, found {}", file.display(), kind(&value));
+        bail!(
+            "annotation file {} must hold a JSON list of {{\"image\", \"caption\"}} objects, found {}",
+            file.display(),
+            kind(&value)
+        );
     };
     items
         .iter()
@@ -212,6 +217,78 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Cleans a caption as the reference code does before tokenising, then keeps at most `max_words` words.
+///
+/// ALBEF: lowercase; delete `, . ' ! ? " ( ) * # : ; ~`; `-` and `/` become spaces; `<person>` becomes
+/// `person`. BLIP: lowercase; `. ! " ( ) * # : ; ~` become spaces (commas, apostrophes, question marks,
+/// hyphens and slashes stay). Both then replace every run of two or more whitespace characters by one
+/// space, strip a trailing newline and then leading/trailing spaces, split on single spaces and keep the
+/// first `max_words` pieces. Like the reference, a lone tab or newline inside the text is not a run
+/// and stays (the tokenizer splits on it anyway).
+pub fn pre_caption(caption: &str, max_words: usize, style: CaptionStyle) -> String {
+    let lower = caption.to_lowercase();
+    let mut text = String::with_capacity(lower.len());
+    match style {
+        CaptionStyle::Albef => {
+            for c in lower.chars() {
+                match c {
+                    ',' | '.' | '\'' | '!' | '?' | '"' | '(' | ')' | '*' | '#' | ':' | ';' | '~' => {}
+                    '-' | '/' => text.push(' '),
+                    _ => text.push(c),
+                }
+            }
+            text = text.replace("<person>", "person");
+        }
+        CaptionStyle::Blip => {
+            for c in lower.chars() {
+                match c {
+                    '.' | '!' | '"' | '(' | ')' | '*' | '#' | ':' | ';' | '~' => text.push(' '),
+                    _ => text.push(c),
+                }
+            }
+        }
+    }
+    let collapsed = collapse_whitespace_runs(&text);
+    let stripped = collapsed.trim_end_matches('\n').trim_matches(' ');
+    let words: Vec<&str> = stripped.split(' ').collect();
+    if words.len() > max_words {
+        words[..max_words].join(" ")
+    } else {
+        stripped.to_string()
+    }
+}
+
+/// Python's `re.sub(r"\s{2,}", " ", text)`: runs of at least two whitespace characters become one space.
+fn collapse_whitespace_runs(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    for c in text.chars() {
+        if is_python_space(c) {
+            run.push(c);
+            continue;
+        }
+        flush_run(&mut out, &mut run);
+        out.push(c);
+    }
+    flush_run(&mut out, &mut run);
+    out
+}
+
+fn flush_run(out: &mut String, run: &mut String) {
+    if run.chars().nth(1).is_some() {
+        out.push(' ');
+    } else {
+        out.push_str(run);
+    }
+    run.clear();
+}
+
+/// Python's `\s` for str patterns: Unicode whitespace plus the ASCII separators U+001C..U+001F, which
+/// Python counts as whitespace and Unicode does not.
+fn is_python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,14 +324,17 @@ mod tests {
     #[test]
     fn train_set_ids_captions_and_paths() {
         let dir = Dir::new("train");
-        let f = dir.file("train.json", r#"[
+        let f = dir.file(
+            "train.json",
+            r#"[
             {"image": "img/a.png", "caption": "A Dog."},
             {"image": "img/b.png", "caption": ["One cat!", "Two cats?"], "image_id": "coco_7"},
             {"image": "img/c.png", "caption": "x", "image_id": "coco_7"},
             {"image": "img/a.png", "caption": "again"},
             {"image": "img/b.png", "caption": "num", "image_id": 5},
             {"image": "img/c.png", "caption": "str", "image_id": "5"}
-        ]"#);
+        ]"#,
+        );
         let set = TrainSet::load(&[f.clone(), f], None, TEXT, true).unwrap();
         assert_eq!(set.len(), 12);
         assert_eq!(set.entries[0].image, dir.0.join("img/a.png"));
@@ -271,8 +351,11 @@ mod tests {
     #[test]
     fn caption_choice_depends_on_seed_epoch_index_only() {
         let dir = Dir::new("choice");
-        let f = dir.file("t.json", r#"[{"image": "img/a.png", "caption": ["c0", "c1", "c2", "c3"]},
-            {"image": "img/b.png", "caption": ["only"]}]"#);
+        let f = dir.file(
+            "t.json",
+            r#"[{"image": "img/a.png", "caption": ["c0", "c1", "c2", "c3"]},
+            {"image": "img/b.png", "caption": ["only"]}]"#,
+        );
         let set = TrainSet::load(&[f], None, TEXT, true).unwrap();
         assert_eq!(set.caption(0, 1, 2), set.caption(0, 1, 2));
         let picks: std::collections::HashSet<&str> = (0..40).map(|e| set.caption(0, 1, e)).collect();
@@ -283,11 +366,14 @@ mod tests {
     #[test]
     fn retrieval_set_layout() {
         let dir = Dir::new("ret");
-        let f = dir.file("test.json", r#"[
+        let f = dir.file(
+            "test.json",
+            r#"[
             {"image": "img/a.png", "caption": ["First one.", "Second-one"]},
             {"image": "img/b.png", "caption": "Only (one)", "image_id": 3},
             {"image": "img/c.png", "caption": ["x", "y", "z"]}
-        ]"#);
+        ]"#,
+        );
         let set = RetrievalSet::load(&f, None, TEXT).unwrap();
         assert_eq!(set.images.len(), 3);
         assert_eq!(set.texts, ["first one", "second one", "only one", "x", "y", "z"]);
@@ -308,7 +394,10 @@ mod tests {
             ("[{\"image\": \"img/a.png\", \"caption\": [\"ok\", 4]}]", "\"caption\"[1] must be a string"),
             ("[{\"image\": \"img/a.png\", \"caption\": []}]", "empty list"),
             ("[{\"image\": \"img/a.png\", \"caption\": \"...\"}]", "caption 0 (\"...\") is empty after cleaning"),
-            ("[{\"image\": \"img/a.png\", \"caption\": \"c\", \"image_id\": 1.5}]", "\"image_id\" must be an integer or a string"),
+            (
+                "[{\"image\": \"img/a.png\", \"caption\": \"c\", \"image_id\": 1.5}]",
+                "\"image_id\" must be an integer or a string",
+            ),
             ("[{\"image\": \"img/zzz.png\", \"caption\": \"c\"}]", "zzz.png does not exist"),
             ("[{\"image\": \"img/a.png\", \"caption\": \"c\"},", "not valid JSON"),
         ];
@@ -324,5 +413,87 @@ mod tests {
         assert!(err.contains("dup.json: entry 2") && err.contains("already appears in entry 0"), "{err}");
         let err = err_of(TrainSet::load(&[dir.0.join("nope.json")], None, TEXT, true));
         assert!(err.contains("nope.json"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod caption_tests {
+    use super::*;
+    use CaptionStyle::{Albef, Blip};
+
+    fn albef(s: &str) -> String {
+        pre_caption(s, 30, Albef)
+    }
+    fn blip(s: &str) -> String {
+        pre_caption(s, 30, Blip)
+    }
+
+    #[test]
+    fn albef_cases() {
+        let cases = [
+            ("A seahorse.", "a seahorse"),
+            ("A hoverfly resembles a honeybee drone.", "a hoverfly resembles a honeybee drone"),
+            ("Two dogs, playing!", "two dogs playing"),
+            ("The man's hat?", "the mans hat"),
+            ("\"Quoted\" (text) *bold* #tag: a; b~", "quoted text bold tag a b"),
+            ("well-known black/white cat", "well known black white cat"),
+            ("a - b", "a b"),
+            ("<person> rides a bike", "person rides a bike"),
+            ("<PERSON> waves", "person waves"),
+            ("  lots   of    spaces  ", "lots of spaces"),
+            ("ends with newline\n", "ends with newline"),
+            ("ends with space and newline \n", "ends with space and newline"),
+            ("tab\tinside", "tab\tinside"),
+            ("two\t\ttabs", "two tabs"),
+            ("line\n\nbreaks", "line breaks"),
+            ("...", ""),
+            ("", ""),
+            ("ÉCOLE Über", "école über"),
+            ("no-brackets [mask] <b>", "no brackets [mask] <b>"),
+            ("nbsp\u{a0}\u{a0}run", "nbsp run"),
+            ("file\u{1c}\u{1d}sep", "file sep"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(albef(input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn blip_cases() {
+        let cases = [
+            ("A seahorse.", "a seahorse"),
+            ("Two dogs, playing!", "two dogs, playing"),
+            ("The man's hat?", "the man's hat?"),
+            ("well-known black/white cat", "well-known black/white cat"),
+            ("a.b", "a b"),
+            ("(x) \"y\" *z* #w: v; u~", "x y z w v u"),
+            ("<person> waves", "<person> waves"),
+            ("  many   spaces.  ", "many spaces"),
+            ("tab\tinside", "tab\tinside"),
+            ("", ""),
+        ];
+        for (input, want) in cases {
+            assert_eq!(blip(input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn truncates_to_max_words() {
+        assert_eq!(pre_caption("one two three four", 2, Albef), "one two");
+        assert_eq!(pre_caption("one two three", 3, Albef), "one two three");
+        assert_eq!(pre_caption("One, two. Three!", 2, Blip), "one, two");
+        assert_eq!(pre_caption("a b", 0, Albef), "");
+        // A lone tab does not split words, exactly like Python's `split(' ')`.
+        assert_eq!(pre_caption("a\tb c", 1, Albef), "a\tb");
+    }
+
+    #[test]
+    fn cleaning_is_idempotent() {
+        for s in ["A (very) well-known; dog.", "x  y", "a/b/c", "<person>'s ball"] {
+            for style in [Albef, Blip] {
+                let once = pre_caption(s, 30, style);
+                assert_eq!(pre_caption(&once, 30, style), once, "{s:?} {style:?}");
+            }
+        }
     }
 }

@@ -8,9 +8,9 @@
 //! `image::imageops::resize` (same kernel) walks pixels column-wise through an f32 RGBA copy and is
 //! several times slower.
 
-use crate::config::{DataConfig, Normalize};
-use anyhow::{ensure, Context, Result};
+use crate::config::{Config, DataConfig, Normalize};
 use ::image::{DynamicImage, ImageReader, RgbImage};
+use anyhow::{ensure, Context, Result};
 use rand::Rng;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -71,7 +71,9 @@ pub struct CropBox {
 /// torchvision's `RandomResizedCrop.get_params`: up to 10 tries of an area fraction uniform in `scale`
 /// and a log-uniform aspect ratio in `ratio`, then a centre crop clamped to `ratio` as the fallback.
 /// Sizes are rounded half to even like Python's `round`.
-pub fn random_resized_crop_box(width: usize, height: usize, scale: [f64; 2], ratio: [f64; 2], rng: &mut impl Rng) -> CropBox {
+pub fn random_resized_crop_box(
+    width: usize, height: usize, scale: [f64; 2], ratio: [f64; 2], rng: &mut impl Rng,
+) -> CropBox {
     let area = (width * height) as f64;
     let (log_lo, log_hi) = (ratio[0].ln(), ratio[1].ln());
     for _ in 0..10 {
@@ -132,8 +134,12 @@ fn bicubic_taps(in_size: usize, out_size: usize) -> Taps {
     let filter_scale = scale.max(1.0);
     let support = 2.0 * filter_scale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut taps = Taps { start: Vec::with_capacity(out_size), count: Vec::with_capacity(out_size),
-        weights: vec![0; out_size * ksize], ksize };
+    let mut taps = Taps {
+        start: Vec::with_capacity(out_size),
+        count: Vec::with_capacity(out_size),
+        weights: vec![0; out_size * ksize],
+        ksize,
+    };
     let mut w = vec![0f64; ksize];
     for (i, k) in taps.weights.chunks_exact_mut(ksize).enumerate() {
         let center = (i as f64 + 0.5) * scale;
@@ -277,8 +283,18 @@ pub enum AugOp {
 }
 
 /// The ops RandAugment draws from, uniformly and with replacement.
-pub const RANDAUGMENT_OPS: [AugOp; 10] = [AugOp::Identity, AugOp::AutoContrast, AugOp::Equalize, AugOp::Brightness,
-    AugOp::Sharpness, AugOp::ShearX, AugOp::ShearY, AugOp::TranslateX, AugOp::TranslateY, AugOp::Rotate];
+pub const RANDAUGMENT_OPS: [AugOp; 10] = [
+    AugOp::Identity,
+    AugOp::AutoContrast,
+    AugOp::Equalize,
+    AugOp::Brightness,
+    AugOp::Sharpness,
+    AugOp::ShearX,
+    AugOp::ShearY,
+    AugOp::TranslateX,
+    AugOp::TranslateY,
+    AugOp::Rotate,
+];
 
 /// ALBEF's `RandomAugment(N, M)`: draw `n` ops with replacement, apply each with probability 0.5 at
 /// magnitude `m` out of 10. Enhancements use the factor `m/10*1.8+0.1` (no random sign, as in the
@@ -292,7 +308,8 @@ pub struct RandAugment {
 
 impl RandAugment {
     pub fn apply(&self, img: &mut RgbImage, rng: &mut impl Rng) {
-        let ops: Vec<AugOp> = (0..self.n).map(|_| RANDAUGMENT_OPS[rng.random_range(0..RANDAUGMENT_OPS.len())]).collect();
+        let ops: Vec<AugOp> =
+            (0..self.n).map(|_| RANDAUGMENT_OPS[rng.random_range(0..RANDAUGMENT_OPS.len())]).collect();
         for op in ops {
             if rng.random::<f64>() > 0.5 {
                 continue;
@@ -405,11 +422,22 @@ fn sharpness(img: &mut RgbImage, factor: f64) {
     let src = img.as_raw().clone();
     let f = factor as f32;
     for (y, out) in img.chunks_exact_mut(stride).enumerate().take(h - 1).skip(1) {
-        let (up, mid, down) = (&src[(y - 1) * stride..y * stride], &src[y * stride..(y + 1) * stride], &src[(y + 1) * stride..(y + 2) * stride]);
+        let (up, mid, down) = (
+            &src[(y - 1) * stride..y * stride],
+            &src[y * stride..(y + 1) * stride],
+            &src[(y + 1) * stride..(y + 2) * stride],
+        );
         for i in 3..stride - 3 {
             let p = |row: &[u8], k: usize| u32::from(row[k]);
-            let sum = p(up, i - 3) + p(up, i) + p(up, i + 3) + p(mid, i - 3) + 5 * p(mid, i) + p(mid, i + 3)
-                + p(down, i - 3) + p(down, i) + p(down, i + 3);
+            let sum = p(up, i - 3)
+                + p(up, i)
+                + p(up, i + 3)
+                + p(mid, i - 3)
+                + 5 * p(mid, i)
+                + p(mid, i + 3)
+                + p(down, i - 3)
+                + p(down, i)
+                + p(down, i + 3);
             // Rounded division by 13 (no ties: sum/13 is never exactly k + 0.5).
             let smooth = ((2 * sum + 13) / 26) as f32;
             out[i] = (smooth + f * (f32::from(mid[i]) - smooth)).clamp(0.0, 255.0) as u8;
@@ -474,7 +502,11 @@ fn warp_affine(img: &RgbImage, inv: [f64; 6]) -> RgbImage {
 /// `v.floor() as i64` without the libm call (`f64::floor` is one on baseline x86-64).
 fn floor(v: f64) -> i64 {
     let t = v as i64;
-    if (t as f64) > v { t - 1 } else { t }
+    if (t as f64) > v {
+        t - 1
+    } else {
+        t
+    }
 }
 
 /// ImageNet's per-channel mean and standard deviation (DINOv2, timm).
@@ -548,7 +580,7 @@ pub fn test_transform(img: &RgbImage, res: usize, norm: Normalize, out: &mut [f3
 }
 
 /// Throughput of decode + train transform, for `alignfuse bench`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BenchReport {
     pub images: usize,
     pub threads: usize,
@@ -558,15 +590,24 @@ pub struct BenchReport {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "decode + train transform: {} images in {:.2} s on {} threads = {:.1} images/s",
-            self.images, self.seconds, self.threads, self.images_per_sec)
+        write!(
+            f,
+            "decode + train transform: {} images in {:.2} s on {} threads = {:.1} images/s",
+            self.images, self.seconds, self.threads, self.images_per_sec
+        )
     }
 }
 
 /// Decodes and train-transforms every image of `paths` `rounds` times on `threads` threads (image `i`
 /// on thread `i % threads`, like interleaved data-loader workers) and reports images per second.
-pub fn bench_transforms(paths: &[PathBuf], transform: &TrainTransform, threads: usize, rounds: usize) -> Result<BenchReport> {
-    ensure!(!paths.is_empty() && threads > 0 && rounds > 0, "bench needs images, threads and rounds (got {}, {threads}, {rounds})", paths.len());
+pub fn bench_transforms(
+    paths: &[PathBuf], transform: &TrainTransform, threads: usize, rounds: usize,
+) -> Result<BenchReport> {
+    ensure!(
+        !paths.is_empty() && threads > 0 && rounds > 0,
+        "bench needs images, threads and rounds (got {}, {threads}, {rounds})",
+        paths.len()
+    );
     let start = Instant::now();
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
@@ -589,6 +630,41 @@ pub fn bench_transforms(paths: &[PathBuf], transform: &TrainTransform, threads: 
     let seconds = start.elapsed().as_secs_f64();
     let images = paths.len() * rounds;
     Ok(BenchReport { images, threads, seconds, images_per_sec: images as f64 / seconds })
+}
+
+/// `alignfuse bench data`: [`bench_transforms`] at the config's resolution and augmentation, over the
+/// images under `folder`, or else the configured training images (the synthetic set is generated under
+/// `work_dir` when no data is configured), on `data.num_workers` threads, two rounds.
+pub fn bench_images(mut cfg: Config, folder: Option<&Path>, work_dir: &Path) -> Result<BenchReport> {
+    let paths = match folder {
+        Some(dir) => image_files(dir)?,
+        None => {
+            super::resolve(&mut cfg, work_dir)?;
+            super::train_set(&cfg)?.entries.into_iter().map(|e| e.image).collect()
+        }
+    };
+    let transform = TrainTransform::from_config(&cfg.data, cfg.model.vision.image_res);
+    bench_transforms(&paths, &transform, cfg.data.num_workers, 2)
+}
+
+/// PNG and JPEG files under `dir`, recursively, in sorted order.
+fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("cannot read {}", d.display()))? {
+            let p = entry?.path();
+            let ext = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg")) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    ensure!(!out.is_empty(), "no PNG or JPEG images under {}", dir.display());
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -621,17 +697,27 @@ mod tests {
     #[test]
     fn bicubic_matches_pil_exactly() {
         let img = pattern();
-        let down = [57, 114, 164, 131, 150, 148, 126, 151, 175, 162, 142, 126, 155, 144, 116, 148, 135, 127, 148, 142,
-            116, 139, 98, 152, 103, 160, 142, 127, 149, 112, 143, 84, 142, 130, 119, 172];
+        let down = [
+            57, 114, 164, 131, 150, 148, 126, 151, 175, 162, 142, 126, 155, 144, 116, 148, 135, 127, 148, 142, 116,
+            139, 98, 152, 103, 160, 142, 127, 149, 112, 143, 84, 142, 130, 119, 172,
+        ];
         assert_eq!(resize_bicubic(&img, full(&img), 4, 3).as_raw()[..], down);
-        let h_only = [27, 80, 134, 111, 172, 213, 195, 150, 91, 136, 189, 187, 167, 112, 95, 90, 143, 204, 182, 123, 87,
-            127, 156, 147, 160, 101, 99, 81, 134, 132, 171, 124, 107, 153, 108, 169, 127, 189, 129, 119, 101, 143, 111, 109, 163];
+        let h_only = [
+            27, 80, 134, 111, 172, 213, 195, 150, 91, 136, 189, 187, 167, 112, 95, 90, 143, 204, 182, 123, 87, 127,
+            156, 147, 160, 101, 99, 81, 134, 132, 171, 124, 107, 153, 108, 169, 127, 189, 129, 119, 101, 143, 111, 109,
+            163,
+        ];
         assert_eq!(resize_bicubic(&img, full(&img), 3, 5).as_raw()[..], h_only);
-        let v_only = [79, 132, 123, 127, 118, 179, 122, 175, 114, 170, 109, 162, 104, 165, 157, 160, 152, 116, 147, 104, 157,
-            91, 144, 135, 169, 160, 124, 96, 149, 88, 174, 113, 166, 138, 102, 94, 127, 119, 180, 144, 98, 151];
+        let v_only = [
+            79, 132, 123, 127, 118, 179, 122, 175, 114, 170, 109, 162, 104, 165, 157, 160, 152, 116, 147, 104, 157, 91,
+            144, 135, 169, 160, 124, 96, 149, 88, 174, 113, 166, 138, 102, 94, 127, 119, 180, 144, 98, 151,
+        ];
         assert_eq!(resize_bicubic(&img, full(&img), 7, 2).as_raw()[..], v_only);
-        let crop = [210, 45, 101, 59, 127, 204, 156, 223, 102, 238, 72, 60, 137, 122, 147, 168, 144, 87, 140, 129, 130, 163,
-            153, 182, 117, 195, 127, 163, 141, 81, 153, 65, 140, 94, 149, 206, 164, 216, 54, 46, 121, 191, 186, 72, 124, 75, 63, 116];
+        let crop = [
+            210, 45, 101, 59, 127, 204, 156, 223, 102, 238, 72, 60, 137, 122, 147, 168, 144, 87, 140, 129, 130, 163,
+            153, 182, 117, 195, 127, 163, 141, 81, 153, 65, 140, 94, 149, 206, 164, 216, 54, 46, 121, 191, 186, 72,
+            124, 75, 63, 116,
+        ];
         assert_eq!(resize_bicubic(&img, CropBox { x: 1, y: 2, w: 5, h: 3 }, 4, 4).as_raw()[..], crop);
         let up = resize_bicubic(&img, full(&img), 11, 9);
         assert_eq!(up.as_raw()[..12], [0, 43, 96, 5, 58, 110, 31, 84, 139, 55, 106, 177]);
@@ -639,9 +725,11 @@ mod tests {
         assert_eq!(resize_bicubic(&img, full(&img), 7, 5), img, "same size is a copy");
         // 5x12 -> 4x5 loses far more height than width: Pillow 13 resizes vertically first.
         let tall = pattern_of(5, 12);
-        let want = [85, 124, 140, 122, 144, 154, 152, 137, 140, 118, 151, 163, 115, 153, 125, 135, 157, 111, 150, 126,
-            135, 143, 109, 114, 123, 171, 141, 103, 148, 178, 145, 118, 174, 180, 88, 153, 140, 86, 148, 173, 90, 151, 146,
-            112, 166, 96, 126, 132, 148, 117, 147, 134, 107, 99, 88, 98, 161, 99, 161, 90];
+        let want = [
+            85, 124, 140, 122, 144, 154, 152, 137, 140, 118, 151, 163, 115, 153, 125, 135, 157, 111, 150, 126, 135,
+            143, 109, 114, 123, 171, 141, 103, 148, 178, 145, 118, 174, 180, 88, 153, 140, 86, 148, 173, 90, 151, 146,
+            112, 166, 96, 126, 132, 148, 117, 147, 134, 107, 99, 88, 98, 161, 99, 161, 90,
+        ];
         assert_eq!(resize_bicubic(&tall, full(&tall), 4, 5).as_raw()[..], want);
     }
 
@@ -668,26 +756,34 @@ mod tests {
     /// [[1, 0, 0], [-.21, 1, 0]] (ShearY), `getRotationMatrix2D((3.5, 2.5), 21, 1)`, and the sharpness
     /// blend at factor 1.36 (filter2D with [1 1 1; 1 5 1; 1 1 1]/13). OpenCV interpolates in fixed
     /// point (1/32 pixel), so values may differ by 1.
-    const CV_SHEAR_X: [u8; 105] = [0, 53, 106, 37, 90, 143, 74, 127, 180, 111, 164, 217, 148, 201, 254, 185, 238, 35, 222, 19, 72, 99, 141, 183,
-        130, 184, 236, 180, 234, 84, 230, 81, 80, 78, 78, 130, 74, 128, 180, 124, 178, 230, 159, 190, 72, 219,
-        123, 69, 133, 79, 132, 89, 142, 195, 152, 205, 109, 215, 119, 65, 129, 75, 128, 87, 107, 126, 45, 98,
-        151, 121, 174, 132, 197, 155, 47, 178, 70, 123, 93, 146, 199, 169, 127, 180, 125, 133, 142, 122, 175,
-        187, 170, 223, 61, 44, 97, 150, 133, 145, 198, 181, 19, 72, 55, 108, 161];
-    const CV_SHEAR_Y: [u8; 105] = [0, 53, 106, 59, 112, 165, 123, 176, 122, 193, 85, 138, 53, 106, 159, 93, 133, 186, 112, 165, 218, 91, 144,
-        197, 163, 162, 215, 133, 186, 90, 162, 120, 173, 155, 208, 46, 236, 46, 99, 92, 78, 131, 182, 235, 32,
-        213, 64, 117, 101, 154, 100, 197, 89, 142, 83, 136, 148, 136, 189, 242, 194, 58, 111, 17, 70, 123,
-        115, 168, 167, 111, 164, 68, 166, 124, 177, 185, 23, 76, 45, 96, 146, 129, 169, 208, 108, 161, 214,
-        183, 224, 64, 71, 102, 133, 125, 144, 164, 141, 108, 117, 128, 128, 128, 128, 128, 128];
-    const CV_ROTATE: [u8; 105] = [128, 128, 128, 114, 128, 143, 117, 151, 184, 145, 197, 250, 145, 198, 106, 151, 144, 182, 128, 143, 157, 44,
-        89, 133, 86, 139, 155, 168, 129, 130, 124, 76, 129, 102, 119, 137, 138, 100, 153, 78, 111, 145, 90,
-        143, 196, 161, 191, 168, 138, 155, 115, 138, 162, 169, 164, 187, 68, 181, 121, 174, 204, 22, 74, 159,
-        202, 83, 233, 52, 102, 108, 150, 102, 207, 88, 111, 116, 93, 146, 104, 121, 174, 112, 142, 195, 91,
-        128, 102, 65, 118, 170, 124, 177, 98, 111, 129, 146, 155, 103, 151, 139, 77, 107, 116, 126, 137];
-    const CV_SHARPEN: [u8; 105] = [0, 53, 106, 37, 90, 143, 74, 127, 180, 111, 164, 217, 148, 201, 254, 185, 238, 35, 222, 19, 72, 91, 144, 197,
-        148, 208, 255, 205, 255, 12, 255, 9, 76, 6, 73, 141, 70, 138, 205, 135, 188, 241, 182, 235, 32, 255,
-        13, 87, 23, 97, 165, 107, 175, 249, 185, 255, 0, 255, 16, 76, 48, 101, 154, 17, 70, 123, 85, 146, 220,
-        176, 243, 0, 255, 20, 87, 43, 118, 178, 141, 215, 255, 217, 14, 67, 108, 161, 214, 197, 250, 47, 30,
-        83, 136, 119, 172, 225, 208, 5, 58, 41, 94, 147, 130, 183, 236];
+    const CV_SHEAR_X: [u8; 105] = [
+        0, 53, 106, 37, 90, 143, 74, 127, 180, 111, 164, 217, 148, 201, 254, 185, 238, 35, 222, 19, 72, 99, 141, 183,
+        130, 184, 236, 180, 234, 84, 230, 81, 80, 78, 78, 130, 74, 128, 180, 124, 178, 230, 159, 190, 72, 219, 123, 69,
+        133, 79, 132, 89, 142, 195, 152, 205, 109, 215, 119, 65, 129, 75, 128, 87, 107, 126, 45, 98, 151, 121, 174,
+        132, 197, 155, 47, 178, 70, 123, 93, 146, 199, 169, 127, 180, 125, 133, 142, 122, 175, 187, 170, 223, 61, 44,
+        97, 150, 133, 145, 198, 181, 19, 72, 55, 108, 161,
+    ];
+    const CV_SHEAR_Y: [u8; 105] = [
+        0, 53, 106, 59, 112, 165, 123, 176, 122, 193, 85, 138, 53, 106, 159, 93, 133, 186, 112, 165, 218, 91, 144, 197,
+        163, 162, 215, 133, 186, 90, 162, 120, 173, 155, 208, 46, 236, 46, 99, 92, 78, 131, 182, 235, 32, 213, 64, 117,
+        101, 154, 100, 197, 89, 142, 83, 136, 148, 136, 189, 242, 194, 58, 111, 17, 70, 123, 115, 168, 167, 111, 164,
+        68, 166, 124, 177, 185, 23, 76, 45, 96, 146, 129, 169, 208, 108, 161, 214, 183, 224, 64, 71, 102, 133, 125,
+        144, 164, 141, 108, 117, 128, 128, 128, 128, 128, 128,
+    ];
+    const CV_ROTATE: [u8; 105] = [
+        128, 128, 128, 114, 128, 143, 117, 151, 184, 145, 197, 250, 145, 198, 106, 151, 144, 182, 128, 143, 157, 44,
+        89, 133, 86, 139, 155, 168, 129, 130, 124, 76, 129, 102, 119, 137, 138, 100, 153, 78, 111, 145, 90, 143, 196,
+        161, 191, 168, 138, 155, 115, 138, 162, 169, 164, 187, 68, 181, 121, 174, 204, 22, 74, 159, 202, 83, 233, 52,
+        102, 108, 150, 102, 207, 88, 111, 116, 93, 146, 104, 121, 174, 112, 142, 195, 91, 128, 102, 65, 118, 170, 124,
+        177, 98, 111, 129, 146, 155, 103, 151, 139, 77, 107, 116, 126, 137,
+    ];
+    const CV_SHARPEN: [u8; 105] = [
+        0, 53, 106, 37, 90, 143, 74, 127, 180, 111, 164, 217, 148, 201, 254, 185, 238, 35, 222, 19, 72, 91, 144, 197,
+        148, 208, 255, 205, 255, 12, 255, 9, 76, 6, 73, 141, 70, 138, 205, 135, 188, 241, 182, 235, 32, 255, 13, 87,
+        23, 97, 165, 107, 175, 249, 185, 255, 0, 255, 16, 76, 48, 101, 154, 17, 70, 123, 85, 146, 220, 176, 243, 0,
+        255, 20, 87, 43, 118, 178, 141, 215, 255, 217, 14, 67, 108, 161, 214, 197, 250, 47, 30, 83, 136, 119, 172, 225,
+        208, 5, 58, 41, 94, 147, 130, 183, 236,
+    ];
 
     #[test]
     fn randaugment_ops_match_opencv_reference() {
@@ -763,7 +859,13 @@ mod tests {
     #[test]
     fn transforms_are_deterministic_and_normalised() {
         let img = pattern();
-        let t = TrainTransform { res: 6, crop_scale: [0.2, 1.0], hflip: true, randaugment: RandAugment { n: 2, m: 7.0 }, normalize: Normalize::Clip };
+        let t = TrainTransform {
+            res: 6,
+            crop_scale: [0.2, 1.0],
+            hflip: true,
+            randaugment: RandAugment { n: 2, m: 7.0 },
+            normalize: Normalize::Clip,
+        };
         let mut a = vec![0f32; 3 * 36];
         let mut b = vec![0f32; 3 * 36];
         t.apply(&img, &mut rng(1), &mut a).unwrap();
@@ -817,7 +919,13 @@ mod tests {
         assert!(err.contains("bad.jpg"), "{err}");
         let err = format!("{:#}", load_rgb(&dir.join("gone.png")).unwrap_err());
         assert!(err.contains("gone.png"), "{err}");
-        let t = TrainTransform { res: 4, crop_scale: [0.5, 1.0], hflip: false, randaugment: RandAugment { n: 2, m: 7.0 }, normalize: Normalize::Clip };
+        let t = TrainTransform {
+            res: 4,
+            crop_scale: [0.5, 1.0],
+            hflip: false,
+            randaugment: RandAugment { n: 2, m: 7.0 },
+            normalize: Normalize::Clip,
+        };
         let report = bench_transforms(&[path.clone(), half], &t, 2, 2).unwrap();
         assert_eq!(report.images, 4);
         assert!(bench_transforms(&[bad], &t, 2, 1).is_err());

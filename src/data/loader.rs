@@ -73,8 +73,11 @@ impl TrainLoader {
     pub fn new(set: Arc<TrainSet>, tokenizer: Arc<TextTokenizer>, cfg: &Config, device: Device) -> Result<Self> {
         let batch_size = cfg.train.batch_size;
         ensure!(batch_size >= 1, "batch size must be at least 1");
-        ensure!(set.len() >= batch_size,
-            "the training set has {} pairs, fewer than one batch of {batch_size} (batches are full: drop_last)", set.len());
+        ensure!(
+            set.len() >= batch_size,
+            "the training set has {} pairs, fewer than one batch of {batch_size} (batches are full: drop_last)",
+            set.len()
+        );
         let job = TrainJob {
             transform: TrainTransform::from_config(&cfg.data, cfg.model.vision.image_res),
             set,
@@ -84,7 +87,12 @@ impl TrainLoader {
             seed: cfg.seed,
             on_bad_image: cfg.data.on_bad_image,
         };
-        Ok(TrainLoader { job: Arc::new(job), num_workers: cfg.data.num_workers.max(1), prefetch: cfg.data.prefetch.max(1), device })
+        Ok(TrainLoader {
+            job: Arc::new(job),
+            num_workers: cfg.data.num_workers.max(1),
+            prefetch: cfg.data.prefetch.max(1),
+            device,
+        })
     }
 
     /// Full batches per epoch; the last `len % batch_size` pairs of each epoch's order are dropped.
@@ -94,20 +102,22 @@ impl TrainLoader {
 
     /// The batches of `epoch` from `start_batch` on (0 for a fresh epoch, the checkpoint's next batch to
     /// resume), in order. Items are errors for unreadable images under `on_bad_image = "fail"`.
-    pub fn epoch(&self, epoch: usize, start_batch: usize) -> Result<impl Iterator<Item = Result<Batch>> + '_> {
+    /// The iterator owns what it needs, so the loader stays free while an epoch runs.
+    pub fn epoch(&self, epoch: usize, start_batch: usize) -> Result<impl Iterator<Item = Result<Batch>>> {
         let total = self.batches_per_epoch();
         ensure!(start_batch <= total, "cannot start epoch {epoch} at batch {start_batch}: it has {total} batches");
         let order = Arc::new(epoch_order(self.job.seed, epoch, self.job.set.len()));
         let job = Arc::clone(&self.job);
-        let pool = Prefetch::new(start_batch..total, self.num_workers, self.num_workers * self.prefetch,
-            move |b| job.build(&order, epoch, b))?;
-        Ok(pool.map(|raw| {
+        let pool = Prefetch::new(start_batch..total, self.num_workers, self.num_workers * self.prefetch, move |b| {
+            job.build(&order, epoch, b)
+        })?;
+        let (res, device) = (self.job.transform.res, self.device.clone());
+        Ok(pool.map(move |raw| {
             let raw = raw?;
             let b = raw.indices.len();
-            let res = self.job.transform.res;
-            let (input_ids, attention_mask) = to_tensors(&raw.text, &self.device)?;
+            let (input_ids, attention_mask) = to_tensors(&raw.text, &device)?;
             Ok(Batch {
-                images: Tensor::from_vec(raw.images, (b, 3, res, res), &self.device)?,
+                images: Tensor::from_vec(raw.images, (b, 3, res, res), &device)?,
                 input_ids,
                 attention_mask,
                 image_ids: raw.image_ids,
@@ -185,12 +195,7 @@ pub struct ImageBatch {
 /// test transform, prefetched by `num_workers` threads. An unreadable image is an error: evaluation
 /// never drops images, since that would change the metric.
 pub fn eval_image_batches(
-    images: &[PathBuf],
-    res: usize,
-    norm: Normalize,
-    batch_size: usize,
-    num_workers: usize,
-    device: Device,
+    images: &[PathBuf], res: usize, norm: Normalize, batch_size: usize, num_workers: usize, device: Device,
 ) -> Result<impl Iterator<Item = Result<ImageBatch>>> {
     ensure!(batch_size >= 1, "evaluation batch size must be at least 1");
     let paths: Arc<Vec<PathBuf>> = Arc::new(images.to_vec());
@@ -225,7 +230,9 @@ struct Prefetch<T> {
 }
 
 impl<T: Send + 'static> Prefetch<T> {
-    fn new(jobs: Range<usize>, workers: usize, depth: usize, f: impl Fn(usize) -> Result<T> + Send + Sync + 'static) -> Result<Self> {
+    fn new(
+        jobs: Range<usize>, workers: usize, depth: usize, f: impl Fn(usize) -> Result<T> + Send + Sync + 'static,
+    ) -> Result<Self> {
         let f = Arc::new(f);
         let (job_tx, job_rx) = mpsc::channel::<usize>();
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -246,8 +253,15 @@ impl<T: Send + 'static> Prefetch<T> {
                     .context("cannot start a data worker thread")
             })
             .collect::<Result<_>>()?;
-        let mut pool = Prefetch { jobs: Some(job_tx), results, workers, ready: HashMap::new(),
-            next_dispatch: jobs.start, next_yield: jobs.start, end: jobs.end };
+        let mut pool = Prefetch {
+            jobs: Some(job_tx),
+            results,
+            workers,
+            ready: HashMap::new(),
+            next_dispatch: jobs.start,
+            next_yield: jobs.start,
+            end: jobs.end,
+        };
         for _ in 0..depth.max(1) {
             pool.dispatch();
         }
@@ -326,15 +340,19 @@ mod tests {
                 if bad.contains(&k) {
                     std::fs::write(dir.join(&file), b"corrupt").unwrap();
                 } else {
-                    ::image::RgbImage::from_fn(10, 7, |x, y| ::image::Rgb([(k * 20) as u8, (x * 9) as u8, (y * 30) as u8]))
-                        .save(dir.join(&file))
-                        .unwrap();
+                    ::image::RgbImage::from_fn(10, 7, |x, y| {
+                        ::image::Rgb([(k * 20) as u8, (x * 9) as u8, (y * 30) as u8])
+                    })
+                    .save(dir.join(&file))
+                    .unwrap();
                 }
                 ann.push(serde_json::json!({"image": file, "caption": [format!("image {}", WORDS[k % 10]), "another caption"]}));
             }
             std::fs::write(dir.join("train.json"), serde_json::to_string(&ann).unwrap()).unwrap();
             let vocab: Vec<&str> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "image", "another", "caption"]
-                .into_iter().chain(WORDS).collect();
+                .into_iter()
+                .chain(WORDS)
+                .collect();
             std::fs::write(dir.join("vocab.txt"), vocab.join("\n")).unwrap();
             let tokenizer = Arc::new(TextTokenizer::from_file(&dir.join("vocab.txt")).unwrap());
             let set = Arc::new(TrainSet::load(&[dir.join("train.json")], None, TEXT, false).unwrap());
@@ -362,8 +380,13 @@ mod tests {
     type Flat = (Vec<f32>, Vec<u32>, Vec<f32>, Vec<usize>, Vec<u64>);
 
     fn flat(b: &Batch) -> Flat {
-        (b.images.flatten_all().unwrap().to_vec1().unwrap(), b.input_ids.flatten_all().unwrap().to_vec1().unwrap(),
-            b.attention_mask.flatten_all().unwrap().to_vec1().unwrap(), b.indices.clone(), b.image_ids.clone())
+        (
+            b.images.flatten_all().unwrap().to_vec1().unwrap(),
+            b.input_ids.flatten_all().unwrap().to_vec1().unwrap(),
+            b.attention_mask.flatten_all().unwrap().to_vec1().unwrap(),
+            b.indices.clone(),
+            b.image_ids.clone(),
+        )
     }
 
     fn epoch(loader: &TrainLoader, e: usize, start: usize) -> Vec<Batch> {
@@ -432,10 +455,14 @@ mod tests {
     #[test]
     fn eval_batches_in_order_without_dropping() {
         let (fx, _) = Fixture::new("eval", 5, &[]);
-        let ann: Vec<_> = (0..5).map(|k| serde_json::json!({"image": format!("{k}.png"), "caption": ["image", "caption"]})).collect();
+        let ann: Vec<_> =
+            (0..5).map(|k| serde_json::json!({"image": format!("{k}.png"), "caption": ["image", "caption"]})).collect();
         std::fs::write(fx.dir.join("test.json"), serde_json::to_string(&ann).unwrap()).unwrap();
         let set = RetrievalSet::load(&fx.dir.join("test.json"), None, TEXT).unwrap();
-        let batches: Vec<ImageBatch> = eval_image_batches(&set.images, 6, Normalize::Clip, 2, 3, Device::Cpu).unwrap().collect::<Result<_>>().unwrap();
+        let batches: Vec<ImageBatch> = eval_image_batches(&set.images, 6, Normalize::Clip, 2, 3, Device::Cpu)
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
         assert_eq!(batches.iter().map(|b| b.range.clone()).collect::<Vec<_>>(), [0..2, 2..4, 4..5]);
         assert_eq!(batches[2].images.dims(), [1, 3, 6, 6]);
         let img = load_rgb(&set.images[3]).unwrap();
@@ -444,7 +471,8 @@ mod tests {
         let got: Vec<f32> = batches[1].images.get(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(got, want);
         std::fs::write(&set.images[2], b"broken").unwrap();
-        let results: Vec<Result<ImageBatch>> = eval_image_batches(&set.images, 6, Normalize::Clip, 2, 2, Device::Cpu).unwrap().collect();
+        let results: Vec<Result<ImageBatch>> =
+            eval_image_batches(&set.images, 6, Normalize::Clip, 2, 2, Device::Cpu).unwrap().collect();
         let err = results[1].as_ref().unwrap_err();
         assert!(format!("{err:#}").contains("2.png"), "{err:#}");
     }

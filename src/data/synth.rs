@@ -11,8 +11,8 @@
 //! "right of": keep `data.hflip = false` on this data.
 
 use super::tokenizer::SPECIAL_TOKENS;
-use anyhow::{Context, Result};
 use ::image::RgbImage;
+use anyhow::{Context, Result};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -113,7 +113,8 @@ impl Shape {
                 inside_polygon(&pts, dx, dy)
             }
             Shape::Star => {
-                let pts: Vec<[f32; 2]> = (0..10).map(|i| polar(-90.0 + 36.0 * i as f32, if i % 2 == 0 { r } else { 0.45 * r })).collect();
+                let pts: Vec<[f32; 2]> =
+                    (0..10).map(|i| polar(-90.0 + 36.0 * i as f32, if i % 2 == 0 { r } else { 0.45 * r })).collect();
                 inside_polygon(&pts, dx, dy)
             }
         }
@@ -252,9 +253,15 @@ impl Scene {
         let o = &self.objects;
         match self.relations[..] {
             [] => {
-                let (a, bare) = (o[0].phrase(), format!("{} {} {}", o[0].size.name(), o[0].color.name(), o[0].shape.name()));
-                vec![a.clone(), format!("there is {a}"), format!("a picture of {a}"), format!("{a} on a plain background"),
-                    format!("one {bare}")]
+                let (a, bare) =
+                    (o[0].phrase(), format!("{} {} {}", o[0].size.name(), o[0].color.name(), o[0].shape.name()));
+                vec![
+                    a.clone(),
+                    format!("there is {a}"),
+                    format!("a picture of {a}"),
+                    format!("{a} on a plain background"),
+                    format!("one {bare}"),
+                ]
             }
             [(a, r, b)] => {
                 let (pa, pb) = (o[a].phrase(), o[b].phrase());
@@ -299,8 +306,16 @@ impl Scene {
     fn mirrored(&self) -> Scene {
         let horizontal = self.relations[0].1.horizontal();
         let s = IMAGE_SIZE as f32;
-        let objects = self.objects.iter().map(|o| if horizontal { Object { x: s - o.x, ..*o } } else { Object { y: s - o.y, ..*o } }).collect();
-        let relations = self.relations.iter().map(|&(a, r, b)| (a, if r.horizontal() == horizontal { r.inverse() } else { r }, b)).collect();
+        let objects = self
+            .objects
+            .iter()
+            .map(|o| if horizontal { Object { x: s - o.x, ..*o } } else { Object { y: s - o.y, ..*o } })
+            .collect();
+        let relations = self
+            .relations
+            .iter()
+            .map(|&(a, r, b)| (a, if r.horizontal() == horizontal { r.inverse() } else { r }, b))
+            .collect();
         Scene { objects, relations }
     }
 
@@ -328,7 +343,13 @@ fn pick<T: Copy>(rng: &mut ChaCha8Rng, items: &[T]) -> T {
 /// so that every noun phrase names one object.
 fn random_scene(rng: &mut ChaCha8Rng) -> Scene {
     let roll: f64 = rng.random();
-    let k = if roll < 0.2 { 1 } else if roll < 0.7 { 2 } else { 3 };
+    let k = if roll < 0.2 {
+        1
+    } else if roll < 0.7 {
+        2
+    } else {
+        3
+    };
     loop {
         let mut colors = COLORS.to_vec();
         let mut shapes = SHAPES.to_vec();
@@ -433,11 +454,45 @@ fn split_scenes(rng: &mut ChaCha8Rng, n: usize, unique: bool) -> Vec<Scene> {
 
 /// Every word the captions can contain, in a fixed order.
 fn grammar_words() -> Vec<&'static str> {
-    let mut words = vec!["a", "the", "there", "is", "it", "and", "with", "of", "to", "left", "right", "above", "below",
-        "picture", "one", "on", "plain", "background", "small", "large"];
+    let mut words = vec![
+        "a",
+        "the",
+        "there",
+        "is",
+        "it",
+        "and",
+        "with",
+        "of",
+        "to",
+        "left",
+        "right",
+        "above",
+        "below",
+        "picture",
+        "one",
+        "on",
+        "plain",
+        "background",
+        "small",
+        "large",
+    ];
     words.extend(COLORS.iter().map(|c| c.name()));
     words.extend(SHAPES.iter().map(|s| s.name()));
     words
+}
+
+impl SynthPaths {
+    /// Where [`generate`] writes in `dir`.
+    pub fn of(dir: &Path) -> Self {
+        let f = |name: &str| dir.join(name);
+        SynthPaths {
+            dir: dir.to_path_buf(),
+            train: f("train.json"),
+            val: f("val.json"),
+            test: f("test.json"),
+            vocab: f("vocab.txt"),
+        }
+    }
 }
 
 /// Generates the dataset under `out_dir`: `n_train` training images and max(n_train / 10, 50) images
@@ -446,14 +501,10 @@ fn grammar_words() -> Vec<&'static str> {
 /// The same seed gives byte-identical files.
 pub fn generate(out_dir: &Path, n_train: usize, seed: u64) -> Result<SynthPaths> {
     let n_eval = (n_train / 10).max(50);
-    let paths = SynthPaths {
-        dir: out_dir.to_path_buf(),
-        train: out_dir.join("train.json"),
-        val: out_dir.join("val.json"),
-        test: out_dir.join("test.json"),
-        vocab: out_dir.join("vocab.txt"),
-    };
-    for (split, n, file) in [("train", n_train, &paths.train), ("val", n_eval, &paths.val), ("test", n_eval, &paths.test)] {
+    let paths = SynthPaths::of(out_dir);
+    for (split, n, file) in
+        [("train", n_train, &paths.train), ("val", n_eval, &paths.val), ("test", n_eval, &paths.test)]
+    {
         let image_dir = out_dir.join("images").join(split);
         std::fs::create_dir_all(&image_dir).with_context(|| format!("cannot create {}", image_dir.display()))?;
         let mut rng = crate::rng::stream(seed, "synth", split, 0);
@@ -473,7 +524,8 @@ pub fn generate(out_dir: &Path, n_train: usize, seed: u64) -> Result<SynthPaths>
         std::fs::write(file, text).with_context(|| format!("cannot write {}", file.display()))?;
     }
     let vocab: Vec<&str> = SPECIAL_TOKENS.iter().copied().chain(grammar_words()).collect();
-    std::fs::write(&paths.vocab, vocab.join("\n") + "\n").with_context(|| format!("cannot write {}", paths.vocab.display()))?;
+    std::fs::write(&paths.vocab, vocab.join("\n") + "\n")
+        .with_context(|| format!("cannot write {}", paths.vocab.display()))?;
     Ok(paths)
 }
 
@@ -538,7 +590,7 @@ mod tests {
         let tok = TextTokenizer::from_file(&paths.vocab).unwrap();
         for caption in train.entries.iter().flat_map(|e| &e.captions).chain(&val.texts).chain(&test.texts) {
             let ids = tok.encode(caption, 64).unwrap();
-            assert!(!ids.contains(&tok.unk_id()), "{caption:?} -> {ids:?}");
+            assert!(!ids.contains(&tok.special_id("[UNK]")), "{caption:?} -> {ids:?}");
             assert_eq!(&tok.decode(&ids).unwrap(), caption, "captions survive cleaning and tokenising");
         }
         let img = load_rgb(&val.images[0]).unwrap();
@@ -565,7 +617,10 @@ mod tests {
                 }
                 for (k, &(a, r, b)) in scene.relations.iter().enumerate() {
                     let (oa, ob) = (&scene.objects[a], &scene.objects[b]);
-                    assert!(captions[k].starts_with(&format!("{} {} {}", oa.phrase(), r.short(), ob.phrase())), "{captions:?}");
+                    assert!(
+                        captions[k].starts_with(&format!("{} {} {}", oa.phrase(), r.short(), ob.phrase())),
+                        "{captions:?}"
+                    );
                     assert!(r.holds(oa, ob));
                 }
             }

@@ -11,8 +11,10 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PostProcessor, PreTokenizedString,
-    PreTokenizer, Tokenizer, TruncationDirection};
+use tokenizers::{
+    AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PostProcessor, PreTokenizedString,
+    PreTokenizer, Tokenizer, TruncationDirection,
+};
 
 /// BERT's special tokens, in the order (and so with the ids 0..4) that [`train_wordpiece`] and the
 /// synthetic dataset's vocabulary give them.
@@ -24,9 +26,7 @@ pub const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MAS
 pub struct TextTokenizer {
     inner: Tokenizer,
     pad_id: u32,
-    unk_id: u32,
     cls_id: u32,
-    sep_id: u32,
     mask_id: u32,
     /// Tokens the post-processor adds around a single sequence ([CLS] and [SEP]: 2).
     added: usize,
@@ -61,13 +61,16 @@ impl TextTokenizer {
                 .token_to_id(token)
                 .ok_or_else(|| anyhow!("the vocabulary has no {token} token (alignfuse needs BERT's special tokens)"))
         };
-        let (pad_id, unk_id, cls_id, sep_id, mask_id) = (id("[PAD]")?, id("[UNK]")?, id("[CLS]")?, id("[SEP]")?, id("[MASK]")?);
+        let (pad_id, cls_id, sep_id, mask_id) = (id("[PAD]")?, id("[CLS]")?, id("[SEP]")?, id("[MASK]")?);
+        id("[UNK]")?;
         let added = inner.get_post_processor().map_or(0, |p| p.added_tokens(false));
-        let tokenizer = TextTokenizer { inner, pad_id, unk_id, cls_id, sep_id, mask_id, added };
+        let tokenizer = TextTokenizer { inner, pad_id, cls_id, mask_id, added };
         // The text encoder reads the [CLS] token and MLM relies on [SEP]: refuse pipelines without them.
         let probe = tokenizer.encode("a", 16)?;
-        ensure!(probe.first() == Some(&cls_id) && probe.last() == Some(&sep_id),
-            "the post-processor does not wrap text as [CLS] ... [SEP] (got ids {probe:?})");
+        ensure!(
+            probe.first() == Some(&cls_id) && probe.last() == Some(&sep_id),
+            "the post-processor does not wrap text as [CLS] ... [SEP] (got ids {probe:?})"
+        );
         Ok(tokenizer)
     }
 
@@ -76,7 +79,8 @@ impl TextTokenizer {
         ensure!(max_len > self.added, "max_len {max_len} leaves no room for text next to [CLS] and [SEP]");
         let mut encoding = self.inner.encode_fast(text, false).map_err(|e| anyhow!("cannot tokenise {text:?}: {e}"))?;
         encoding.truncate(max_len - self.added, 0, TruncationDirection::Right);
-        let encoding = self.inner.post_process(encoding, None, true).map_err(|e| anyhow!("cannot tokenise {text:?}: {e}"))?;
+        let encoding =
+            self.inner.post_process(encoding, None, true).map_err(|e| anyhow!("cannot tokenise {text:?}: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -96,22 +100,23 @@ impl TextTokenizer {
         Ok(Encoded { ids, mask, batch: rows.len(), len })
     }
 
-    /// Text of token ids, special tokens left out, WordPiece pieces joined (for logs and samples).
+    /// Text of token ids, special tokens left out, WordPiece pieces joined (tests check round trips).
+    #[cfg(test)]
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| anyhow!("cannot decode {ids:?}: {e}"))
+    }
+
+    /// The id of a token the constructor checked for.
+    #[cfg(test)]
+    pub fn special_id(&self, token: &str) -> u32 {
+        self.inner.token_to_id(token).expect("checked when loading")
     }
 
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }
-    pub fn unk_id(&self) -> u32 {
-        self.unk_id
-    }
     pub fn cls_id(&self) -> u32 {
         self.cls_id
-    }
-    pub fn sep_id(&self) -> u32 {
-        self.sep_id
     }
     pub fn mask_id(&self) -> u32 {
         self.mask_id
@@ -137,16 +142,24 @@ fn load_vocab_txt(path: &Path) -> Result<Tokenizer> {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (line_no, token) in text.lines().map(str::trim_end).enumerate() {
         if let Some(first) = seen.insert(token, line_no) {
-            bail!("line {}: token {token:?} already appeared on line {} (ids would be ambiguous)", line_no + 1, first + 1);
+            bail!(
+                "line {}: token {token:?} already appeared on line {} (ids would be ambiguous)",
+                line_no + 1,
+                first + 1
+            );
         }
     }
     for special in SPECIAL_TOKENS {
-        ensure!(seen.contains_key(special), "the vocabulary has no {special} token (alignfuse needs BERT's special tokens)");
+        ensure!(
+            seen.contains_key(special),
+            "the vocabulary has no {special} token (alignfuse needs BERT's special tokens)"
+        );
     }
     let path_str = path.to_str().with_context(|| "the path is not valid UTF-8")?;
     let model = WordPiece::from_file(path_str).unk_token("[UNK]".into()).build().map_err(|e| anyhow!("{e}"))?;
     let mut tokenizer = Tokenizer::new(model);
-    let processing = BertProcessing::new(("[SEP]".into(), seen["[SEP]"] as u32), ("[CLS]".into(), seen["[CLS]"] as u32));
+    let processing =
+        BertProcessing::new(("[SEP]".into(), seen["[SEP]"] as u32), ("[CLS]".into(), seen["[CLS]"] as u32));
     tokenizer
         .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
         .with_pre_tokenizer(Some(BertPreTokenizer))
@@ -189,13 +202,18 @@ pub fn train_wordpiece<S: AsRef<str>>(captions: &[S], size: usize, out_vocab_txt
     }
     let mut words: Vec<(Vec<String>, u64)> = counts
         .into_iter()
-        .map(|(w, n)| (w.chars().enumerate().map(|(i, c)| if i == 0 { c.to_string() } else { format!("##{c}") }).collect(), n))
+        .map(|(w, n)| {
+            (w.chars().enumerate().map(|(i, c)| if i == 0 { c.to_string() } else { format!("##{c}") }).collect(), n)
+        })
         .collect();
     let alphabet: BTreeSet<String> = words.iter().flat_map(|(pieces, _)| pieces.iter().cloned()).collect();
     let mut vocab: Vec<String> = SPECIAL_TOKENS.iter().map(|t| t.to_string()).collect();
-    ensure!(vocab.len() + alphabet.len() <= size,
+    ensure!(
+        vocab.len() + alphabet.len() <= size,
         "vocabulary size {size} is smaller than the {} special tokens plus the {} character pieces of the captions",
-        vocab.len(), alphabet.len());
+        vocab.len(),
+        alphabet.len()
+    );
     vocab.extend(alphabet);
     let mut known: HashSet<String> = vocab.iter().cloned().collect();
     while vocab.len() < size {
@@ -206,7 +224,9 @@ pub fn train_wordpiece<S: AsRef<str>>(captions: &[S], size: usize, out_vocab_txt
             }
         }
         // Most frequent pair; among equals the smallest text, so the result never depends on hashing.
-        let Some(((a, b), _)) = pairs.into_iter().max_by(|x, y| x.1.cmp(&y.1).then_with(|| y.0.cmp(&x.0))) else { break };
+        let Some(((a, b), _)) = pairs.into_iter().max_by(|x, y| x.1.cmp(&y.1).then_with(|| y.0.cmp(&x.0))) else {
+            break;
+        };
         let (a, b) = (a.to_string(), b.to_string());
         let merged = format!("{a}{}", b.strip_prefix("##").unwrap_or(&b));
         for (pieces, _) in &mut words {
@@ -247,11 +267,17 @@ mod tests {
     #[test]
     fn bert_uncased_known_ids() {
         let tok = bert();
-        assert_eq!((tok.pad_id(), tok.unk_id(), tok.cls_id(), tok.sep_id(), tok.mask_id()), (0, 100, 101, 102, 103));
+        assert_eq!(
+            (tok.pad_id(), tok.special_id("[UNK]"), tok.cls_id(), tok.special_id("[SEP]"), tok.mask_id()),
+            (0, 100, 101, 102, 103)
+        );
         assert_eq!(tok.vocab_size(), 30522);
         let cases: [(&str, &[u32]); 5] = [
             ("a seahorse.", &[101, 1037, 2712, 23024, 1012, 102]),
-            ("A hoverfly resembles a honeybee drone.", &[101, 1037, 25215, 12881, 2135, 12950, 1037, 6861, 11306, 18465, 1012, 102]),
+            (
+                "A hoverfly resembles a honeybee drone.",
+                &[101, 1037, 25215, 12881, 2135, 12950, 1037, 6861, 11306, 18465, 1012, 102],
+            ),
             ("Hello, WORLD! naïve café [MASK] x", &[101, 7592, 1010, 2088, 999, 15743, 7668, 103, 1060, 102]),
             ("unaffable", &[101, 14477, 20961, 3468, 102]),
             ("", &[101, 102]),
@@ -311,8 +337,11 @@ mod tests {
     fn trained_vocab_has_specials_first_and_covers_words() {
         let dir = tmp_dir("train");
         let vocab = dir.join("vocab.txt");
-        let captions: Vec<String> = ["a red circle left of a blue square", "a green star above a red triangle", "Two Dogs."]
-            .iter().map(|s| s.to_string()).collect();
+        let captions: Vec<String> =
+            ["a red circle left of a blue square", "a green star above a red triangle", "Two Dogs."]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         train_wordpiece(&captions, 60, &vocab).unwrap();
         let text = std::fs::read_to_string(&vocab).unwrap();
         let lines: Vec<&str> = text.lines().collect();
@@ -320,7 +349,7 @@ mod tests {
         assert!(lines.len() <= 60);
         let tok = TextTokenizer::from_file(&vocab).unwrap();
         let ids = tok.encode("a red circle", 16).unwrap();
-        assert!(!ids.contains(&tok.unk_id()), "{ids:?}");
+        assert!(!ids.contains(&tok.special_id("[UNK]")), "{ids:?}");
         assert_eq!(tok.decode(&ids).unwrap(), "a red circle");
         let vocab2 = dir.join("vocab2.txt");
         train_wordpiece(&captions, 60, &vocab2).unwrap();

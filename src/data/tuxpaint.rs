@@ -38,9 +38,20 @@ pub struct Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} pairs ({} distinct captions): {} train, {} val, {} test; skipped {} SVG, {} without caption, \
-            {} in symbols/, {} unreadable", self.pairs, self.distinct_captions, self.train_pairs, self.val_pairs,
-            self.test_pairs, self.skipped_svg, self.skipped_no_caption, self.skipped_symbols, self.unreadable.len())
+        write!(
+            f,
+            "{} pairs ({} distinct captions): {} train, {} val, {} test; skipped {} SVG, {} without caption, \
+            {} in symbols/, {} unreadable",
+            self.pairs,
+            self.distinct_captions,
+            self.train_pairs,
+            self.val_pairs,
+            self.test_pairs,
+            self.skipped_svg,
+            self.skipped_no_caption,
+            self.skipped_symbols,
+            self.unreadable.len()
+        )
     }
 }
 
@@ -52,7 +63,11 @@ impl std::fmt::Display for Summary {
 /// `image_id` = their index; val/test are retrieval files with one caption per image. Captions are
 /// stored as written ("A seahorse."): cleaning happens when the files are loaded.
 pub fn prepare(src: &Path, out: &Path, seed: u64) -> Result<Summary> {
-    ensure!(src.is_dir(), "Tux Paint stamp folder {} does not exist (apt-get install tuxpaint-stamps-default)", src.display());
+    ensure!(
+        src.is_dir(),
+        "Tux Paint stamp folder {} does not exist (apt-get install tuxpaint-stamps-default)",
+        src.display()
+    );
     let mut files = vec![];
     walk(src, src, &mut files)?;
     let (mut skipped_svg, mut skipped_no_caption, mut skipped_symbols) = (0, 0, 0);
@@ -112,7 +127,8 @@ pub fn prepare(src: &Path, out: &Path, seed: u64) -> Result<Summary> {
         skipped_symbols,
         unreadable,
     };
-    let train_json: Vec<_> = train.iter().enumerate().map(|(i, (img, cap))| json!({"image": img, "caption": cap, "image_id": i})).collect();
+    let train_json: Vec<_> =
+        train.iter().enumerate().map(|(i, (img, cap))| json!({"image": img, "caption": cap, "image_id": i})).collect();
     write_json(&summary.train, &train_json)?;
     for (file, part) in [(&summary.val, val), (&summary.test, test)] {
         let entries: Vec<_> = part.iter().map(|(img, cap)| json!({"image": img, "caption": [cap]})).collect();
@@ -220,7 +236,10 @@ mod tests {
     fn real_stamps_when_installed() {
         let src = Path::new("/usr/share/tuxpaint/stamps");
         if !src.is_dir() {
-            eprintln!("skipped: {} not found (apt-get install -y --no-install-recommends tuxpaint-stamps-default)", src.display());
+            eprintln!(
+                "skipped: {} not found (apt-get install -y --no-install-recommends tuxpaint-stamps-default)",
+                src.display()
+            );
             return;
         }
         let out = tmp("real");
@@ -230,8 +249,15 @@ mod tests {
         assert_eq!(s.distinct_captions, 498, "{s}");
         assert!(s.unreadable.is_empty(), "{s}");
         let train = TrainSet::load(std::slice::from_ref(&s.train), None, TEXT, true).unwrap();
-        assert!(train.entries.iter().any(|e| e.captions[0] == "a seahorse") || RetrievalSet::load(&s.val, None, TEXT)
-            .unwrap().texts.iter().chain(&RetrievalSet::load(&s.test, None, TEXT).unwrap().texts).any(|t| t == "a seahorse"));
+        assert!(
+            train.entries.iter().any(|e| e.captions[0] == "a seahorse")
+                || RetrievalSet::load(&s.val, None, TEXT)
+                    .unwrap()
+                    .texts
+                    .iter()
+                    .chain(&RetrievalSet::load(&s.test, None, TEXT).unwrap().texts)
+                    .any(|t| t == "a seahorse")
+        );
         std::fs::remove_dir_all(out).unwrap();
     }
 }

@@ -61,7 +61,9 @@ pub fn bench_rerank(cfg: &Config, n_images: usize, k: usize, device: &Device) ->
     let n_texts = n_images * CAPTIONS_PER_IMAGE;
     let texts: Vec<Encoded> = (0..n_texts)
         .step_by(batch)
-        .map(|start| random_captions(&mut rng, batch.min(n_texts - start), cfg.data.max_tokens, cfg.model.text.vocab_size))
+        .map(|start| {
+            random_captions(&mut rng, batch.min(n_texts - start), cfg.data.max_tokens, cfg.model.text.vocab_size)
+        })
         .collect();
     let emb = embed_batches(&model, images.into_iter(), &texts, true, &|_| ())?;
     let tokens = emb.tokens.as_ref().context("token features are kept for re-ranking")?;
@@ -116,8 +118,11 @@ fn random_captions(rng: &mut impl Rng, b: usize, max_tokens: usize, vocab: usize
 
 impl fmt::Display for RerankBench {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "re-rank: {} images, {} captions, k = {}: {} pairs asked, {} distinct scored",
-            self.images, self.texts, self.k, self.requested_pairs, self.pairs)?;
+        writeln!(
+            f,
+            "re-rank: {} images, {} captions, k = {}: {} pairs asked, {} distinct scored",
+            self.images, self.texts, self.k, self.requested_pairs, self.pairs
+        )?;
         writeln!(f, "  with image K/V reuse: {:8.3} s  {:10.0} pairs/s", self.reuse_kv_s, self.reuse_kv_pairs_per_s)?;
         writeln!(f, "  without (plain):      {:8.3} s  {:10.0} pairs/s", self.plain_s, self.plain_pairs_per_s)?;
         write!(f, "  speed-up {:.2}x; max |score difference| {:.1e}", self.speedup, self.max_abs_diff)

@@ -9,7 +9,9 @@ use crate::data::tokenizer::{to_tensors, Encoded, TextTokenizer};
 use crate::model::albef::Albef;
 use crate::model::layers::Ctx;
 use anyhow::{ensure, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
+use std::path::Path;
 
 /// The L2-normalised projections of a set, and the token features re-ranking needs.
 pub struct Embeddings {
@@ -49,22 +51,27 @@ impl TokenFeatures {
 }
 
 /// Embeds every image and caption of `set` with the online encoders in eval mode, `eval.batch_size` at a
-/// time (captions tokenised to `data.max_tokens`). `keep_tokens`: also keep the token features.
-pub fn embed_set(model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cfg: &Config, keep_tokens: bool)
-    -> Result<Embeddings> {
+/// time (captions tokenised to `data.max_tokens` by a tokenizer from [`crate::data::tokenizer`], which
+/// checks it against the model). `keep_tokens`: also keep the token features.
+pub fn embed_set(
+    model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cfg: &Config, keep_tokens: bool,
+) -> Result<Embeddings> {
     let batch = cfg.eval.batch_size;
     ensure!(batch >= 1, "eval.batch_size must be at least 1");
-    ensure!(tokenizer.vocab_size() <= cfg.model.text.vocab_size,
-        "the tokenizer has {} ids but model.text.vocab_size is {}: the vocabulary does not fit the model",
-        tokenizer.vocab_size(), cfg.model.text.vocab_size);
     let texts = set
         .texts
         .chunks(batch)
         .map(|texts| tokenizer.encode_batch(texts, cfg.data.max_tokens))
         .collect::<Result<Vec<_>>>()?;
-    let images = eval_image_batches(&set.images, cfg.model.vision.image_res, cfg.data.normalize, batch, cfg.data.num_workers,
-        model.device().clone())?
-        .map(|b| b.map(|b| b.images));
+    let images = eval_image_batches(
+        &set.images,
+        cfg.model.vision.image_res,
+        cfg.data.normalize,
+        batch,
+        cfg.data.num_workers,
+        model.device().clone(),
+    )?
+    .map(|b| b.map(|b| b.images));
     let bar = progress(set.images.len() + set.texts.len(), "embed");
     let out = embed_batches(model, images, &texts, keep_tokens, &|n| bar.inc(n as u64))?;
     bar.finish_and_clear();
@@ -74,12 +81,14 @@ pub fn embed_set(model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, c
 /// [`embed_set`] on ready inputs: image batches [b, 3, res, res] (all of one size but the last) and
 /// tokenised caption batches (each padded to its own longest caption, like the reference). `done(n)` is
 /// told after each batch of n images or captions.
-pub fn embed_batches(model: &Albef, images: impl Iterator<Item = Result<Tensor>>, texts: &[Encoded], keep_tokens: bool,
-    done: &dyn Fn(usize)) -> Result<Embeddings> {
-    let ctx = Ctx::eval(model.kernels);
+pub fn embed_batches(
+    model: &Albef, images: impl Iterator<Item = Result<Tensor>>, texts: &[Encoded], keep_tokens: bool,
+    done: &dyn Fn(usize),
+) -> Result<Embeddings> {
+    let ctx = Ctx::eval(model.kernels());
     let (mut image_feat, mut image_chunks) = (vec![], vec![]);
     for batch in images {
-        let (embeds, feat) = model.online.image(&batch?, &ctx)?;
+        let (embeds, feat) = model.image(&batch?, &ctx)?;
         image_feat.push(feat.detach());
         done(feat.dim(0)?);
         if keep_tokens {
@@ -89,7 +98,10 @@ pub fn embed_batches(model: &Albef, images: impl Iterator<Item = Result<Tensor>>
     let image_batch = match image_feat.split_last() {
         Some((_, full)) => {
             let b = image_feat[0].dim(0)?;
-            ensure!(full.iter().all(|f| f.dim(0).is_ok_and(|n| n == b)), "image batches must all hold {b} images but the last");
+            ensure!(
+                full.iter().all(|f| f.dim(0).is_ok_and(|n| n == b)),
+                "image batches must all hold {b} images but the last"
+            );
             b
         }
         None => anyhow::bail!("there are no images to embed"),
@@ -98,7 +110,7 @@ pub fn embed_batches(model: &Albef, images: impl Iterator<Item = Result<Tensor>>
     let (mut text_feat, mut text_embeds, mut text_mask) = (vec![], vec![], vec![]);
     for enc in texts {
         let (ids, mask) = to_tensors(enc, model.device())?;
-        let (embeds, feat) = model.online.text(&ids, &mask, &ctx)?;
+        let (embeds, feat) = model.text(&ids, &mask, &ctx)?;
         text_feat.push(feat.detach());
         if keep_tokens {
             text_embeds.push(embeds.detach().pad_with_zeros(1, 0, len - enc.len)?);
@@ -118,6 +130,31 @@ pub fn embed_batches(model: &Albef, images: impl Iterator<Item = Result<Tensor>>
         None
     };
     Ok(Embeddings { image_feat: Tensor::cat(&image_feat, 0)?, text_feat: Tensor::cat(&text_feat, 0)?, tokens })
+}
+
+/// Writes `set`'s embeddings to a safetensors file: `image_embeds` [N_images, embed_dim] (row i = entry i
+/// of the annotation file), `text_embeds` [N_texts, embed_dim] (every caption in file order, an entry's
+/// captions together), `txt2img` i64 [N_texts] (the image row of each caption) and `text_offsets` i64
+/// [N_images + 1] (the captions of image i are rows text_offsets[i]..text_offsets[i+1]). Cosine
+/// similarity is the dot product of two rows. Returns the embedding width.
+pub fn write_embeddings(
+    model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cfg: &Config, out: &Path,
+) -> Result<usize> {
+    let emb = embed_set(model, set, tokenizer, cfg, false)?;
+    let cpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+    let i64s = |v: Vec<i64>| -> Result<Tensor> { Ok(Tensor::new(v.as_slice(), &Device::Cpu)?) };
+    let offsets = std::iter::once(0).chain(set.img2txt.iter().scan(0, |end, own| {
+        *end += own.len() as i64;
+        Some(*end)
+    }));
+    let tensors = HashMap::from([
+        ("image_embeds", cpu(&emb.image_feat)?),
+        ("text_embeds", cpu(&emb.text_feat)?),
+        ("txt2img", i64s(set.txt2img.iter().map(|&i| i as i64).collect())?),
+        ("text_offsets", i64s(offsets.collect())?),
+    ]);
+    crate::write_atomic(out, |tmp| Ok(candle_core::safetensors::save(&tensors, tmp)?))?;
+    Ok(emb.image_feat.dim(1)?)
 }
 
 /// Tokens per row of a tokenised batch.

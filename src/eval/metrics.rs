@@ -55,7 +55,8 @@ impl GroundTruth {
                 .img2txt
                 .iter()
                 .map(|own| {
-                    let mut texts: Vec<usize> = own.iter().flat_map(|&t| by_text[set.texts[t].as_str()].iter().copied()).collect();
+                    let mut texts: Vec<usize> =
+                        own.iter().flat_map(|&t| by_text[set.texts[t].as_str()].iter().copied()).collect();
                     texts.sort_unstable();
                     texts.dedup();
                     texts
@@ -100,7 +101,8 @@ impl Metrics {
     /// R@K = 100 * mean(rank < K) from the TR rank of every image and the IR rank of every caption,
     /// evaluated in the reference's order of float operations.
     pub fn from_ranks(tr_ranks: &[usize], ir_ranks: &[usize]) -> Self {
-        let recall = |ranks: &[usize], k: usize| 100.0 * (ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len() as f64);
+        let recall =
+            |ranks: &[usize], k: usize| 100.0 * (ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len() as f64);
         let (tr_r1, tr_r5, tr_r10) = (recall(tr_ranks, 1), recall(tr_ranks, 5), recall(tr_ranks, 10));
         let (ir_r1, ir_r5, ir_r10) = (recall(ir_ranks, 1), recall(ir_ranks, 5), recall(ir_ranks, 10));
         let tr_mean = (tr_r1 + tr_r5 + tr_r10) / 3.0;

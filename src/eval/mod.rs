@@ -21,7 +21,31 @@ use rerank::{rerank, reranked_ranks, RerankOptions};
 use serde::Serialize;
 use sims::itc_pass;
 use std::fmt;
+use std::path::Path;
 use std::time::Instant;
+
+/// What `eval` and `embed` start from: the checkpoint's model on the configured device, the retrieval
+/// set of an annotation file and the tokenizer for its captions (assembled by [`crate::data`]).
+pub struct EvalInputs {
+    pub cfg: Config,
+    pub model: Albef,
+    pub set: RetrievalSet,
+    pub tokenizer: TextTokenizer,
+}
+
+impl EvalInputs {
+    pub fn load(cfg: Config, checkpoint: &Path, ann: &Path) -> Result<Self> {
+        let tokenizer = crate::data::tokenizer(&cfg, ann)?;
+        let set = crate::data::retrieval_set(&cfg, ann)?;
+        let model = Albef::from_checkpoint(&cfg, checkpoint, &crate::device(&cfg.device)?)?;
+        Ok(EvalInputs { cfg, model, set, tokenizer })
+    }
+
+    /// [`evaluate`] on these inputs.
+    pub fn evaluate(&self) -> Result<RetrievalReport> {
+        evaluate(&self.model, &self.set, &self.tokenizer, &self.cfg)
+    }
+}
 
 /// Everything one evaluation measured.
 #[derive(Debug, Clone, Serialize)]
@@ -102,19 +126,31 @@ impl fmt::Display for RetrievalReport {
         writeln!(f, "retrieval: {} images, {} captions; re-ranking the top {} captions per image and {} images per caption by {score}",
             self.images, self.texts, self.k_i2t, self.k_t2i)?;
         writeln!(f, "{}", metrics::describe_ground_truth(self.match_text, self.shared_captions))?;
-        writeln!(f, "{:<14} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8}",
-            "", "TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "tr_mean", "ir_mean", "r_mean")?;
+        writeln!(
+            f,
+            "{:<14} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>8}",
+            "", "TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "tr_mean", "ir_mean", "r_mean"
+        )?;
         for (name, m) in [("ITC only", &self.itc), ("re-ranked", &self.rerank)] {
-            writeln!(f, "{name:<14} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>8.2} {:>8.2} {:>8.2}",
-                m.tr_r1, m.tr_r5, m.tr_r10, m.ir_r1, m.ir_r5, m.ir_r10, m.tr_mean, m.ir_mean, m.r_mean)?;
+            writeln!(
+                f,
+                "{name:<14} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>6.2} {:>8.2} {:>8.2} {:>8.2}",
+                m.tr_r1, m.tr_r5, m.tr_r10, m.ir_r1, m.ir_r5, m.ir_r10, m.tr_mean, m.ir_mean, m.r_mean
+            )?;
         }
         if (self.k_i2t < 10 && self.texts > self.k_i2t) || (self.k_t2i < 10 && self.images > self.k_t2i) {
-            writeln!(f, "note: fewer than 10 candidates re-ranked: a ground truth outside the top k ties at the floor and \
-ranks k, so re-ranked R@K for K > k is optimistic")?;
+            writeln!(
+                f,
+                "note: fewer than 10 candidates re-ranked: a ground truth outside the top k ties at the floor and \
+ranks k, so re-ranked R@K for K > k is optimistic"
+            )?;
         }
         let t = &self.timings;
-        write!(f, "time: embed {:.2} s, ITC {:.2} s, re-rank {:.2} s ({} pairs, {:.0} pairs/s), total {:.2} s",
-            t.embed_s, t.itc_s, t.rerank_s, self.pairs, t.pairs_per_s, t.total_s)
+        write!(
+            f,
+            "time: embed {:.2} s, ITC {:.2} s, re-rank {:.2} s ({} pairs, {:.0} pairs/s), total {:.2} s",
+            t.embed_s, t.itc_s, t.rerank_s, self.pairs, t.pairs_per_s, t.total_s
+        )
     }
 }
 

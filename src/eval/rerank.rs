@@ -4,7 +4,7 @@
 //! This is where evaluation spends its time (COCO 5K: 5000*256 + 25010*256 fusion passes), so:
 //! - a pair asked for by both directions is scored once (its ITM logit does not depend on the direction);
 //! - pairs are grouped by image, and each image's cross-attention keys/values are computed once
-//!   ([`Bert::image_kv`](crate::model::bert::Bert::image_kv)) and shared by all of its candidate texts,
+//!   ([`Albef::image_kv`]) and shared by all of its candidate texts,
 //!   many texts per fusion forward;
 //! - the last fusion layer computes the [CLS] position only, the one `itm_head` reads;
 //! - each forward is cut to the longest caption among its texts.
@@ -15,6 +15,7 @@ use super::progress;
 use super::sims::TopK;
 use crate::config::RerankScore;
 use crate::model::albef::Albef;
+use crate::model::bert::ImageSide;
 use crate::model::layers::Ctx;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor};
@@ -46,9 +47,13 @@ pub struct Reranked {
 pub fn rerank(model: &Albef, tokens: &TokenFeatures, i2t: &TopK, t2i: &TopK, opts: &RerankOptions) -> Result<Reranked> {
     ensure!(opts.pairs_per_forward >= 1, "at least one pair per fusion forward");
     let (n_images, n_texts) = (tokens.images()?, tokens.text_len.len());
-    ensure!(i2t.queries() == n_images && i2t.idx.iter().all(|&t| (t as usize) < n_texts)
-        && t2i.queries() == n_texts && t2i.idx.iter().all(|&i| (i as usize) < n_images),
-        "the candidate lists do not belong to these {n_images} images and {n_texts} captions");
+    ensure!(
+        i2t.queries() == n_images
+            && i2t.idx.iter().all(|&t| (t as usize) < n_texts)
+            && t2i.queries() == n_texts
+            && t2i.idx.iter().all(|&i| (i as usize) < n_images),
+        "the candidate lists do not belong to these {n_images} images and {n_texts} captions"
+    );
     let n_i2t = i2t.idx.len();
     // (image, text, slot): slots below n_i2t are i2t's, the rest t2i's. Sorting groups by image and
     // puts a pair's two slots next to each other.
@@ -58,29 +63,29 @@ pub fn rerank(model: &Albef, tokens: &TokenFeatures, i2t: &TopK, t2i: &TopK, opt
     pairs.sort_unstable();
     let unique = pairs.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)).count();
 
-    let ctx = Ctx::eval(model.kernels);
+    let ctx = Ctx::eval(model.kernels());
     let mut scores = vec![0f32; pairs.len()];
     let bar = progress(unique, "re-rank");
     for group in pairs.chunk_by(|a, b| a.0 == b.0) {
         let image = group[0].0 as usize;
         let texts: Vec<u32> = group.chunk_by(|a, b| a.1 == b.1).map(|same| same[0].1).collect();
         let image_embeds = tokens.image_embeds(image)?;
-        let kv = if opts.reuse_kv { Some(model.online.text_encoder.bert.image_kv(&image_embeds)?) } else { None };
+        let kv = if opts.reuse_kv { Some(model.image_kv(&image_embeds)?) } else { None };
         let mut logits = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(opts.pairs_per_forward) {
             let ids = Tensor::from_slice(chunk, chunk.len(), model.device())?;
             let len = chunk.iter().map(|&t| tokens.text_len[t as usize]).max().unwrap_or(1);
             let text = tokens.text_embeds.index_select(&ids, 0)?.narrow(1, 0, len)?;
             let mask = tokens.text_mask.index_select(&ids, 0)?.narrow(1, 0, len)?;
-            let cls = match &kv {
-                Some(kv) => model.online.fusion_cls_kv(&text, &mask, kv, &ctx)?,
+            let itm = match &kv {
+                Some(kv) => model.itm_logits(&text, &mask, ImageSide::Kv(kv), &ctx)?,
                 None => {
                     let (_, n, w) = image_embeds.dims3()?;
                     let repeated = image_embeds.broadcast_as((chunk.len(), n, w))?.contiguous()?;
-                    model.online.fusion_cls(&text, &mask, &repeated, &ctx)?
+                    model.itm_logits(&text, &mask, ImageSide::Tokens(&repeated), &ctx)?
                 }
             };
-            let positive = model.itm_head.forward(&cls)?.narrow(1, 1, 1)?.squeeze(1)?;
+            let positive = itm.narrow(1, 1, 1)?.squeeze(1)?;
             logits.extend(positive.to_dtype(DType::F32)?.to_vec1::<f32>()?);
             bar.inc(chunk.len() as u64);
         }

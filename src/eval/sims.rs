@@ -48,7 +48,12 @@ pub fn itc_pass(query_feat: &Tensor, key_feat: &Tensor, correct: &[Vec<usize>], 
     let (mut ranks, mut idx, mut sim) = (Vec::with_capacity(n_queries), vec![], vec![]);
     for start in (0..n_queries).step_by(block) {
         let rows = block.min(n_queries - start);
-        let sims = query_feat.narrow(0, start, rows)?.matmul(&keys_t)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let sims = query_feat
+            .narrow(0, start, rows)?
+            .matmul(&keys_t)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         if let Some(q) = sims.chunks(n_keys).position(|row| row.iter().any(|s| s.is_nan())) {
             bail!("the ITC similarities of query {} contain NaN: the model's features are broken", start + q);
         }

@@ -45,8 +45,11 @@ pub fn blip<'a>(path: &Path, cfg: &Config) -> Result<Plan<'a>> {
         }
     }
     if hf {
-        notes.push("HF's BlipForImageTextRetrieval has no momentum model, queues or temp: they start from the \
-                    imported weights / the config".into());
+        notes.push(
+            "HF's BlipForImageTextRetrieval has no momentum model, queues or temp: they start from the \
+                    imported weights / the config"
+                .into(),
+        );
     }
     let fusion_layer = cfg.model.text.fusion_layer;
     let mut plan = Plan::new(src, move |k| checkpoint_route(k, fusion_layer));
@@ -67,7 +70,12 @@ fn checkpoint_route(key: &str, fusion_layer: usize) -> Option<Route> {
         "visual_encoder" | "visual_encoder_m" => vision_route(rest, &format!("{head}.")),
         "text_encoder" | "text_encoder_m" => match rest.strip_prefix("cls.") {
             Some(h) => mlm_route(h, &format!("{head}.cls.")),
-            None => bert_route(rest.strip_prefix("bert.").unwrap_or(rest), &format!("{head}.bert."), &|n| vec![n], fusion_layer),
+            None => bert_route(
+                rest.strip_prefix("bert.").unwrap_or(rest),
+                &format!("{head}.bert."),
+                &|n| vec![n],
+                fusion_layer,
+            ),
         },
         "vision_proj" | "text_proj" | "vision_proj_m" | "text_proj_m" | "itm_head" => to(key),
         _ => None,

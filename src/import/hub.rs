@@ -27,7 +27,9 @@ pub fn resolve(spec: &str, format: Option<Format>) -> Result<(PathBuf, Format)> 
     let format = match format {
         Some(f) => f,
         None => {
-            let config = repo.get("config.json").with_context(|| format!("`{id}` has no cached config.json; pass --hub-format"))?;
+            let config = repo
+                .get("config.json")
+                .with_context(|| format!("`{id}` has no cached config.json; pass --hub-format"))?;
             let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
             let json: serde_json::Value =
                 serde_json::from_str(&text).with_context(|| format!("{} is not JSON", config.display()))?;

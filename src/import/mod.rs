@@ -47,7 +47,9 @@ impl std::str::FromStr for Format {
             "albef" => Format::Albef,
             "blip" => Format::Blip,
             "hf-hub" => Format::HfHub,
-            other => bail!("unknown import format `{other}`: use hf-bert, dinov2-onnx, hf-vit, timm, albef, blip or hf-hub"),
+            other => {
+                bail!("unknown import format `{other}`: use hf-bert, dinov2-onnx, hf-vit, timm, albef, blip or hf-hub")
+            }
         })
     }
 }
@@ -74,10 +76,13 @@ pub enum Route {
     Unplaced(String),
 }
 
+/// Where a file key goes in the model (None: not placed).
+pub type Router<'a> = Box<dyn Fn(&str) -> Option<Route> + 'a>;
+
 /// A source file made ready for [`assemble`].
 pub struct Plan<'a> {
     pub source: Source,
-    pub route: Box<dyn Fn(&str) -> Option<Route> + 'a>,
+    pub route: Router<'a>,
     /// File keys a format set aside while reading (e.g. ONNX weights outside the backbone).
     pub ignored: Vec<(String, String)>,
     pub unplaced: Vec<(String, String)>,
@@ -160,7 +165,9 @@ pub fn assemble(plan: Plan, cfg: &Config, init: Option<&Path>) -> Result<(Vec<(S
                 for dst in dsts {
                     let Some(want) = index.get(dst.as_str()) else {
                         origin().for_each(|o| {
-                            report.unplaced.insert(o.clone(), format!("maps to `{dst}`, which this config's model does not have"));
+                            report
+                                .unplaced
+                                .insert(o.clone(), format!("maps to `{dst}`, which this config's model does not have"));
                         });
                         continue;
                     };
@@ -172,8 +179,10 @@ pub fn assemble(plan: Plan, cfg: &Config, init: Option<&Path>) -> Result<(Vec<(S
         }
     }
     if report.used.is_empty() {
-        bail!("{file}: no tensor could be placed; is it really in this format? (first keys: {:?})",
-            plan.source.entries.keys().take(5).collect::<Vec<_>>());
+        bail!(
+            "{file}: no tensor could be placed; is it really in this format? (first keys: {:?})",
+            plan.source.entries.keys().take(5).collect::<Vec<_>>()
+        );
     }
     // Momentum twins the file did not provide start as copies of the imported online weights.
     for (name, _) in &state {
@@ -206,7 +215,8 @@ fn fit(file: &str, key: &str, t: &Tensor, dst: &str, want: &Tensor, report: &mut
     if t.dims() == want.dims() {
         return Ok(t);
     }
-    let mismatch = || format!("{file}: `{key}` has shape {:?}, but `{dst}` in the model has shape {:?}", t.dims(), want.dims());
+    let mismatch =
+        || format!("{file}: `{key}` has shape {:?}, but `{dst}` in the model has shape {:?}", t.dims(), want.dims());
     if dst.ends_with("pos_embed") && t.rank() == 3 && t.dim(2)? == want.dim(2)? {
         let grid = ((want.dim(1)? - 1) as f64).sqrt().round() as usize;
         let resized = crate::model::vit::interpolate_pos_embed(&t, grid).with_context(mismatch)?;
@@ -256,7 +266,8 @@ impl std::fmt::Display for Report {
 fn patterns(names: &[String]) -> Vec<(String, usize)> {
     let mut out: Vec<(String, usize)> = vec![];
     for name in names {
-        let p: String = name.split('.').map(|s| if s.parse::<usize>().is_ok() { "*" } else { s }).collect::<Vec<_>>().join(".");
+        let p: String =
+            name.split('.').map(|s| if s.parse::<usize>().is_ok() { "*" } else { s }).collect::<Vec<_>>().join(".");
         match out.iter_mut().find(|(q, _)| *q == p) {
             Some((_, n)) => *n += 1,
             None => out.push((p, 1)),

@@ -72,7 +72,8 @@ fn parse(model: &[u8]) -> Result<Vec<Initializer>> {
 }
 
 fn tensor(msg: &[u8]) -> Result<(String, Tensor)> {
-    let (mut name, mut dims, mut dtype, mut raw, mut floats, mut external) = (String::new(), vec![], 0, None, vec![], false);
+    let (mut name, mut dims, mut dtype, mut raw, mut floats, mut external) =
+        (String::new(), vec![], 0, None, vec![], false);
     for (num, v) in fields(msg)? {
         match (num, v) {
             (TENSOR_NAME, v) => name = v.string()?,
@@ -120,7 +121,7 @@ impl<'a> Value<'a> {
     }
 
     fn string(self) -> Result<String> {
-        Ok(String::from_utf8(self.bytes()?.to_vec()).context("a name is not UTF-8")?)
+        String::from_utf8(self.bytes()?.to_vec()).context("a name is not UTF-8")
     }
 }
 
@@ -178,7 +179,7 @@ fn packed_varints(mut b: &[u8]) -> Result<Vec<u64>> {
 }
 
 fn le_f32(b: &[u8]) -> Result<Vec<f32>> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         bail!("float data of {} bytes", b.len());
     }
     Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
@@ -200,8 +201,13 @@ mod tests {
     #[test]
     fn reads_an_initializer_and_its_consumer() {
         let raw: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let tensor = [field(TENSOR_DIMS, 0, &[2]), field(TENSOR_DATA_TYPE, 0, &[1]), field(TENSOR_NAME, 2, b"w"),
-            field(TENSOR_RAW_DATA, 2, &raw)].concat();
+        let tensor = [
+            field(TENSOR_DIMS, 0, &[2]),
+            field(TENSOR_DATA_TYPE, 0, &[1]),
+            field(TENSOR_NAME, 2, b"w"),
+            field(TENSOR_RAW_DATA, 2, &raw),
+        ]
+        .concat();
         let node = [field(NODE_INPUT, 2, b"x"), field(NODE_INPUT, 2, b"w"), field(NODE_NAME, 2, b"/mm")].concat();
         let graph = [field(GRAPH_NODE, 2, &node), field(GRAPH_INITIALIZER, 2, &tensor)].concat();
         let model = [field(1, 0, &[7]), field(MODEL_GRAPH, 2, &graph)].concat();

@@ -21,10 +21,7 @@ pub struct Source {
 
 impl Source {
     pub fn new(file: &Path, tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
-        let entries = tensors
-            .into_iter()
-            .map(|(k, t)| (k.clone(), Entry { tensor: t, origin: vec![k] }))
-            .collect();
+        let entries = tensors.into_iter().map(|(k, t)| (k.clone(), Entry { tensor: t, origin: vec![k] })).collect();
         Source { file: file.to_path_buf(), entries }
     }
 
@@ -44,8 +41,8 @@ impl Source {
     /// top-level dict.
     pub fn pth(path: &Path) -> Result<Self> {
         let read = |key| -> Result<Vec<(String, Tensor)>> {
-            Ok(candle_core::pickle::read_all_with_key(path, key)
-                .with_context(|| format!("cannot read PyTorch checkpoint {}", path.display()))?)
+            candle_core::pickle::read_all_with_key(path, key)
+                .with_context(|| format!("cannot read PyTorch checkpoint {}", path.display()))
         };
         let tensors = match read(Some("model")) {
             Ok(t) if !t.is_empty() => t,

@@ -78,7 +78,9 @@ pub fn mlm_route(key: &str, base: &str) -> Option<Route> {
         "predictions.decoder.weight" => Some(Route::Ignore("tied to the word embeddings in alignfuse".into())),
         "predictions.decoder.bias" => Some(Route::Ignore("the same tensor as cls.predictions.bias".into())),
         k if k.starts_with("predictions.") => Some(Route::To(vec![format!("{base}{k}")])),
-        k if k.starts_with("seq_relationship.") => Some(Route::Ignore("next-sentence head: not an ALBEF objective".into())),
+        k if k.starts_with("seq_relationship.") => {
+            Some(Route::Ignore("next-sentence head: not an ALBEF objective".into()))
+        }
         _ => None,
     }
 }

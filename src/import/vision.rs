@@ -12,7 +12,9 @@ pub fn vision_route(key: &str, base: &str) -> Option<Route> {
     let first = key.split('.').next()?;
     match first {
         "cls_token" | "pos_embed" | "patch_embed" | "blocks" | "norm" => Some(Route::To(vec![format!("{base}{key}")])),
-        "head" | "fc_norm" | "pooler" | "classifier" => Some(Route::Ignore("classification head / pooler: not used".into())),
+        "head" | "fc_norm" | "pooler" | "classifier" => {
+            Some(Route::Ignore("classification head / pooler: not used".into()))
+        }
         "mask_token" => Some(Route::Ignore("DINOv2 mask token: only used by its self-supervised pre-training".into())),
         _ => None,
     }

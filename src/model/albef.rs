@@ -1,28 +1,28 @@
-//! The whole ALBEF model and one pre-training step: encoders (online and momentum twin), projections,
-//! `temp`, `itm_head`, the feature queue, and the forward that returns ITC + ITM + MLM.
+//! The whole ALBEF model: encoders (online and momentum twin), projections, `temp`, `itm_head`, the
+//! feature queue, and the pre-training forward that returns the ITC, ITM and MLM losses by name.
 
-use super::bert::{ImageKv, TextEncoder};
+use super::bert::{ImageKv, ImageSide, TextEncoder};
 use super::layers::{Ctx, Linear};
-use super::momentum::Momentum;
-use super::params::{Init, Pb, ParamStore};
-use super::queue::FeatureQueue;
+use super::momentum::{FeatureQueue, Momentum};
+use super::params::{Init, ParamStore, Pb};
 use super::vit::Vit;
-use crate::config::{Config, ModelConfig, Negatives, ObjectivesConfig};
-use crate::objectives::{itc, itm, mlm};
+use crate::config::{Config, Kernels, ModelConfig, Negatives, ObjectivesConfig};
+use crate::objectives::{itc, itm, mlm, Named};
+use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
-use std::collections::HashMap;
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 
 /// The modules that exist twice (online and momentum): one definition, two parameter sets.
-pub struct Encoders {
-    pub visual_encoder: Vit,
-    pub text_encoder: TextEncoder,
-    pub vision_proj: Linear,
-    pub text_proj: Linear,
+struct Encoders {
+    visual_encoder: Vit,
+    text_encoder: TextEncoder,
+    vision_proj: Linear,
+    text_proj: Linear,
 }
 
 impl Encoders {
-    pub fn new(pb: &Pb, cfg: &ModelConfig) -> Result<Self> {
+    fn new(pb: &Pb, cfg: &ModelConfig) -> Result<Self> {
         let (vw, th) = (cfg.vision.vision_width, cfg.text.hidden_size);
         Ok(Encoders {
             visual_encoder: Vit::new(&pb.pp("visual_encoder"), &cfg.vision)?,
@@ -32,29 +32,16 @@ impl Encoders {
         })
     }
 
-    /// images -> (image_embeds [B, N, W], image_feat [B, embed_dim] L2-normalised projection of [CLS]).
-    pub fn image(&self, images: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
+    fn image(&self, images: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
         let embeds = self.visual_encoder.forward(images, ctx)?;
         let feat = normalize(&self.vision_proj.forward(&cls(&embeds)?)?)?;
         Ok((embeds, feat))
     }
 
-    /// Text mode -> (text_embeds [B, L, H], text_feat [B, embed_dim]).
-    pub fn text(&self, ids: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
+    fn text(&self, ids: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
         let embeds = self.text_encoder.bert.forward_text(ids, mask, ctx)?;
         let feat = normalize(&self.text_proj.forward(&cls(&embeds)?)?)?;
         Ok((embeds, feat))
-    }
-
-    /// Fusion-mode [CLS] [B, H] of text tokens cross-attending to image tokens (input of `itm_head`).
-    pub fn fusion_cls(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        self.text_encoder.bert.fusion_cls(text_embeds, mask, image_embeds, ctx)
-    }
-
-    /// [`Encoders::fusion_cls`] on precomputed image keys/values ([`ImageKv`] of G images):
-    /// texts g*n..(g+1)*n of the B = G*n texts attend to image g.
-    pub fn fusion_cls_kv(&self, text_embeds: &Tensor, mask: &Tensor, image_kv: &ImageKv, ctx: &Ctx) -> Result<Tensor> {
-        self.text_encoder.bert.fusion_cls_kv(text_embeds, mask, image_kv, ctx)
     }
 }
 
@@ -68,21 +55,22 @@ pub fn normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)
 }
 
-/// One batch of the training step.
-pub struct StepBatch<'a> {
+/// One micro-batch of image-caption pairs.
+pub struct Inputs<'a> {
     pub images: &'a Tensor,
     pub input_ids: &'a Tensor,
     pub attention_mask: &'a Tensor,
     pub image_ids: &'a [i64],
 }
 
-/// The step's random choices, made injectable so a golden test can supply the reference's draws.
+/// The forward's random choices, made injectable so a golden test can supply the reference's draws.
 pub trait Draws {
     fn negatives(&mut self, sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64]) -> anyhow::Result<itm::ItmNegatives>;
     fn mlm_mask(&mut self, ids: &[u32]) -> mlm::MaskedTokens;
 }
 
-/// Draws from one seeded stream per step: negatives first, then the MLM mask (the reference's order).
+/// Draws from one seeded stream per micro-batch: negatives first, then the MLM mask (the reference's
+/// order).
 pub struct SeededDraws {
     pub rng: ChaCha8Rng,
     pub negatives: Negatives,
@@ -100,32 +88,48 @@ impl Draws for SeededDraws {
     }
 }
 
-/// Losses and the numbers a log wants. Absent losses are objectives switched off (or, for MLM, a batch
-/// in which nothing was masked).
-pub struct StepOutput {
-    pub loss: Tensor,
-    pub itc: Option<Tensor>,
-    pub itm: Option<Tensor>,
-    pub mlm: Option<Tensor>,
-    pub itm_accuracy: Option<f64>,
-    pub temp: f64,
-    pub alpha: f64,
-    /// Seconds spent in the EMA update (the benchmark reports it apart from the forward).
-    pub ema_s: f64,
+/// What one forward gives: `losses` by name (`itc`, `itm`, `mlm`; an objective switched off is absent,
+/// and so is MLM for a batch in which nothing was masked), unsummed, and `metrics` (`temp`, `itm_acc`).
+pub struct Output {
+    pub losses: Named,
+    pub metrics: Named,
+}
+
+/// The online encoders' outputs for a batch.
+struct Online {
+    image_embeds: Tensor,
+    image_feat: Tensor,
+    text_embeds: Tensor,
+    text_feat: Tensor,
+}
+
+/// The momentum encoders' outputs, computed only where an objective reads them.
+struct Teacher {
+    image: Option<(Tensor, Tensor)>,
+    text_feat: Option<Tensor>,
+}
+
+impl Teacher {
+    /// (image_feat_m, text_feat_m) when both were computed.
+    fn feats(&self) -> Option<(&Tensor, &Tensor)> {
+        match (&self.image, &self.text_feat) {
+            (Some((_, image_feat)), Some(text_feat)) => Some((image_feat, text_feat)),
+            _ => None,
+        }
+    }
 }
 
 pub struct Albef {
-    pub model_cfg: ModelConfig,
-    pub objectives: ObjectivesConfig,
-    pub kernels: crate::config::Kernels,
+    objectives: ObjectivesConfig,
+    kernels: Kernels,
     /// Trainable parameters: both encoders' online weights, `itm_head`, `temp`.
-    pub params: ParamStore,
-    pub online: Encoders,
-    pub itm_head: Linear,
-    pub temp: Var,
-    pub momentum: Momentum,
-    pub momentum_encoders: Encoders,
-    pub queue: FeatureQueue,
+    params: ParamStore,
+    online: Encoders,
+    itm_head: Linear,
+    temp: Var,
+    momentum: Momentum,
+    momentum_encoders: Encoders,
+    queue: FeatureQueue,
 }
 
 impl Albef {
@@ -142,7 +146,6 @@ impl Albef {
         let momentum_encoders = Encoders::new(&momentum.store.root(), m)?;
         let queue = FeatureQueue::new(m.embed_dim, m.queue_size, cfg.seed, params.device())?;
         Ok(Albef {
-            model_cfg: m.clone(),
             objectives: cfg.objectives.clone(),
             kernels: cfg.kernels,
             params,
@@ -158,7 +161,6 @@ impl Albef {
     /// A model with the state of a checkpoint: a `.safetensors` file of [`Albef::named_tensors`], or a
     /// checkpoint directory holding `model.safetensors`.
     pub fn from_checkpoint(cfg: &Config, path: &std::path::Path, device: &Device) -> anyhow::Result<Self> {
-        use anyhow::Context;
         let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
         let tensors = candle_core::safetensors::load(&file, device)
             .with_context(|| format!("cannot read checkpoint {}", file.display()))?;
@@ -171,6 +173,49 @@ impl Albef {
         self.params.device()
     }
 
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// The trainable parameters (what the optimiser updates).
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    /// The feature queue (for inspection; the forward maintains it).
+    pub fn queue(&self) -> &FeatureQueue {
+        &self.queue
+    }
+
+    /// Online image encoder: images [B, 3, H, W] -> (image_embeds [B, N, W], image_feat [B, embed_dim],
+    /// the L2-normalised projection of [CLS]).
+    pub fn image(&self, images: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
+        self.online.image(images, ctx)
+    }
+
+    /// Online text encoder in text mode: ids, mask [B, L] -> (text_embeds [B, L, H], text_feat [B, embed_dim]).
+    pub fn text(&self, ids: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
+        self.online.text(ids, mask, ctx)
+    }
+
+    /// The fusion layers' cross-attention keys and values of image_embeds [G, N, W], for scoring many
+    /// texts against the same images with [`Albef::itm_logits`].
+    pub fn image_kv(&self, image_embeds: &Tensor) -> Result<ImageKv> {
+        self.online.text_encoder.bert.image_kv(image_embeds)
+    }
+
+    /// ITM logits [B, 2] (column 1: match) of text_embeds [B, L, H] with padding mask [B, L] against
+    /// their images: the fusion encoder's [CLS] through `itm_head`. Training and re-ranking both score
+    /// pairs here.
+    pub fn itm_logits(&self, text_embeds: &Tensor, mask: &Tensor, image: ImageSide, ctx: &Ctx) -> Result<Tensor> {
+        self.itm_head.forward(&self.online.text_encoder.bert.fusion_cls(text_embeds, mask, image, ctx)?)
+    }
+
+    /// One EMA step of the momentum twin towards the online weights.
+    pub fn update_momentum(&self) -> Result<()> {
+        self.momentum.update()
+    }
+
     /// Clamps the stored temp in place to [0.001, 0.5] (so the gradient is taken at the clamped value and
     /// never zeroed by a clamp in the graph) and returns it.
     pub fn clamp_temp(&self) -> Result<f64> {
@@ -178,100 +223,103 @@ impl Albef {
         Ok(self.temp.as_tensor().to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
     }
 
-    /// One pre-training step's forward: ITC against momentum keys and the queue (then enqueue), ITM with
-    /// negatives from `draws`, MLM with momentum distillation. `alpha` is this step's (ramped) weight;
-    /// `ctx` drives the online model, `ctx_m` the momentum model (dropout is on in both, as in ALBEF).
-    pub fn step(&mut self, batch: &StepBatch, alpha: f64, draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx)
-        -> anyhow::Result<StepOutput> {
+    /// The pre-training forward of one micro-batch: ITC against momentum keys and the queue (then
+    /// enqueue), ITM with negatives from `draws`, MLM with momentum distillation. `alpha` is this
+    /// micro-batch's (ramped) distillation weight; `ctx` drives the online model, `ctx_m` the momentum
+    /// model (dropout is on in both, as in ALBEF). Call [`Albef::update_momentum`] first.
+    pub fn forward(
+        &mut self, batch: &Inputs, alpha: f64, draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx,
+    ) -> anyhow::Result<Output> {
         let obj = self.objectives.clone();
         let temp_value = self.clamp_temp()?;
         let temp = self.temp.as_tensor().clone();
-        let (images, ids, mask) = (batch.images, batch.input_ids, batch.attention_mask);
-        let b = images.dim(0)?;
-        let (image_embeds, image_feat) = self.online.image(images, ctx)?;
-        let (text_embeds, text_feat) = self.online.text(ids, mask, ctx)?;
-
-        // The EMA update comes before any momentum forward.
-        let ema_start = std::time::Instant::now();
-        self.momentum.update()?;
-        let ema_s = ema_start.elapsed().as_secs_f64();
-        let hard = obj.itm && obj.itm_negatives == Negatives::Hard;
-        let need_feat_m = obj.itc || hard;
-        let need_image_m = need_feat_m || (obj.mlm && alpha > 0.0);
-        let image_m = if need_image_m { Some(self.momentum_encoders.image(images, ctx_m)?) } else { None };
-        let text_feat_m = if need_feat_m { Some(self.momentum_encoders.text(ids, mask, ctx_m)?.1) } else { None };
-
-        let mut total: Option<Tensor> = None;
-        let mut add = |l: &Tensor| -> Result<()> {
-            total = Some(match total.take() {
-                Some(t) => (t + l)?,
-                None => l.clone(),
-            });
-            Ok(())
-        };
-
-        let itc_loss = match (&image_m, &text_feat_m) {
-            (Some((_, image_feat_m)), Some(text_feat_m)) if obj.itc => {
-                let ids_for_pos = obj.itc_multi_positive.then_some(batch.image_ids);
-                let out = itc::itc(&image_feat, &text_feat, image_feat_m, text_feat_m, &self.queue, &temp, alpha,
-                    ids_for_pos, self.kernels)?;
-                add(&out.loss)?;
-                Some(out.loss)
+        let (image_embeds, image_feat) = self.online.image(batch.images, ctx)?;
+        let (text_embeds, text_feat) = self.online.text(batch.input_ids, batch.attention_mask, ctx)?;
+        let online = Online { image_embeds, image_feat, text_embeds, text_feat };
+        let teacher = self.teacher(batch, alpha, ctx_m)?;
+        let (mut losses, mut metrics) = (Named::default(), Named::default());
+        metrics.insert("temp", temp.copy()?);
+        if let (true, Some((image_feat_m, text_feat_m))) = (obj.itc, teacher.feats()) {
+            let ids = obj.itc_multi_positive.then_some(batch.image_ids);
+            let loss = itc::itc(
+                &online.image_feat,
+                &online.text_feat,
+                image_feat_m,
+                text_feat_m,
+                &self.queue.keys(),
+                &temp,
+                alpha,
+                ids,
+                self.kernels,
+            )?;
+            losses.insert("itc", loss);
+        }
+        if obj.itm {
+            let (loss, accuracy) = self.itm(batch, &online, &teacher, temp_value, draws, ctx)?;
+            losses.insert("itm", loss);
+            metrics.insert("itm_acc", accuracy);
+        }
+        if obj.mlm {
+            let image_embeds_m = teacher.image.as_ref().map(|(embeds, _)| embeds).filter(|_| alpha > 0.0);
+            if let Some(loss) = self.mlm(batch, &online.image_embeds, image_embeds_m, alpha, draws, ctx, ctx_m)? {
+                losses.insert("mlm", loss);
             }
-            _ => None,
-        };
+        }
+        // Enqueue after the ITC loss, with the momentum features of this batch.
+        if let (true, Some((image_feat_m, text_feat_m))) = (obj.itc, teacher.feats()) {
+            self.queue.enqueue(image_feat_m, text_feat_m, batch.image_ids)?;
+        }
+        Ok(Output { losses, metrics })
+    }
 
-        let (itm_loss, itm_accuracy) = if obj.itm {
-            // Hard negatives come from the ITC logits of the batch: online queries vs momentum keys / temp.
-            let (sim_i2t, sim_t2i) = match (&image_m, &text_feat_m) {
-                (Some((_, image_feat_m)), Some(text_feat_m)) => {
-                    let s = |q: &Tensor, k: &Tensor| -> Result<Vec<f32>> {
-                        (q.detach().matmul(&k.t()?)? / temp_value)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
-                    };
-                    (s(&image_feat, text_feat_m)?, s(&text_feat, image_feat_m)?)
-                }
-                _ => (vec![0.0; b * b], vec![0.0; b * b]),
-            };
-            let neg = draws.negatives(&sim_i2t, &sim_t2i, batch.image_ids)?;
-            let out = itm::itm(&self.online.text_encoder.bert, &self.itm_head, &text_embeds, mask, &image_embeds, &neg, ctx)?;
-            add(&out.loss)?;
-            (Some(out.loss), Some(out.accuracy))
-        } else {
-            (None, None)
-        };
-
-        let mlm_loss = if obj.mlm {
-            let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-            let masked = draws.mlm_mask(&flat);
-            let masked_ids = Tensor::from_vec(masked.ids.clone(), ids.shape(), ids.device())?;
-            let logits = self.online.text_encoder.mlm_logits(&masked_ids, mask, &image_embeds, ctx)?;
-            let logits_m = match &image_m {
-                Some((image_embeds_m, _)) if alpha > 0.0 => {
-                    Some(self.momentum_encoders.text_encoder.mlm_logits(&masked_ids, mask, image_embeds_m, ctx_m)?)
-                }
-                _ => None,
-            };
-            let loss = mlm::mlm_loss(&logits, logits_m.as_ref(), &masked.labels, alpha)?;
-            if let Some(l) = &loss {
-                add(l)?;
-            }
-            loss
+    /// The momentum encoders on the batch: features for ITC and hard negatives, image tokens for MLM
+    /// distillation.
+    fn teacher(&self, batch: &Inputs, alpha: f64, ctx_m: &Ctx) -> Result<Teacher> {
+        let obj = &self.objectives;
+        let need_feat = obj.itc || (obj.itm && obj.itm_negatives == Negatives::Hard);
+        let need_image = need_feat || (obj.mlm && alpha > 0.0);
+        let image = if need_image { Some(self.momentum_encoders.image(batch.images, ctx_m)?) } else { None };
+        let text_feat = if need_feat {
+            Some(self.momentum_encoders.text(batch.input_ids, batch.attention_mask, ctx_m)?.1)
         } else {
             None
         };
+        Ok(Teacher { image, text_feat })
+    }
 
-        // Enqueue after the ITC loss, with the momentum features of this batch.
-        if let (Some((_, image_feat_m)), Some(text_feat_m)) = (&image_m, &text_feat_m) {
-            if obj.itc {
-                self.queue.enqueue(image_feat_m, text_feat_m, batch.image_ids)?;
+    /// ITM loss and accuracy: negatives drawn from the in-batch similarities (online queries against
+    /// momentum keys, / temp), the 3B pairs scored by [`Albef::itm_logits`].
+    fn itm(
+        &self, batch: &Inputs, online: &Online, teacher: &Teacher, temp: f64, draws: &mut dyn Draws, ctx: &Ctx,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
+        let b = batch.image_ids.len();
+        let (sim_i2t, sim_t2i) = match teacher.feats() {
+            Some((image_feat_m, text_feat_m)) => {
+                itm::similarities(&online.image_feat, &online.text_feat, image_feat_m, text_feat_m, temp)?
             }
-        }
-
-        let loss = match total {
-            Some(t) => t,
-            None => Tensor::zeros((), DType::F32, self.device())?,
+            None => (vec![0.0; b * b], vec![0.0; b * b]),
         };
-        Ok(StepOutput { loss, itc: itc_loss, itm: itm_loss, mlm: mlm_loss, itm_accuracy, temp: temp_value, alpha, ema_s })
+        let neg = draws.negatives(&sim_i2t, &sim_t2i, batch.image_ids)?;
+        let pairs = itm::pairs(&online.text_embeds, batch.attention_mask, &online.image_embeds, &neg)?;
+        let logits = self.itm_logits(&pairs.text_embeds, &pairs.mask, ImageSide::Tokens(&pairs.image_embeds), ctx)?;
+        Ok(itm::loss(&logits, &pairs.labels)?)
+    }
+
+    /// MLM loss of the masked captions conditioned on the image, distilled from the momentum model's
+    /// logits when `image_embeds_m` is given.
+    #[allow(clippy::too_many_arguments)]
+    fn mlm(
+        &self, batch: &Inputs, image_embeds: &Tensor, image_embeds_m: Option<&Tensor>, alpha: f64,
+        draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx,
+    ) -> anyhow::Result<Option<Tensor>> {
+        let (ids, mask) = (batch.input_ids, batch.attention_mask);
+        let masked = draws.mlm_mask(&ids.flatten_all()?.to_vec1()?);
+        let masked_ids = Tensor::from_vec(masked.ids.clone(), ids.shape(), ids.device())?;
+        let logits = self.online.text_encoder.mlm_logits(&masked_ids, mask, image_embeds, ctx)?;
+        let logits_m = image_embeds_m
+            .map(|embeds_m| self.momentum_encoders.text_encoder.mlm_logits(&masked_ids, mask, embeds_m, ctx_m))
+            .transpose()?;
+        Ok(mlm::mlm_loss(&logits, logits_m.as_ref(), &masked.labels, alpha)?)
     }
 
     /// Every tensor of the model state under ALBEF's checkpoint names: online parameters, the `_m`
@@ -294,7 +342,6 @@ impl Albef {
     /// Loads a state written by [`Albef::named_tensors`] (or an import). Every model tensor must be
     /// present with the right shape; returns the names of file tensors the model does not use.
     pub fn load_named(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<Vec<String>> {
-        use anyhow::Context;
         let mut used = std::collections::HashSet::new();
         let mut take = |name: &str| -> anyhow::Result<Tensor> {
             used.insert(name.to_string());

@@ -47,8 +47,10 @@ impl Attention {
         let (b, l, h) = x.dims3()?;
         let g = k.dim(0)?;
         if g == 0 || b % g != 0 || (b != g && mask.is_some()) {
-            candle_core::bail!("attention: {b} query rows cannot share {g} key sets{}",
-                if mask.is_some() { " under a per-row mask" } else { "" })
+            candle_core::bail!(
+                "attention: {b} query rows cannot share {g} key sets{}",
+                if mask.is_some() { " under a per-row mask" } else { "" }
+            )
         }
         let q = self.query.forward(x)?.reshape((g, b / g * l, h))?;
         let a = attend(&q, k, v, self.heads, mask, self.p_attn, ctx)?.reshape((b, l, h))?;
@@ -81,8 +83,9 @@ impl Layer {
     /// `image_kv`: this layer's cross-attention keys and values of the image tokens (fusion layers only).
     /// `cls_only`: compute the output for the [CLS] position only ([B, 1, H]); it still attends to every
     /// token, and every later sublayer works per position, so its value is unchanged.
-    fn forward(&self, x: &Tensor, mask: &Tensor, image_kv: Option<&(Tensor, Tensor)>, cls_only: bool, ctx: &Ctx)
-        -> Result<Tensor> {
+    fn forward(
+        &self, x: &Tensor, mask: &Tensor, image_kv: Option<&(Tensor, Tensor)>, cls_only: bool, ctx: &Ctx,
+    ) -> Result<Tensor> {
         let (k, v) = self.attention.project_kv(x)?;
         let queries = if cls_only { x.narrow(1, 0, 1)? } else { x.clone() };
         let mut x = self.attention.attend_to(&queries, &k, &v, Some(mask), ctx)?;
@@ -100,9 +103,11 @@ pub struct ImageKv {
     layers: Vec<(Tensor, Tensor)>,
 }
 
-/// What the fusion layers cross-attend to: image tokens, or their keys/values already projected.
+/// What the fusion layers cross-attend to: image tokens [B, N, W] (one image per text), or their keys
+/// and values already projected ([`Bert::image_kv`] of G images; texts g*n..(g+1)*n of the B = G*n texts
+/// attend to image g).
 #[derive(Clone, Copy)]
-enum ImageSide<'a> {
+pub enum ImageSide<'a> {
     Tokens(&'a Tensor),
     Kv(&'a ImageKv),
 }
@@ -154,8 +159,10 @@ impl Bert {
     }
 
     /// Runs `layers` on hidden states `x`; with `cls_only`, the last of them computes [CLS] only.
-    fn run(&self, mut x: Tensor, mask: &Tensor, layers: std::ops::Range<usize>, image: Option<ImageSide>, cls_only: bool,
-        ctx: &Ctx) -> Result<Tensor> {
+    fn run(
+        &self, mut x: Tensor, mask: &Tensor, layers: std::ops::Range<usize>, image: Option<ImageSide>, cls_only: bool,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let ext = extended_mask(mask)?;
         let last = layers.end.saturating_sub(1);
         for i in layers {
@@ -164,7 +171,10 @@ impl Bert {
                 (Some(ImageSide::Tokens(img)), Some(cross)) => Some(cross.project_kv(img)?),
                 (Some(ImageSide::Kv(kv)), Some(_)) => match kv.layers.get(i - self.fusion_layer) {
                     Some(layer_kv) => Some(layer_kv.clone()),
-                    None => candle_core::bail!("image keys/values cover {} fusion layers, the model has more", kv.layers.len()),
+                    None => candle_core::bail!(
+                        "image keys/values cover {} fusion layers, the model has more",
+                        kv.layers.len()
+                    ),
                 },
                 _ => None,
             };
@@ -179,16 +189,17 @@ impl Bert {
     }
 
     /// Fusion mode: text_embeds [B, L, H] cross-attend to image_embeds [B, N, W] in the fusion layers.
-    pub fn forward_fusion(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx)
-        -> Result<Tensor> {
+    pub fn forward_fusion(
+        &self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx,
+    ) -> Result<Tensor> {
         self.run(text_embeds.clone(), mask, self.fusion_range(), Some(ImageSide::Tokens(image_embeds)), false, ctx)
     }
 
     /// The fusion-mode [CLS] [B, H] (what `itm_head` reads): [`Bert::forward_fusion`] with the last layer
-    /// computed for [CLS] only.
-    pub fn fusion_cls(&self, text_embeds: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        self.run(text_embeds.clone(), mask, self.fusion_range(), Some(ImageSide::Tokens(image_embeds)), true, ctx)?
-            .squeeze(1)
+    /// computed for [CLS] only. With keys/values of G = B images it is the token path op for op; with
+    /// images shared by several texts it equals it up to float rounding.
+    pub fn fusion_cls(&self, text_embeds: &Tensor, mask: &Tensor, image: ImageSide, ctx: &Ctx) -> Result<Tensor> {
+        self.run(text_embeds.clone(), mask, self.fusion_range(), Some(image), true, ctx)?.squeeze(1)
     }
 
     /// The cross-attention keys and values of image_embeds [G, N, W] in every fusion layer. They depend
@@ -202,13 +213,6 @@ impl Bert {
             })
             .collect::<Result<_>>()?;
         Ok(ImageKv { layers })
-    }
-
-    /// [`Bert::fusion_cls`] on precomputed keys/values of G images: text_embeds [B, L, H] with B = G * n,
-    /// texts g*n..(g+1)*n attend to image g. With G = B (n = 1) it is `fusion_cls` op for op; with images
-    /// shared by several texts it equals it up to float rounding.
-    pub fn fusion_cls_kv(&self, text_embeds: &Tensor, mask: &Tensor, image_kv: &ImageKv, ctx: &Ctx) -> Result<Tensor> {
-        self.run(text_embeds.clone(), mask, self.fusion_range(), Some(ImageSide::Kv(image_kv)), true, ctx)?.squeeze(1)
     }
 
     fn fusion_range(&self) -> std::ops::Range<usize> {

@@ -125,8 +125,9 @@ impl Embedding {
 
 /// Multi-head scaled dot-product attention on already projected q [B, Lq, D], k, v [B, Lk, D].
 /// `mask` is additive, broadcastable to [B, H, Lq, Lk]. Attention-probability dropout `p` in training.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, p: f64, ctx: &Ctx)
-    -> Result<Tensor> {
+pub fn attend(
+    q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, p: f64, ctx: &Ctx,
+) -> Result<Tensor> {
     let (b, lq, d) = q.dims3()?;
     let lk = k.dim(1)?;
     let dh = d / heads;

@@ -1,10 +1,10 @@
-//! Encoders and the ALBEF model: parameters (`params`), building blocks (`layers`), the ViT (`vit`),
-//! the text/fusion BERT with its MLM head (`bert`).
+//! The ALBEF model: named parameters with seeded initialisation (`params`), building blocks (`layers`),
+//! the ViT (`vit`), the text/fusion BERT with its MLM head (`bert`), the momentum twin and its feature
+//! queue (`momentum`), and the whole model with its pre-training forward (`albef`).
 
+pub mod albef;
 pub mod bert;
 pub mod layers;
+pub mod momentum;
 pub mod params;
 pub mod vit;
-pub mod albef;
-pub mod momentum;
-pub mod queue;

@@ -131,7 +131,11 @@ impl<'a> Pb<'a> {
     }
 
     pub fn name(&self, s: &str) -> String {
-        if self.prefix.is_empty() { s.to_string() } else { format!("{}.{s}", self.prefix) }
+        if self.prefix.is_empty() {
+            s.to_string()
+        } else {
+            format!("{}.{s}", self.prefix)
+        }
     }
 
     pub fn get(&self, name: &str, shape: impl Into<Shape>, init: Init) -> Result<Tensor> {

@@ -72,11 +72,17 @@ impl Vit {
         let n = (cfg.image_res / p).pow(2);
         Ok(Vit {
             // LeCun-normal over the patch's 3*p*p inputs, like Linear.
-            patch_weight: pb.get("patch_embed.proj.weight", (d, 3, p, p), Init::Normal(1.0 / ((3 * p * p) as f64).sqrt()))?,
+            patch_weight: pb.get(
+                "patch_embed.proj.weight",
+                (d, 3, p, p),
+                Init::Normal(1.0 / ((3 * p * p) as f64).sqrt()),
+            )?,
             patch_bias: pb.get("patch_embed.proj.bias", d, Init::Const(0.0))?,
             cls_token: pb.get("cls_token", (1, 1, d), Init::Normal(0.02))?,
             pos_embed: pb.get("pos_embed", (1, n + 1, d), Init::Normal(0.02))?,
-            blocks: (0..cfg.vision_depth).map(|i| Block::new(&pb.pp(format!("blocks.{i}")), cfg)).collect::<Result<_>>()?,
+            blocks: (0..cfg.vision_depth)
+                .map(|i| Block::new(&pb.pp(format!("blocks.{i}")), cfg))
+                .collect::<Result<_>>()?,
             norm: LayerNorm::new(&pb.pp("norm"), d, cfg.vision_ln_eps)?,
             patch: p,
         })
@@ -88,10 +94,8 @@ impl Vit {
         let p = self.patch;
         let (gh, gw) = (h / p, w / p);
         // A stride-p convolution with a p x p kernel is a matmul over unfolded patches.
-        let patches = images
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b * gh * gw, c * p * p))?;
+        let patches =
+            images.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b * gh * gw, c * p * p))?;
         let d = self.patch_weight.dim(0)?;
         let w_flat = self.patch_weight.reshape((d, c * p * p))?;
         let x = patches.matmul(&w_flat.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))?;

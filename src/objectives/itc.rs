@@ -1,43 +1,47 @@
 //! Image-text contrastive loss against momentum keys of the batch plus the queue (REFERENCE.md, ITC).
 
 use crate::config::Kernels;
-use crate::model::queue::FeatureQueue;
 use crate::ops::{itc_loss, Positives};
 use candle_core::{Result, Tensor};
 
-pub struct ItcOutput {
-    pub loss: Tensor,
+/// Momentum features of earlier batches: `image` and `text` [embed_dim, Q] (one column per queued
+/// pair) and the image id of each column (-100: never written).
+pub struct Queued<'a> {
+    pub image: &'a Tensor,
+    pub text: &'a Tensor,
+    pub ids: &'a [i64],
 }
 
 /// `sim_i2t = image_feat @ [text_feat_m ; text_queue] / temp` and the symmetric `sim_t2i`, soft targets
 /// `alpha * softmax(sim_m) + (1 - alpha) * positives`, `itc = (loss_i2t + loss_t2i) / 2`.
 ///
 /// `ids`: with multi-positive targets, the batch's image ids; every key with the same image id (in the
-/// batch or the idx queue) counts as a positive (`pos / pos.sum()`). None: the diagonal is the positive.
+/// batch or the queue) counts as a positive (`pos / pos.sum()`). None: the diagonal is the positive.
 #[allow(clippy::too_many_arguments)]
-pub fn itc(image_feat: &Tensor, text_feat: &Tensor, image_feat_m: &Tensor, text_feat_m: &Tensor,
-    queue: &FeatureQueue, temp: &Tensor, alpha: f64, ids: Option<&[i64]>, kernels: Kernels) -> Result<ItcOutput> {
-    let image_feat_all = Tensor::cat(&[&image_feat_m.t()?, &queue.image_queue], 1)?;
-    let text_feat_all = Tensor::cat(&[&text_feat_m.t()?, &queue.text_queue], 1)?;
+pub fn itc(
+    image_feat: &Tensor, text_feat: &Tensor, image_feat_m: &Tensor, text_feat_m: &Tensor, queue: &Queued,
+    temp: &Tensor, alpha: f64, ids: Option<&[i64]>, kernels: Kernels,
+) -> Result<Tensor> {
+    let image_feat_all = Tensor::cat(&[&image_feat_m.t()?, queue.image], 1)?;
+    let text_feat_all = Tensor::cat(&[&text_feat_m.t()?, queue.text], 1)?;
     let sim_i2t = image_feat.matmul(&text_feat_all)?;
     let sim_t2i = text_feat.matmul(&image_feat_all)?;
     let sim_i2t_m = image_feat_m.matmul(&text_feat_all)?;
     let sim_t2i_m = text_feat_m.matmul(&image_feat_all)?;
-    let pos_mask = ids.map(|ids| positive_mask(ids, &queue.idx_queue, image_feat.device())).transpose()?;
+    let pos_mask = ids.map(|ids| positive_mask(ids, queue.ids, image_feat.device())).transpose()?;
     let positives = || match &pos_mask {
         Some(m) => Positives::Mask(m),
         None => Positives::Diagonal,
     };
     let i2t = itc_loss(&sim_i2t, &sim_i2t_m, temp, alpha, positives(), kernels)?;
     let t2i = itc_loss(&sim_t2i, &sim_t2i_m, temp, alpha, positives(), kernels)?;
-    Ok(ItcOutput { loss: ((i2t + t2i)? / 2.0)? })
+    (i2t + t2i)? / 2.0
 }
 
 /// [B, B + Q] 0/1 mask: key j is a positive of row i when it shows the same image.
 fn positive_mask(ids: &[i64], idx_queue: &[i64], device: &candle_core::Device) -> Result<Tensor> {
     let all: Vec<i64> = ids.iter().chain(idx_queue).copied().collect();
-    let mask: Vec<f32> =
-        ids.iter().flat_map(|i| all.iter().map(move |j| if i == j { 1.0 } else { 0.0 })).collect();
+    let mask: Vec<f32> = ids.iter().flat_map(|i| all.iter().map(move |j| if i == j { 1.0 } else { 0.0 })).collect();
     Tensor::from_vec(mask, (ids.len(), all.len()), device)
 }
 
@@ -59,16 +63,20 @@ mod tests {
     #[test]
     fn multi_positive_itc_matches_the_formula() -> Result<()> {
         let dev = Device::Cpu;
-        let f = |v: &[f32], n: usize| -> Result<Tensor> { crate::model::albef::normalize(&Tensor::from_slice(v, (n, 2), &dev)?) };
+        let f = |v: &[f32], n: usize| -> Result<Tensor> {
+            let t = Tensor::from_slice(v, (n, 2), &dev)?;
+            t.broadcast_div(&t.sqr()?.sum_keepdim(1)?.sqrt()?)
+        };
         let img = f(&[1., 0., 0.6, 0.8, -1., 0.2], 3)?;
         let txt = f(&[0.9, 0.1, 0.5, 0.9, -0.8, 0.5], 3)?;
-        let mut queue = FeatureQueue::new(2, 2, 0, &dev)?;
-        queue.idx_queue = vec![1, 0];
+        let (image_queue, text_queue) = (f(&[0.3, -0.9, 0.7, 0.1], 2)?.t()?, f(&[-0.2, 1., 0.4, 0.4], 2)?.t()?);
+        let idx_queue = [1i64, 0];
+        let queue = Queued { image: &image_queue, text: &text_queue, ids: &idx_queue };
         let ids = [0i64, 1, 0];
         let temp = Tensor::new(0.5f32, &dev)?;
         for kernels in [Kernels::Reference, Kernels::Fused] {
-            let got = itc(&img, &txt, &img, &txt, &queue, &temp, 0.0, Some(&ids), kernels)?.loss.to_scalar::<f32>()? as f64;
-            let all_ids: Vec<i64> = ids.iter().chain(&queue.idx_queue).copied().collect();
+            let got = itc(&img, &txt, &img, &txt, &queue, &temp, 0.0, Some(&ids), kernels)?.to_scalar::<f32>()? as f64;
+            let all_ids: Vec<i64> = ids.iter().chain(queue.ids).copied().collect();
             let loss_dir = |q: &Tensor, keys: &Tensor, qdata: &Tensor| -> Result<f64> {
                 let k_all = Tensor::cat(&[&keys.t()?, qdata], 1)?;
                 let sims: Vec<Vec<f32>> = q.matmul(&k_all)?.to_vec2()?;
@@ -81,7 +89,7 @@ mod tests {
                 }
                 Ok(total / sims.len() as f64)
             };
-            let want = (loss_dir(&img, &txt, &queue.text_queue)? + loss_dir(&txt, &img, &queue.image_queue)?) / 2.0;
+            let want = (loss_dir(&img, &txt, queue.text)? + loss_dir(&txt, &img, queue.image)?) / 2.0;
             assert!((got - want).abs() < 1e-5 * want.abs(), "{kernels:?}: {got} vs {want}");
         }
         Ok(())

@@ -1,10 +1,8 @@
 //! Image-text matching with hard negatives (REFERENCE.md, ITM).
 
 use crate::config::Negatives;
-use crate::model::bert::Bert;
-use crate::model::layers::{Ctx, Linear};
 use anyhow::bail;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use rand::Rng;
 
 /// For each text the index of its negative image, and for each image the index of its negative text.
@@ -19,8 +17,9 @@ pub struct ItmNegatives {
 /// temp), row-major. Hard: probability softmax over the row with the diagonal and every pair of the same
 /// image id masked by -inf BEFORE the softmax (the reference zeroes after it, which crashes on small
 /// batches). Random: uniform over the same allowed set.
-pub fn sample_negatives(sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], mode: Negatives, rng: &mut impl Rng)
-    -> anyhow::Result<ItmNegatives> {
+pub fn sample_negatives(
+    sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], mode: Negatives, rng: &mut impl Rng,
+) -> anyhow::Result<ItmNegatives> {
     let b = ids.len();
     if b < 2 {
         bail!("ITM needs at least 2 image-text pairs per batch to draw negatives, got {b}");
@@ -38,7 +37,8 @@ pub fn sample_negatives(sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], mode: Neg
                 let row = &sims[i * b..(i + 1) * b];
                 let max = (0..b).filter(|&j| allowed(j)).map(|j| row[j]).fold(f32::NEG_INFINITY, f32::max);
                 // Non-finite logits (a diverged step, caught by the trainer's loss check) draw uniformly.
-                let hard = mode == Negatives::Hard && max.is_finite() && (0..b).all(|j| !allowed(j) || row[j].is_finite());
+                let hard =
+                    mode == Negatives::Hard && max.is_finite() && (0..b).all(|j| !allowed(j) || row[j].is_finite());
                 let w: Vec<f64> = (0..b)
                     .map(|j| match (allowed(j), hard) {
                         (false, _) => 0.0,
@@ -48,7 +48,12 @@ pub fn sample_negatives(sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], mode: Neg
                     .collect();
                 let mut u = rng.random::<f64>() * w.iter().sum::<f64>();
                 let last = (0..b).rev().find(|&j| w[j] > 0.0).expect("a positive weight exists");
-                Ok((0..b).find(|&j| { u -= w[j]; w[j] > 0.0 && u < 0.0 }).unwrap_or(last))
+                Ok((0..b)
+                    .find(|&j| {
+                        u -= w[j];
+                        w[j] > 0.0 && u < 0.0
+                    })
+                    .unwrap_or(last))
             })
             .collect()
     };
@@ -57,31 +62,47 @@ pub fn sample_negatives(sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], mode: Neg
     Ok(ItmNegatives { image_for_text, text_for_image })
 }
 
-pub struct ItmOutput {
-    pub loss: candle_core::Tensor,
-    /// Fraction of the 3B pairs the head classifies correctly.
-    pub accuracy: f64,
+/// The in-batch ITC logits hard negatives are drawn from, row-major [B, B] each: `sim_i2t` online image
+/// features against momentum text features, `sim_t2i` the converse, divided by `temp`, no gradient.
+pub fn similarities(
+    image_feat: &Tensor, text_feat: &Tensor, image_feat_m: &Tensor, text_feat_m: &Tensor, temp: f64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let sim = |q: &Tensor, k: &Tensor| -> Result<Vec<f32>> {
+        (q.detach().matmul(&k.t()?)? / temp)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+    };
+    Ok((sim(image_feat, text_feat_m)?, sim(text_feat, image_feat_m)?))
 }
 
-/// Fusion pass over [positives; (text b, negative image of text b); (negative text of image b, image b)],
-/// `itm_head` on the fusion [CLS], cross-entropy with labels [1]*B + [0]*2B. Gradients flow into the
-/// negatives' embeddings.
-pub fn itm(bert: &Bert, itm_head: &Linear, text_embeds: &Tensor, text_mask: &Tensor, image_embeds: &Tensor,
-    neg: &ItmNegatives, ctx: &Ctx) -> candle_core::Result<ItmOutput> {
+/// The 3B pairs ITM scores, in the reference's order: the B positives, (text b, negative image of text
+/// b), (negative text of image b, image b); labels 1 for the positives, 0 for the rest. Gradients flow
+/// into the negatives' embeddings.
+pub struct ItmPairs {
+    pub text_embeds: Tensor,
+    pub mask: Tensor,
+    pub image_embeds: Tensor,
+    pub labels: Tensor,
+}
+
+pub fn pairs(text_embeds: &Tensor, text_mask: &Tensor, image_embeds: &Tensor, neg: &ItmNegatives) -> Result<ItmPairs> {
     let b = text_embeds.dim(0)?;
     let dev = text_embeds.device();
     let idx = |v: &[usize]| Tensor::from_vec(v.iter().map(|&i| i as u32).collect::<Vec<_>>(), v.len(), dev);
     let (img_neg, txt_neg) = (idx(&neg.image_for_text)?, idx(&neg.text_for_image)?);
-    let text_all = Tensor::cat(&[text_embeds, text_embeds, &text_embeds.index_select(&txt_neg, 0)?], 0)?;
-    let mask_all = Tensor::cat(&[text_mask, text_mask, &text_mask.index_select(&txt_neg, 0)?], 0)?;
-    let image_all = Tensor::cat(&[image_embeds, &image_embeds.index_select(&img_neg, 0)?, image_embeds], 0)?;
-    // Only the fusion [CLS] reaches the head: the last layer is computed for it alone.
-    let logits = itm_head.forward(&bert.fusion_cls(&text_all, &mask_all, &image_all, ctx)?)?;
     let labels: Vec<u32> = (0..3 * b).map(|i| u32::from(i < b)).collect();
-    let labels = Tensor::from_vec(labels, 3 * b, dev)?;
-    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-    let correct = logits.argmax(D::Minus1)?.eq(&labels)?.to_dtype(candle_core::DType::F32)?.mean_all()?;
-    Ok(ItmOutput { loss, accuracy: correct.to_scalar::<f32>()? as f64 })
+    Ok(ItmPairs {
+        text_embeds: Tensor::cat(&[text_embeds, text_embeds, &text_embeds.index_select(&txt_neg, 0)?], 0)?,
+        mask: Tensor::cat(&[text_mask, text_mask, &text_mask.index_select(&txt_neg, 0)?], 0)?,
+        image_embeds: Tensor::cat(&[image_embeds, &image_embeds.index_select(&img_neg, 0)?, image_embeds], 0)?,
+        labels: Tensor::from_vec(labels, 3 * b, dev)?,
+    })
+}
+
+/// Cross-entropy of ITM logits [N, 2] against labels [N] (1 = match), and the fraction of pairs the head
+/// classifies correctly (a scalar tensor, read only when logged).
+pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let loss = candle_nn::loss::cross_entropy(logits, labels)?;
+    let accuracy = logits.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F32)?.mean_all()?;
+    Ok((loss, accuracy))
 }
 
 #[cfg(test)]
@@ -114,7 +135,9 @@ mod tests {
         let mut rng = crate::rng::stream(1, "test", "hard", 0);
         let n = 20000;
         let hits = (0..n)
-            .filter(|_| sample_negatives(&sims, &sims, &[0, 1, 2], Negatives::Hard, &mut rng).unwrap().text_for_image[0] == 2)
+            .filter(|_| {
+                sample_negatives(&sims, &sims, &[0, 1, 2], Negatives::Hard, &mut rng).unwrap().text_for_image[0] == 2
+            })
             .count();
         let p = hits as f64 / n as f64;
         assert!((p - 0.8808).abs() < 0.01, "{p}");

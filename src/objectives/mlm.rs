@@ -76,7 +76,17 @@ mod tests {
     fn masking_statistics_match_the_reference() {
         let special = SpecialTokens { pad: 0, cls: 1, mask: 2, vocab_size: 1000 };
         let mut rng = crate::rng::stream(7, "test", "mlm", 0);
-        let ids: Vec<u32> = (0..200_000).map(|i| if i % 10 == 0 { 1 } else if i % 10 == 9 { 0 } else { 100 + (i % 7) as u32 }).collect();
+        let ids: Vec<u32> = (0..200_000)
+            .map(|i| {
+                if i % 10 == 0 {
+                    1
+                } else if i % 10 == 9 {
+                    0
+                } else {
+                    100 + (i % 7) as u32
+                }
+            })
+            .collect();
         let m = mask_tokens(&ids, special, 0.15, &mut rng);
         let eligible = ids.iter().filter(|&&i| i > 1).count() as f64;
         let masked: Vec<usize> = (0..ids.len()).filter(|&i| m.labels[i] != -100).collect();

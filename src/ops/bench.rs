@@ -69,15 +69,41 @@ pub struct BenchReport {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "kernels on {} (median of {} runs, ms; fwd = forward, f+b = forward + backward; errors: worst \
-            output, max |a - b| / max(1, max |b|), exact = reference in f64)", self.device, self.reps)?;
-        writeln!(f, "{:<40} {:>5} {:>9} {:>9} {:>9} {:>9} {:>7} {:>10} {:>11} {:>10}", "op", "dtype", "fused fwd",
-            "ref fwd", "fused f+b", "ref f+b", "speedup", "fused-ref", "fused-exact", "ref-exact")?;
+        writeln!(
+            f,
+            "kernels on {} (median of {} runs, ms; fwd = forward, f+b = forward + backward; errors: worst \
+            output, max |a - b| / max(1, max |b|), exact = reference in f64)",
+            self.device, self.reps
+        )?;
+        writeln!(
+            f,
+            "{:<40} {:>5} {:>9} {:>9} {:>9} {:>9} {:>7} {:>10} {:>11} {:>10}",
+            "op",
+            "dtype",
+            "fused fwd",
+            "ref fwd",
+            "fused f+b",
+            "ref f+b",
+            "speedup",
+            "fused-ref",
+            "fused-exact",
+            "ref-exact"
+        )?;
         for op in &self.ops {
-            writeln!(f, "{:<40} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6.1}x {:>10.1e} {:>11.1e} {:>10.1e}", op.name,
-                op.dtype.as_str(), op.fused_fwd_ms, op.reference_fwd_ms, op.fused_ms, op.reference_ms, op.speedup(),
-                op.worst(|e| e.fused_vs_reference), op.worst(|e| e.fused_vs_exact),
-                op.worst(|e| e.reference_vs_exact))?;
+            writeln!(
+                f,
+                "{:<40} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>6.1}x {:>10.1e} {:>11.1e} {:>10.1e}",
+                op.name,
+                op.dtype.as_str(),
+                op.fused_fwd_ms,
+                op.reference_fwd_ms,
+                op.fused_ms,
+                op.reference_ms,
+                op.speedup(),
+                op.worst(|e| e.fused_vs_reference),
+                op.worst(|e| e.fused_vs_exact),
+                op.worst(|e| e.reference_vs_exact)
+            )?;
         }
         let c = &self.copy;
         writeln!(f, "copy {} MiB: {:.3} ms, {:.1} GB/s (read + write)", c.bytes >> 20, c.ms, c.gbps)
@@ -126,7 +152,11 @@ impl Inputs<Var> {
 
 impl<T> Inputs<T> {
     fn get(&self, exact: bool) -> &T {
-        if exact { &self.exact } else { &self.native }
+        if exact {
+            &self.exact
+        } else {
+            &self.native
+        }
     }
 }
 
@@ -197,8 +227,10 @@ fn grad(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Result<Tensor> 
 
 /// Times `run(kernels, exact = false, backward)` for both implementations, without and with the backward,
 /// and compares the outputs with each other and with `run(Reference, exact = true, backward = true)`.
-fn compare(device: &Device, reps: usize, name: String, dtype: DType, outputs: &[&'static str],
-    run: impl Fn(Kernels, bool, bool) -> Result<Vec<Tensor>>) -> Result<OpBench> {
+fn compare(
+    device: &Device, reps: usize, name: String, dtype: DType, outputs: &[&'static str],
+    run: impl Fn(Kernels, bool, bool) -> Result<Vec<Tensor>>,
+) -> Result<OpBench> {
     let (fused_fwd_ms, _) = time(device, reps, || run(Kernels::Fused, false, false))?;
     let (reference_fwd_ms, _) = time(device, reps, || run(Kernels::Reference, false, false))?;
     let (fused_ms, fused) = time(device, reps, || run(Kernels::Fused, false, true))?;
@@ -240,6 +272,10 @@ fn copy_bandwidth(device: &Device, reps: usize) -> Result<CopyBench> {
     Ok(CopyBench { bytes, ms, gbps: 2.0 * bytes as f64 / (ms * 1e-3) / 1e9 })
 }
 
+fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     fn err(output: &'static str, e: f64) -> super::OutputError {
@@ -251,18 +287,18 @@ mod tests {
         let report = super::BenchReport {
             device: "Cpu".into(),
             reps: 1,
-            ops: vec![super::OpBench { name: "x".into(), dtype: candle_core::DType::F32, fused_fwd_ms: 0.5,
-                reference_fwd_ms: 2.0, fused_ms: 1.0, reference_ms: 3.0, errors: vec![
-                    err("y", 1e-7),
-                    err("d", f64::NAN),
-                ] }],
+            ops: vec![super::OpBench {
+                name: "x".into(),
+                dtype: candle_core::DType::F32,
+                fused_fwd_ms: 0.5,
+                reference_fwd_ms: 2.0,
+                fused_ms: 1.0,
+                reference_ms: 3.0,
+                errors: vec![err("y", 1e-7), err("d", f64::NAN)],
+            }],
             copy: super::CopyBench { bytes: 1 << 20, ms: 1.0, gbps: 2.0 },
         };
         let text = report.to_string();
         assert!(text.contains("3.0x") && text.contains("NaN"), "{text}");
     }
-}
-
-fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(d.as_str())
 }

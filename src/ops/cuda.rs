@@ -28,8 +28,9 @@ impl Module {
 }
 
 /// The elements `layout` addresses, which must be contiguous.
-pub(super) fn contiguous<'a, T: DeviceRepr>(s: &'a CudaSlice<T>, layout: &Layout, what: &str)
-    -> Result<CudaView<'a, T>> {
+pub(super) fn contiguous<'a, T: DeviceRepr>(
+    s: &'a CudaSlice<T>, layout: &Layout, what: &str,
+) -> Result<CudaView<'a, T>> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(s.slice(start..end)),
         None => bail!("{what} must be contiguous"),

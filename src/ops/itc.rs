@@ -17,8 +17,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Sh
 use std::sync::Mutex;
 
 /// The fused path of [`super::itc_loss`] (shapes already checked); `work` is the dtype the op reads.
-pub(super) fn itc_loss_fused(sim: &Tensor, sim_m: &Tensor, temp: &Tensor, alpha: f64, positives: Positives,
-    work: DType) -> Result<Tensor> {
+pub(super) fn itc_loss_fused(
+    sim: &Tensor, sim_m: &Tensor, temp: &Tensor, alpha: f64, positives: Positives, work: DType,
+) -> Result<Tensor> {
     let pos = match positives {
         Positives::Diagonal => None,
         Positives::Mask(m) => Some(m.to_dtype(work)?.contiguous()?.detach()),
@@ -78,8 +79,9 @@ struct Row<'a> {
 }
 
 /// One row on CPU: returns (loss_i, d loss_i / d temp) and leaves d loss_i / d sim in `out`.
-fn itc_row(Row { index: row, sim, sim_m, pos }: Row, temp: f32, alpha: f32, out: &mut [f32], scratch: &mut Scratch)
-    -> (f32, f32) {
+fn itc_row(
+    Row { index: row, sim, sim_m, pos }: Row, temp: f32, alpha: f32, out: &mut [f32], scratch: &mut Scratch,
+) -> (f32, f32) {
     let n = sim.len();
     let Scratch { q, zeros } = scratch;
     q.resize(n, 0.0);
@@ -98,8 +100,16 @@ fn itc_row(Row { index: row, sim, sim_m, pos }: Row, temp: f32, alpha: f32, out:
         1.0
     };
     let pos_sum = pos.map_or(1.0, cpu::sum);
-    let c = RowConsts { temp, inv_temp: 1.0 / temp, alpha, max_s, log_sum_s: sum_s.ln(), inv_sum_s: 1.0 / sum_s,
-        inv_sum_q: 1.0 / sum_q, inv_pos_sum: 1.0 / pos_sum };
+    let c = RowConsts {
+        temp,
+        inv_temp: 1.0 / temp,
+        alpha,
+        max_s,
+        log_sum_s: sum_s.ln(),
+        inv_sum_s: 1.0 / sum_s,
+        inv_sum_q: 1.0 / sum_q,
+        inv_pos_sum: 1.0 / pos_sum,
+    };
     // Pass 3: targets, loss and derivatives.
     match pos {
         Some(p) => itc_span(&c, sim, q, p, out),
@@ -161,8 +171,9 @@ impl CustomOp3 for Itc {
         "alignfuse-itc"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout)
-        -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, n) = l1.shape().dims2()?;
         let sim = f32_contiguous(s1, l1, "sim")?;
         let sim_m = f32_contiguous(s2, l2, "sim_m")?;
@@ -180,20 +191,26 @@ impl CustomOp3 for Itc {
         };
         let alpha = self.alpha;
         let mut dsim = vec![0f32; b * n];
-        let rows = cpu::map_rows(&mut dsim, n, || Scratch { q: Vec::new(), zeros: Vec::new() },
+        let rows = cpu::map_rows(
+            &mut dsim,
+            n,
+            || Scratch { q: Vec::new(), zeros: Vec::new() },
             |scratch, r, out| {
                 let span = r * n..(r + 1) * n;
                 let (sim, sim_m, pos) = (&sim[span.clone()], &sim_m[span.clone()], pos.map(|p| &p[span]));
                 itc_row(Row { index: r, sim, sim_m, pos }, temp, alpha, out, scratch)
-            });
+            },
+        );
         let (loss, dtemp): (Vec<f32>, Vec<f32>) = rows.into_iter().unzip();
         self.save(Tensor::from_vec(dsim, (b, n), &Device::Cpu)?, Tensor::from_vec(dtemp, b, &Device::Cpu)?)?;
         Ok((CpuStorage::F32(loss), Shape::from(b)))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
-        s3: &candle_core::CudaStorage, l3: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
+        s3: &candle_core::CudaStorage, l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         let pos_guard = self.pos.as_ref().map(|p| p.storage_and_layout());
         let pos = match &pos_guard {
             Some((storage, layout)) => match &**storage {
@@ -207,8 +224,9 @@ impl CustomOp3 for Itc {
         Ok((out.loss, Shape::from(l1.dims()[0])))
     }
 
-    fn bwd(&self, _sim: &Tensor, _sim_m: &Tensor, temp: &Tensor, _loss: &Tensor, grad: &Tensor)
-        -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, _sim: &Tensor, _sim_m: &Tensor, temp: &Tensor, _loss: &Tensor, grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = match self.saved.lock() {
             Ok(s) => s.clone(),
             Err(_) => bail!("itc_loss: a previous forward panicked"),
@@ -267,8 +285,9 @@ mod gpu {
 
     /// Launches itc_fwd (one block per row) on `[sim, sim_m, temp]` and the positives. Returns
     /// (d loss_i / d sim wrapped by `wrap`, loss_i, d loss_i / d temp).
-    fn fwd<T: DeviceRepr + WithDType>(dev: &CudaDevice, alpha: f32, [sim, sim_m, temp]: [In<T>; 3],
-        pos: Option<In<T>>, wrap: fn(CudaSlice<T>) -> S) -> Result<(S, CudaSlice<f32>, CudaSlice<f32>)> {
+    fn fwd<T: DeviceRepr + WithDType>(
+        dev: &CudaDevice, alpha: f32, [sim, sim_m, temp]: [In<T>; 3], pos: Option<In<T>>, wrap: fn(CudaSlice<T>) -> S,
+    ) -> Result<(S, CudaSlice<f32>, CudaSlice<f32>)> {
         let (b, n) = sim.1.shape().dims2()?;
         let s = contiguous(sim.0, sim.1, "itc_loss sim")?;
         let m = contiguous(sim_m.0, sim_m.1, "itc_loss sim_m")?;
@@ -313,8 +332,9 @@ mod tests {
     use rand::Rng;
 
     /// Loss and gradients w.r.t. sim and temp; also whether sim_m got a gradient.
-    fn run(sim: &Tensor, sim_m: &Tensor, temp: f32, alpha: f64, pos: Option<&Tensor>, k: Kernels)
-        -> Result<(Tensor, Tensor, Tensor, bool)> {
+    fn run(
+        sim: &Tensor, sim_m: &Tensor, temp: f32, alpha: f64, pos: Option<&Tensor>, k: Kernels,
+    ) -> Result<(Tensor, Tensor, Tensor, bool)> {
         let (sim, sim_m) = (Var::from_tensor(sim)?, Var::from_tensor(sim_m)?);
         let temp = Var::from_tensor(&Tensor::new(&[temp], &Device::Cpu)?.to_dtype(sim.dtype())?)?;
         let positives = pos.map_or(Positives::Diagonal, Positives::Mask);
@@ -333,8 +353,10 @@ mod tests {
     /// from: |loss|; for d sim_ij = (p_ij - t_ij) / (B temp), 1 / (B temp); for d temp = -sum_ij d sim_ij *
     /// sim_ij / temp, 2 max |sim| / temp^2. p and t nearly cancel (alpha = 1 and sim_m close to sim), so
     /// the results can be far smaller than the rounding of the terms in any f32 evaluation.
-    fn check(label: &str, sim: &Tensor, temp: f32, got: &(Tensor, Tensor, Tensor, bool),
-        want: &(Tensor, Tensor, Tensor, bool), tol: f64) -> Result<()> {
+    fn check(
+        label: &str, sim: &Tensor, temp: f32, got: &(Tensor, Tensor, Tensor, bool),
+        want: &(Tensor, Tensor, Tensor, bool), tol: f64,
+    ) -> Result<()> {
         let (b, temp) = (sim.dim(0)? as f64, temp as f64);
         let loss = max_err(&got.0, &want.0)?.1;
         let dsim = max_err(&got.1, &want.1)?.0 * b * temp;
@@ -429,4 +451,3 @@ mod tests {
         Ok(())
     }
 }
-

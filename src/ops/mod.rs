@@ -58,8 +58,9 @@ pub enum Positives<'a> {
 /// `sim`: [B, N] cosine similarities of online queries against momentum keys (batch then queue), with
 /// gradient; `sim_m`: [B, N] the momentum queries' similarities (no gradient); `temp`: a one-element
 /// tensor with gradient. No gradient flows through the targets. Returns an f32 scalar.
-pub fn itc_loss(sim: &Tensor, sim_m: &Tensor, temp: &Tensor, alpha: f64, positives: Positives,
-    kernels: Kernels) -> Result<Tensor> {
+pub fn itc_loss(
+    sim: &Tensor, sim_m: &Tensor, temp: &Tensor, alpha: f64, positives: Positives, kernels: Kernels,
+) -> Result<Tensor> {
     let (b, n) = sim.dims2()?;
     if n == 0 {
         bail!("itc_loss: sim has no columns");

@@ -8,8 +8,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// The fused path of [`super::attention_softmax`]; `work` is the dtype the op reads (f32, or bf16 on CUDA).
-pub(super) fn attention_softmax_fused(scores: &Tensor, scale: f64, mask: Option<&Tensor>, work: DType)
-    -> Result<Tensor> {
+pub(super) fn attention_softmax_fused(
+    scores: &Tensor, scale: f64, mask: Option<&Tensor>, work: DType,
+) -> Result<Tensor> {
     let x = scores.to_dtype(work)?.contiguous()?;
     let op = AttnSoftmax { scale: scale as f32 };
     let y = match mask {
@@ -93,22 +94,30 @@ impl AttnSoftmax {
         let cols = cols(shape)?;
         let scale = self.scale;
         let mut y = vec![0f32; x.len()];
-        cpu::map_rows(&mut y, cols, || (), |_, r, yr| {
-            let xr = &x[r * cols..(r + 1) * cols];
-            match mask {
-                None => yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * scale),
-                Some((m, geom)) => {
-                    let (off, step) = (geom.row_offset(r), geom.strides[3]);
-                    if step == 1 {
-                        let mr = &m[off..off + cols];
-                        yr.iter_mut().zip(xr).zip(mr).for_each(|((o, &v), &mv)| *o = v * scale + mv);
-                    } else {
-                        yr.iter_mut().zip(xr).enumerate().for_each(|(j, (o, &v))| *o = v * scale + m[off + j * step]);
+        cpu::map_rows(
+            &mut y,
+            cols,
+            || (),
+            |_, r, yr| {
+                let xr = &x[r * cols..(r + 1) * cols];
+                match mask {
+                    None => yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * scale),
+                    Some((m, geom)) => {
+                        let (off, step) = (geom.row_offset(r), geom.strides[3]);
+                        if step == 1 {
+                            let mr = &m[off..off + cols];
+                            yr.iter_mut().zip(xr).zip(mr).for_each(|((o, &v), &mv)| *o = v * scale + mv);
+                        } else {
+                            yr.iter_mut()
+                                .zip(xr)
+                                .enumerate()
+                                .for_each(|(j, (o, &v))| *o = v * scale + m[off + j * step]);
+                        }
                     }
                 }
-            }
-            softmax_row(yr);
-        });
+                softmax_row(yr);
+            },
+        );
         Ok((CpuStorage::F32(y), shape.clone()))
     }
 
@@ -148,13 +157,15 @@ impl CustomOp2 for AttnSoftmax {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout)
-        -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         gpu::forward(self.scale, s1, l1, Some((s2, l2)))
     }
 
-    fn bwd(&self, _x: &Tensor, _mask: &Tensor, y: &Tensor, grad_y: &Tensor)
-        -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self, _x: &Tensor, _mask: &Tensor, y: &Tensor, grad_y: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(self.grad(y, grad_y)?), None))
     }
 }
@@ -178,17 +189,23 @@ impl CustomOp2 for AttnSoftmaxBwd {
         let cols = cols(l1.shape())?;
         let scale = self.scale;
         let mut dx = vec![0f32; y.len()];
-        cpu::map_rows(&mut dx, cols, || (), |_, r, dr| {
-            let (yr, gr) = (&y[r * cols..(r + 1) * cols], &g[r * cols..(r + 1) * cols]);
-            let dot = cpu::dot(yr, gr);
-            dr.iter_mut().zip(yr).zip(gr).for_each(|((d, &yv), &gv)| *d = scale * yv * (gv - dot));
-        });
+        cpu::map_rows(
+            &mut dx,
+            cols,
+            || (),
+            |_, r, dr| {
+                let (yr, gr) = (&y[r * cols..(r + 1) * cols], &g[r * cols..(r + 1) * cols]);
+                let dot = cpu::dot(yr, gr);
+                dr.iter_mut().zip(yr).zip(gr).for_each(|((d, &yv), &gv)| *d = scale * yv * (gv - dot));
+            },
+        );
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout)
-        -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         gpu::backward(self.scale, s1, l1, s2, l2)
     }
 }
@@ -210,8 +227,9 @@ mod gpu {
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
     }
 
-    pub(super) fn forward(scale: f32, x: &CudaStorage, xl: &Layout, mask: Option<(&CudaStorage, &Layout)>)
-        -> Result<(CudaStorage, Shape)> {
+    pub(super) fn forward(
+        scale: f32, x: &CudaStorage, xl: &Layout, mask: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = &x.device;
         let slice = match mask {
             None => match &x.slice {
@@ -232,8 +250,9 @@ mod gpu {
     }
 
     /// `mask`: the mask's whole storage and where each row's entries sit in it.
-    fn fwd<T: DeviceRepr + WithDType>(dev: &CudaDevice, scale: f32, x: &CudaSlice<T>, xl: &Layout,
-        mask: Option<(&CudaSlice<T>, MaskGeom)>) -> Result<CudaSlice<T>> {
+    fn fwd<T: DeviceRepr + WithDType>(
+        dev: &CudaDevice, scale: f32, x: &CudaSlice<T>, xl: &Layout, mask: Option<(&CudaSlice<T>, MaskGeom)>,
+    ) -> Result<CudaSlice<T>> {
         let x = contiguous(x, xl, "attention_softmax scores")?;
         let (el, cols) = (xl.shape().elem_count(), cols(xl.shape())?);
         let rows = el.checked_div(cols).unwrap_or(0);
@@ -253,15 +272,26 @@ mod gpu {
             None => b.arg(&0usize),
         };
         b.arg(&y);
-        candle_core::builder_arg!(b, int(rows, "rows")?, int(cols, "cols")?, scale, int(g.d1, "mask dim 1")?,
-            int(g.d2, "mask dim 2")?, stride(0), stride(1), stride(2), stride(3));
+        candle_core::builder_arg!(
+            b,
+            int(rows, "rows")?,
+            int(cols, "cols")?,
+            scale,
+            int(g.d1, "mask dim 1")?,
+            int(g.d2, "mask dim 2")?,
+            stride(0),
+            stride(1),
+            stride(2),
+            stride(3)
+        );
         // SAFETY: argument types and order match attn_softmax_fwd in kernels/softmax.cu.
         unsafe { b.launch(launch_config(rows)) }.w()?;
         Ok(y)
     }
 
-    pub(super) fn backward(scale: f32, y: &CudaStorage, yl: &Layout, g: &CudaStorage, gl: &Layout)
-        -> Result<(CudaStorage, Shape)> {
+    pub(super) fn backward(
+        scale: f32, y: &CudaStorage, yl: &Layout, g: &CudaStorage, gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         if yl.shape() != gl.shape() {
             bail!("attention_softmax backward: gradient {:?} for output {:?}", gl.dims(), yl.dims());
         }
@@ -274,8 +304,9 @@ mod gpu {
         Ok((CudaStorage { slice, device: dev.clone() }, yl.shape().clone()))
     }
 
-    fn bwd<T: DeviceRepr + WithDType>(dev: &CudaDevice, scale: f32, y: &CudaSlice<T>, yl: &Layout,
-        g: &CudaSlice<T>, gl: &Layout) -> Result<CudaSlice<T>> {
+    fn bwd<T: DeviceRepr + WithDType>(
+        dev: &CudaDevice, scale: f32, y: &CudaSlice<T>, yl: &Layout, g: &CudaSlice<T>, gl: &Layout,
+    ) -> Result<CudaSlice<T>> {
         let (y, g) = (contiguous(y, yl, "attention_softmax output")?, contiguous(g, gl, "attention_softmax gradient")?);
         let (el, cols) = (yl.shape().elem_count(), cols(yl.shape())?);
         let rows = el.checked_div(cols).unwrap_or(0);

@@ -1,7 +1,7 @@
 //! `alignfuse bench train`: times training steps on the configured data and model, split into phases
 //! (data wait, forward, EMA update, backward, optimiser), and reports pairs/s and peak memory.
 
-use super::{forward, schedule, Setup};
+use super::{schedule, sum, Setup};
 use crate::config::Config;
 use anyhow::{ensure, Result};
 use serde::Serialize;
@@ -27,11 +27,19 @@ pub struct TrainBench {
 impl std::fmt::Display for TrainBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let total = self.data_ms + self.forward_ms + self.ema_ms + self.backward_ms + self.optimizer_ms;
-        writeln!(f, "{} steps of {} pairs on {}: {:.1} pairs/s, {:.1} ms/step", self.steps, self.batch_size, self.device,
-            self.pairs_per_s, total)?;
+        writeln!(
+            f,
+            "{} steps of {} pairs on {}: {:.1} pairs/s, {:.1} ms/step",
+            self.steps, self.batch_size, self.device, self.pairs_per_s, total
+        )?;
         writeln!(f, "{:<10} {:>10} {:>7}", "phase", "ms/step", "share")?;
-        for (name, ms) in [("data", self.data_ms), ("forward", self.forward_ms), ("ema", self.ema_ms),
-            ("backward", self.backward_ms), ("optimizer", self.optimizer_ms)] {
+        for (name, ms) in [
+            ("data", self.data_ms),
+            ("forward", self.forward_ms),
+            ("ema", self.ema_ms),
+            ("backward", self.backward_ms),
+            ("optimizer", self.optimizer_ms),
+        ] {
             writeln!(f, "{name:<10} {ms:>10.1} {:>6.1}%", 100.0 * ms / total.max(1e-9))?;
         }
         match self.peak_rss_mib {
@@ -48,8 +56,11 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
     cfg.train.grad_accum = 1;
     let mut run = Setup::new(cfg, work_dir)?;
     let cfg = run.cfg.clone();
-    ensure!(run.loader.batches_per_epoch() > steps, "the dataset has {} batches per epoch; bench needs more than --steps = {steps}",
-        run.loader.batches_per_epoch());
+    ensure!(
+        run.loader.batches_per_epoch() > steps,
+        "the dataset has {} batches per epoch; bench needs more than --steps = {steps}",
+        run.loader.batches_per_epoch()
+    );
     let mut batches = run.loader.epoch(0, 0)?;
     let (mut data, mut fwd, mut ema, mut bwd, mut opt) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for i in 0..=steps {
@@ -60,12 +71,15 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         let batch = batches.next().expect("checked above")?;
         data += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let alpha = schedule::alpha(cfg.effective_alpha(), cfg.objectives.alpha_ramp_epochs, i, run.steps_per_epoch);
-        let out = forward(&mut run.model, &cfg, run.special, &batch, i as u64, alpha)?;
-        fwd += t.elapsed().as_secs_f64() - out.ema_s;
-        ema += out.ema_s;
+        run.model.update_momentum()?;
+        ema += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let grads = out.loss.backward()?;
+        let alpha = schedule::alpha(cfg.effective_alpha(), cfg.objectives.alpha_ramp_epochs, i, run.steps_per_epoch);
+        let out = run.forward(&batch, i as u64, alpha)?;
+        let loss = sum(&out.losses, &run.device)?;
+        fwd += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let grads = loss.backward()?;
         bwd += t.elapsed().as_secs_f64();
         let t = Instant::now();
         run.opt.accumulate(&grads)?;

@@ -32,6 +32,23 @@ pub struct TrainState {
     pub config: Config,
 }
 
+impl TrainState {
+    /// The position of a run that has not trained yet.
+    pub fn fresh(cfg: &Config) -> Self {
+        TrainState {
+            format: FORMAT.into(),
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            seed: cfg.seed,
+            best_r_mean: None,
+            skipped_steps: 0,
+            skipped_images: 0,
+            config: cfg.clone(),
+        }
+    }
+}
+
 pub const FORMAT: &str = "alignfuse-checkpoint-1";
 
 pub struct Checkpoints {
@@ -60,8 +77,9 @@ impl Checkpoints {
     }
 
     /// Writes a complete checkpoint and points `latest` (and `best` when `is_best`) at it.
-    pub fn save(&self, state: &TrainState, model: Vec<(String, Tensor)>, optim: Vec<(String, Tensor)>, is_best: bool)
-        -> Result<PathBuf> {
+    pub fn save(
+        &self, state: &TrainState, model: Vec<(String, Tensor)>, optim: Vec<(String, Tensor)>, is_best: bool,
+    ) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
         let name = format!("step-{:07}", state.step);
         let tmp = self.dir.join(format!(".tmp-{name}"));
@@ -99,7 +117,8 @@ impl Checkpoints {
         let tmp = self.dir.join(format!(".{link}.tmp"));
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(target, &tmp)?;
-        std::fs::rename(&tmp, self.dir.join(link)).with_context(|| format!("cannot update {link} in {}", self.dir.display()))
+        std::fs::rename(&tmp, self.dir.join(link))
+            .with_context(|| format!("cannot update {link} in {}", self.dir.display()))
     }
 
     /// Removes checkpoint directories that neither `latest` nor `best` points at, and stale temporaries.
@@ -124,8 +143,8 @@ impl Checkpoints {
 pub fn load(dir: &Path, device: &candle_core::Device) -> Result<Loaded> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
-    let state: TrainState =
-        serde_json::from_str(&text).with_context(|| format!("{} is not an alignfuse checkpoint state", state_path.display()))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an alignfuse checkpoint state", state_path.display()))?;
     if state.format != FORMAT {
         bail!("{}: checkpoint format `{}`, expected `{FORMAT}`", state_path.display(), state.format);
     }

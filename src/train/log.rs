@@ -4,22 +4,21 @@
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-/// One optimiser step's numbers.
+/// One optimiser step's numbers: the summed loss, each objective's loss and each metric (`temp`,
+/// `itm_acc`) by name, means over the step's micro-batches.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepRecord {
     pub step: usize,
     pub epoch: usize,
     pub loss: f64,
-    pub itc: Option<f64>,
-    pub itm: Option<f64>,
-    pub mlm: Option<f64>,
+    pub losses: BTreeMap<String, f64>,
     pub lr: f64,
     pub alpha: f64,
-    pub temp: f64,
-    pub itm_acc: Option<f64>,
+    pub metrics: BTreeMap<String, f64>,
     pub grad_norm: f64,
     pub pairs_per_s: f64,
 }
@@ -29,7 +28,12 @@ pub struct StepRecord {
 pub enum Record {
     Step(StepRecord),
     /// Retrieval metrics of a split (`val` after each epoch, `test` at the end).
-    Eval { split: String, epoch: usize, step: usize, metrics: serde_json::Value },
+    Eval {
+        split: String,
+        epoch: usize,
+        step: usize,
+        metrics: serde_json::Value,
+    },
 }
 
 impl Record {
@@ -54,8 +58,9 @@ impl RunLog {
     /// Opens `OUT/log.jsonl`. When resuming at `resume_step`, records past it (written by the interrupted
     /// run after its last checkpoint) are dropped so the log matches the resumed state. `label` starts every
     /// line (and the progress bar) for the user.
-    pub fn open(out: &Path, resume_step: Option<usize>, total_steps: usize, log_every: usize, label: Option<&str>)
-        -> Result<Self> {
+    pub fn open(
+        out: &Path, resume_step: Option<usize>, total_steps: usize, log_every: usize, label: Option<&str>,
+    ) -> Result<Self> {
         let prefix = label.map_or(String::new(), |l| format!("{l} "));
         let path = out.join("log.jsonl");
         let kept: Vec<String> = match resume_step {
@@ -66,17 +71,18 @@ impl RunLog {
                 .collect::<Result<_, _>>()?,
             _ => vec![],
         };
-        let mut file = BufWriter::new(
-            std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?,
-        );
+        let mut file =
+            BufWriter::new(std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?);
         for line in kept {
             writeln!(file, "{line}")?;
         }
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps as u64);
             bar.set_style(
-                ProgressStyle::with_template("{prefix}{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("valid template"),
+                ProgressStyle::with_template(
+                    "{prefix}{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
             );
             bar.set_prefix(prefix.clone());
             bar.set_position(resume_step.unwrap_or(0) as u64);
@@ -92,15 +98,22 @@ impl RunLog {
     pub fn step(&mut self, r: &StepRecord) -> Result<()> {
         self.write(&Record::Step(r.clone()))?;
         let line = format!(
-            "epoch {} step {} loss {:.4} (itc {} itm {} mlm {}) lr {:.2e} alpha {:.3} temp {:.4} {:.1} pairs/s",
-            r.epoch, r.step, r.loss, opt(r.itc), opt(r.itm), opt(r.mlm), r.lr, r.alpha, r.temp, r.pairs_per_s
+            "epoch {} step {} loss {:.4} ({}) lr {:.2e} alpha {:.3} {} {:.1} pairs/s",
+            r.epoch,
+            r.step,
+            r.loss,
+            named(&r.losses),
+            r.lr,
+            r.alpha,
+            named(&r.metrics),
+            r.pairs_per_s
         );
         match &self.bar {
             Some(bar) => {
                 bar.set_position(r.step as u64);
                 bar.set_message(line);
             }
-            None if r.step % self.log_every == 0 => eprintln!("{}{line}", self.prefix),
+            None if r.step.is_multiple_of(self.log_every) => eprintln!("{}{line}", self.prefix),
             None => {}
         }
         Ok(())
@@ -132,8 +145,9 @@ impl RunLog {
     }
 }
 
-fn opt(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.4}"))
+/// `name value` pairs, four decimals: `itc 2.3026 itm 0.6931`.
+pub fn named(values: &BTreeMap<String, f64>) -> String {
+    values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join(" ")
 }
 
 /// All records of a log file; a malformed line is an error naming its line number.
@@ -142,6 +156,8 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: not a log record", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}:{}: not a log record", path.display(), i + 1))
+        })
         .collect()
 }

@@ -1,5 +1,6 @@
-//! The training loop: batches from `data`, one `Albef::step` per micro-batch, AdamW with schedules,
-//! checkpoints that resume exactly, validation retrieval each epoch, test retrieval at the end.
+//! The training loop: batches from `data`, one model forward per micro-batch, its named losses summed
+//! here, AdamW with schedules, checkpoints that resume exactly, validation retrieval each epoch, test
+//! retrieval at the end.
 //!
 //! Exact resume: every random draw of micro-batch k comes from streams keyed by (seed, k) — dropout,
 //! ITM negatives, MLM masking — and the data order and augmentation from (seed, epoch, sample), so a
@@ -10,21 +11,21 @@ pub mod checkpoint;
 pub mod log;
 pub mod optim;
 pub mod schedule;
+mod setup;
 
-use crate::config::{Config, OnBadImage, OnNonFinite};
-use crate::data::annotations::{RetrievalSet, TextOptions, TrainSet};
-use crate::data::loader::TrainLoader;
-use crate::data::tokenizer::TextTokenizer;
+pub use setup::Setup;
+
+use crate::config::{Config, OnNonFinite};
+use crate::data::annotations::RetrievalSet;
+use crate::data::loader::Batch;
 use crate::eval::RetrievalReport;
-use crate::model::albef::{Albef, SeededDraws, StepBatch, StepOutput};
-use crate::model::layers::Ctx;
-use crate::model::params::ParamStore;
-use crate::objectives::mlm::SpecialTokens;
-use anyhow::{bail, ensure, Context, Result};
+use crate::objectives::Named;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
 use checkpoint::{Checkpoints, TrainState};
 use log::{RunLog, StepRecord};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 pub struct TrainOptions {
@@ -66,311 +67,259 @@ impl TrainSummary {
     }
 }
 
-/// With no training annotation configured, generates the synthetic shapes dataset under OUT/data (once;
-/// it is deterministic in the seed) and points the config at it.
-pub fn ensure_data(cfg: &mut Config, out: &Path) -> Result<()> {
-    if !cfg.data.train_ann.is_empty() {
-        return Ok(());
-    }
-    // Keyed by size and seed: an existing directory holds exactly what generate() would write.
-    let dir = out.join("data").join(format!("synth-n{}-seed{}", cfg.data.synth_n, cfg.seed));
-    let paths = if dir.join("vocab.txt").is_file() {
-        let f = |n: &str| dir.join(n);
-        crate::data::synth::SynthPaths { train: f("train.json"), val: f("val.json"), test: f("test.json"), vocab: f("vocab.txt"), dir: dir.clone() }
-    } else {
-        eprintln!("no training data configured: generating the synthetic shapes dataset in {}", dir.display());
-        crate::data::synth::generate(&dir, cfg.data.synth_n, cfg.seed)?
-    };
-    cfg.data.train_ann = vec![paths.train];
-    cfg.data.val_ann = Some(paths.val);
-    cfg.data.test_ann = Some(paths.test);
-    cfg.data.vocab.get_or_insert(paths.vocab);
-    Ok(())
-}
-
-/// The tokenizer of the first training file, checked against the model's vocabulary size.
-pub fn tokenizer(cfg: &Config) -> Result<TextTokenizer> {
-    let ann = cfg.data.train_ann.first().or(cfg.data.test_ann.as_ref()).context("no annotation file configured")?;
-    let path = cfg.vocab_path(ann)?;
-    let tok = TextTokenizer::from_file(&path)?;
-    ensure!(tok.vocab_size() <= cfg.model.text.vocab_size,
-        "the vocabulary {} has {} tokens but model.text.vocab_size is {}", path.display(), tok.vocab_size(),
-        cfg.model.text.vocab_size);
-    Ok(tok)
-}
-
-pub fn text_options(cfg: &Config) -> TextOptions {
-    TextOptions { max_words: cfg.data.max_words, style: cfg.data.caption_style }
-}
-
-/// Everything a run needs before its first step; `train` and `bench train` share it.
-pub struct Setup {
-    pub cfg: Config,
-    pub device: candle_core::Device,
-    pub tok: Arc<TextTokenizer>,
-    pub loader: TrainLoader,
-    pub model: Albef,
-    pub opt: optim::AdamW,
-    pub special: SpecialTokens,
-    pub steps_per_epoch: usize,
-    /// Micro-batches per epoch actually used: past the last full accumulation they are left out, like
-    /// drop_last.
-    pub micro_per_epoch: usize,
-}
-
-impl Setup {
-    /// Prepares data (generating the synthetic set when none is configured), tokenizer, loader, a freshly
-    /// initialised model and its optimiser.
-    pub fn new(mut cfg: Config, out: &Path) -> Result<Self> {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        ensure_data(&mut cfg, out)?;
-        let device = crate::device(&cfg.device)?;
-        let tok = Arc::new(tokenizer(&cfg)?);
-        let set = Arc::new(TrainSet::load(&cfg.data.train_ann, cfg.data.image_root.as_deref(), text_options(&cfg),
-            cfg.data.on_bad_image == OnBadImage::Fail)?);
-        let loader = TrainLoader::new(set, Arc::clone(&tok), &cfg, device.clone())?;
-        let accum = cfg.train.grad_accum;
-        let steps_per_epoch = loader.batches_per_epoch() / accum;
-        ensure!(steps_per_epoch >= 1, "one epoch has {} batches, fewer than train.grad_accum = {accum}", loader.batches_per_epoch());
-        let model = match &cfg.train.init {
-            Some(path) => Albef::from_checkpoint(&cfg, path, &device).with_context(|| {
-                format!("train.init = {}: create it with `alignfuse import` (configs/small.toml: scripts/prepare-small.sh)",
-                    path.display())
-            })?,
-            None => Albef::new(&cfg, ParamStore::new(cfg.seed, &device))?,
-        };
-        let opt = optim::AdamW::new(model.params.vars(), &cfg.train)?;
-        let special = SpecialTokens { pad: tok.pad_id(), cls: tok.cls_id(), mask: tok.mask_id(), vocab_size: tok.vocab_size() as u32 };
-        Ok(Setup { device, tok, loader, model, opt, special, steps_per_epoch, micro_per_epoch: steps_per_epoch * accum, cfg })
-    }
-
-}
-
-/// The forward of micro-batch number `micro` (counted from the start of training): its dropout masks,
-/// negatives and MLM masking come from streams keyed by (seed, micro).
-pub fn forward(model: &mut Albef, cfg: &Config, special: SpecialTokens, batch: &crate::data::loader::Batch, micro: u64,
-    alpha: f64) -> Result<StepOutput> {
-    let mut draws = SeededDraws {
-        rng: crate::rng::stream(cfg.seed, "draws", "", micro),
-        negatives: cfg.objectives.itm_negatives,
-        special,
-        mlm_probability: cfg.objectives.mlm_probability,
-    };
-    let ctx = Ctx::new(true, cfg.kernels, crate::rng::stream(cfg.seed, "dropout", "online", micro));
-    let ctx_m = Ctx::new(true, cfg.kernels, crate::rng::stream(cfg.seed, "dropout", "momentum", micro));
-    let image_ids: Vec<i64> = batch.image_ids.iter().map(|&i| i as i64).collect();
-    let sb = StepBatch { images: &batch.images, input_ids: &batch.input_ids, attention_mask: &batch.attention_mask, image_ids: &image_ids };
-    model.step(&sb, alpha, &mut draws, &ctx, &ctx_m)
-}
-
+/// Trains `cfg` into `opts.out`: epochs of optimiser steps, validation and a checkpoint after each
+/// epoch, the test split at the end.
 pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
-    let mut run = Setup::new(cfg, &opts.out)?;
-    let cfg = run.cfg.clone();
-    let retrieval = |ann: &Option<PathBuf>| {
-        ann.as_ref().map(|p| RetrievalSet::load(p, cfg.data.image_root.as_deref(), text_options(&cfg))).transpose()
-    };
+    let setup = Setup::new(cfg, &opts.out)?;
+    let cfg = setup.cfg.clone();
+    let retrieval = |ann: &Option<PathBuf>| ann.as_ref().map(|p| crate::data::retrieval_set(&cfg, p)).transpose();
     let (val, test) = (retrieval(&cfg.data.val_ann)?, retrieval(&cfg.data.test_ann)?);
-    let (steps_per_epoch, micro_per_epoch, accum) = (run.steps_per_epoch, run.micro_per_epoch, cfg.train.grad_accum);
-    let total_steps = steps_per_epoch * cfg.train.epochs;
-    let stop_at = opts.max_steps.unwrap_or(total_steps).min(total_steps);
-
-    let ckpts = Checkpoints::new(&opts.out);
-    let mut state = TrainState {
-        format: checkpoint::FORMAT.into(),
-        step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        seed: cfg.seed,
-        best_r_mean: None,
-        skipped_steps: 0,
-        skipped_images: 0,
-        config: cfg.clone(),
-    };
-    if let Some(r) = &opts.resume {
-        let dir = if r == "latest" { ckpts.latest() } else { PathBuf::from(r) };
-        let loaded = checkpoint::load(&dir, &run.device)?;
-        ensure!(loaded.state.config.model == cfg.model && loaded.state.config.seed == cfg.seed,
-            "{}: the checkpoint was trained with a different [model] section or seed than this config", dir.display());
-        run.model.load_named(&loaded.model).with_context(|| format!("loading {}", dir.display()))?;
-        run.opt.load_state(&loaded.optim, loaded.state.step)?;
-        state = TrainState { config: cfg.clone(), ..loaded.state };
-        eprintln!("resuming from {} at step {} (epoch {}, batch {})", dir.display(), state.step, state.epoch, state.batch_in_epoch);
-    }
-    let resumed_from = opts.resume.as_ref().map(|_| state.step);
-    let mut log = RunLog::open(&opts.out, resumed_from, stop_at, cfg.train.log_every, opts.label.as_deref())?;
-    let alpha_max = cfg.effective_alpha();
-    let mut last: Option<StepRecord> = None;
+    let mut trainer = Trainer::start(setup, opts)?;
+    let resumed_from = opts.resume.as_ref().map(|_| trainer.state.step);
     let mut val_report = None;
-
-    'epochs: while state.epoch < cfg.train.epochs && state.step < stop_at {
-        let epoch = state.epoch;
-        let mut batches = run.loader.epoch(epoch, state.batch_in_epoch)?;
-        let mut group = Group::default();
-        for bi in state.batch_in_epoch..micro_per_epoch {
-            let batch = batches.next().context("the loader ended before the epoch did")??;
-            for p in &batch.skipped {
-                log.say(&format!("skipped unreadable image {}", p.display()));
-            }
-            state.skipped_images += batch.skipped.len();
-            group.started.get_or_insert(Instant::now());
-            let micro = (epoch * micro_per_epoch + bi) as u64;
-            let alpha = schedule::alpha(alpha_max, cfg.objectives.alpha_ramp_epochs, state.step, steps_per_epoch);
-            let out = forward(&mut run.model, &cfg, run.special, &batch, micro, alpha)?;
-            match non_finite(&out)? {
-                Some((name, v)) if cfg.train.on_nonfinite == OnNonFinite::Stop => {
-                    log.finish();
-                    bail!("step {} (epoch {epoch}, batch {bi}): loss `{name}` is {v}; stopping. The last good \
-                        checkpoint is {} (set train.on_nonfinite = \"skip\" to drop such steps)", state.step + 1,
-                        ckpts.latest().display());
-                }
-                Some((name, v)) => {
-                    log.say(&format!("step {}: loss `{name}` is {v}; update skipped", state.step + 1));
-                    group.poisoned = true;
-                    run.opt.discard();
-                }
-                None if !group.poisoned => {
-                    run.opt.accumulate(&out.loss.backward()?)?;
-                    group.add(&out, batch.indices.len())?;
-                }
-                None => {}
-            }
-            if (bi + 1) % accum != 0 {
-                continue;
-            }
-            let lr = schedule::learning_rate(&cfg.train, state.step, steps_per_epoch);
-            state.step += 1;
-            state.batch_in_epoch = bi + 1;
-            if group.poisoned {
-                state.skipped_steps += 1;
-                run.opt.discard();
-            } else {
-                let grad_norm = run.opt.step(lr, cfg.train.grad_clip)?;
-                let rec = group.record(state.step, epoch, lr, grad_norm);
-                log.step(&rec)?;
-                last = Some(rec);
-            }
-            group = Group::default();
-            let periodic = cfg.train.checkpoint_every > 0 && state.step % cfg.train.checkpoint_every == 0;
-            if state.step >= stop_at && state.batch_in_epoch < micro_per_epoch {
-                drop(batches);
-                save(&ckpts, &state, &run.model, &run.opt, false)?;
-                break 'epochs;
-            }
-            if periodic && state.batch_in_epoch < micro_per_epoch {
-                save(&ckpts, &state, &run.model, &run.opt, false)?;
-            }
+    while trainer.state.epoch < cfg.train.epochs && trainer.state.step < trainer.stop_at {
+        if !trainer.epoch()? {
+            break;
         }
-        drop(batches);
-        state.epoch += 1;
-        state.batch_in_epoch = 0;
-        let mut is_best = false;
-        if let Some(v) = &val {
-            let report = crate::eval::evaluate(&run.model, v, &run.tok, &cfg)?;
-            let r = report.rerank.r_mean;
-            log.say(&format!("epoch {epoch} validation: r_mean {r:.2} (ITC only {:.2})", report.itc.r_mean));
-            log.eval("val", epoch, state.step, serde_json::to_value(&report)?)?;
-            is_best = state.best_r_mean.is_none_or(|b| r > b);
-            if is_best {
-                state.best_r_mean = Some(r);
-            }
-            val_report = Some(report);
-        }
-        save(&ckpts, &state, &run.model, &run.opt, is_best)?;
+        val_report = trainer.end_epoch(val.as_ref())?.or(val_report);
     }
-    let finished = state.epoch >= cfg.train.epochs;
-    let test_report = match (&test, finished) {
-        (Some(t), true) => {
-            let report = crate::eval::evaluate(&run.model, t, &run.tok, &cfg)?;
-            log.eval("test", state.epoch.saturating_sub(1), state.step, serde_json::to_value(&report)?)?;
-            Some(report)
-        }
+    let test_report = match (&test, trainer.state.epoch >= cfg.train.epochs) {
+        (Some(t), true) => Some(trainer.evaluate("test", t)?),
         _ => None,
     };
-    log.finish();
+    trainer.log.finish();
+    let latest = trainer.ckpts.latest();
     Ok(TrainSummary {
-        steps: state.step,
+        steps: trainer.state.step,
         wall_s: started.elapsed().as_secs_f64(),
         resumed_from,
-        last,
+        last: trainer.last,
         val: val_report,
         test: test_report,
-        checkpoint: std::fs::canonicalize(ckpts.latest()).unwrap_or_else(|_| ckpts.latest()),
-        skipped_steps: state.skipped_steps,
-        skipped_images: state.skipped_images,
+        checkpoint: std::fs::canonicalize(&latest).unwrap_or(latest),
+        skipped_steps: trainer.state.skipped_steps,
+        skipped_images: trainer.state.skipped_images,
     })
 }
 
-fn save(ckpts: &Checkpoints, state: &TrainState, model: &Albef, opt: &optim::AdamW, is_best: bool) -> Result<PathBuf> {
-    ckpts.save(state, model.named_tensors()?, opt.state_tensors(), is_best)
+/// A run in progress: the model and optimiser, where the run stands, its log and checkpoints.
+struct Trainer {
+    setup: Setup,
+    state: TrainState,
+    log: RunLog,
+    ckpts: Checkpoints,
+    /// Total optimiser steps this session trains to.
+    stop_at: usize,
+    last: Option<StepRecord>,
 }
 
-/// The first non-finite loss of a step, by name.
-fn non_finite(out: &StepOutput) -> Result<Option<(&'static str, f32)>> {
-    for (name, t) in [("itc", &out.itc), ("itm", &out.itm), ("mlm", &out.mlm)] {
-        if let Some(t) = t {
-            let v = t.to_scalar::<f32>()?;
-            if !v.is_finite() {
-                return Ok(Some((name, v)));
+impl Trainer {
+    /// A fresh run, or the one `opts.resume` names, with its log opened.
+    fn start(mut setup: Setup, opts: &TrainOptions) -> Result<Self> {
+        let cfg = setup.cfg.clone();
+        let ckpts = Checkpoints::new(&opts.out);
+        let state = match &opts.resume {
+            Some(r) => setup.resume(&if r == "latest" { ckpts.latest() } else { PathBuf::from(r) })?,
+            None => TrainState::fresh(&cfg),
+        };
+        let total_steps = setup.steps_per_epoch * cfg.train.epochs;
+        let stop_at = opts.max_steps.unwrap_or(total_steps).min(total_steps);
+        let resumed = opts.resume.as_ref().map(|_| state.step);
+        let log = RunLog::open(&opts.out, resumed, stop_at, cfg.train.log_every, opts.label.as_deref())?;
+        Ok(Trainer { setup, state, log, ckpts, stop_at, last: None })
+    }
+
+    /// Trains the current epoch from where the state stands. False when it stopped mid-epoch at the
+    /// step limit (after writing a checkpoint).
+    fn epoch(&mut self) -> Result<bool> {
+        let (epoch, accum, micro_per_epoch) =
+            (self.state.epoch, self.setup.cfg.train.grad_accum, self.setup.micro_per_epoch);
+        let mut batches = self.setup.loader.epoch(epoch, self.state.batch_in_epoch)?;
+        let mut step = Accumulated::default();
+        for bi in self.state.batch_in_epoch..micro_per_epoch {
+            let batch = batches.next().context("the loader ended before the epoch did")??;
+            self.note_skipped_images(&batch);
+            step.started.get_or_insert(Instant::now());
+            self.micro_batch(&batch, (epoch * micro_per_epoch + bi) as u64, &mut step)?;
+            if (bi + 1) % accum != 0 {
+                continue;
+            }
+            self.optimizer_step(std::mem::take(&mut step), bi + 1)?;
+            let mid_epoch = self.state.batch_in_epoch < micro_per_epoch;
+            if self.state.step >= self.stop_at && mid_epoch {
+                drop(batches);
+                self.save(false)?;
+                return Ok(false);
+            }
+            let every = self.setup.cfg.train.checkpoint_every;
+            if every > 0 && self.state.step.is_multiple_of(every) && mid_epoch {
+                self.save(false)?;
             }
         }
+        Ok(true)
     }
-    Ok(None)
+
+    fn note_skipped_images(&mut self, batch: &Batch) {
+        for p in &batch.skipped {
+            self.log.say(&format!("skipped unreadable image {}", p.display()));
+        }
+        self.state.skipped_images += batch.skipped.len();
+    }
+
+    /// Forward and backward of micro-batch number `micro` (counted from the start of training); its
+    /// gradients join the step's unless a loss is not finite (train.on_nonfinite).
+    fn micro_batch(&mut self, batch: &Batch, micro: u64, step: &mut Accumulated) -> Result<()> {
+        let cfg = &self.setup.cfg;
+        let alpha = schedule::alpha(
+            cfg.effective_alpha(),
+            cfg.objectives.alpha_ramp_epochs,
+            self.state.step,
+            self.setup.steps_per_epoch,
+        );
+        let on_nonfinite = cfg.train.on_nonfinite;
+        self.setup.model.update_momentum()?;
+        let out = self.setup.forward(batch, micro, alpha)?;
+        let losses = out.losses.values()?;
+        match losses.iter().find(|(_, v)| !v.is_finite()) {
+            Some((name, v)) if on_nonfinite == OnNonFinite::Stop => {
+                self.log.finish();
+                bail!(
+                    "step {} (epoch {}, batch {}): loss `{name}` is {v}; stopping. The last good checkpoint is {} \
+                    (set train.on_nonfinite = \"skip\" to drop such steps)",
+                    self.state.step + 1,
+                    self.state.epoch,
+                    micro as usize % self.setup.micro_per_epoch,
+                    self.ckpts.latest().display()
+                );
+            }
+            Some((name, v)) => {
+                self.log.say(&format!("step {}: loss `{name}` is {v}; update skipped", self.state.step + 1));
+                step.poisoned = true;
+                self.setup.opt.discard();
+            }
+            None if !step.poisoned => {
+                let total = sum(&out.losses, self.setup.model.device())?;
+                self.setup.opt.accumulate(&total.backward()?)?;
+                step.add(total.to_scalar::<f32>()? as f64, &losses, &out.metrics.values()?, alpha, batch.indices.len());
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Applies the accumulated gradients (or drops them when a micro-batch was not finite), logs the step
+    /// and moves the position to micro-batch `batch_in_epoch` of the epoch.
+    fn optimizer_step(&mut self, step: Accumulated, batch_in_epoch: usize) -> Result<()> {
+        let lr = schedule::learning_rate(&self.setup.cfg.train, self.state.step, self.setup.steps_per_epoch);
+        self.state.step += 1;
+        self.state.batch_in_epoch = batch_in_epoch;
+        if step.poisoned {
+            self.state.skipped_steps += 1;
+            self.setup.opt.discard();
+            return Ok(());
+        }
+        let grad_norm = self.setup.opt.step(lr, self.setup.cfg.train.grad_clip)?;
+        let record = step.record(self.state.step, self.state.epoch, lr, grad_norm);
+        self.log.step(&record)?;
+        self.last = Some(record);
+        Ok(())
+    }
+
+    /// Closes the epoch: validation (when a split is configured) and a checkpoint, marked `best` when
+    /// validation improved.
+    fn end_epoch(&mut self, val: Option<&RetrievalSet>) -> Result<Option<RetrievalReport>> {
+        self.state.epoch += 1;
+        self.state.batch_in_epoch = 0;
+        let report = val.map(|v| self.evaluate("val", v)).transpose()?;
+        let is_best = match &report {
+            Some(r) => {
+                let best = self.state.best_r_mean.is_none_or(|b| r.rerank.r_mean > b);
+                if best {
+                    self.state.best_r_mean = Some(r.rerank.r_mean);
+                }
+                best
+            }
+            None => false,
+        };
+        self.save(is_best)?;
+        Ok(report)
+    }
+
+    /// Retrieval on `set`, logged under `split` for the last finished epoch.
+    fn evaluate(&mut self, split: &str, set: &RetrievalSet) -> Result<RetrievalReport> {
+        let report = crate::eval::evaluate(&self.setup.model, set, &self.setup.tok, &self.setup.cfg)?;
+        let epoch = self.state.epoch.saturating_sub(1);
+        if split == "val" {
+            self.log.say(&format!(
+                "epoch {epoch} validation: r_mean {:.2} (ITC only {:.2})",
+                report.rerank.r_mean, report.itc.r_mean
+            ));
+        }
+        self.log.eval(split, epoch, self.state.step, serde_json::to_value(&report)?)?;
+        Ok(report)
+    }
+
+    fn save(&self, is_best: bool) -> Result<PathBuf> {
+        let (model, opt) = (&self.setup.model, &self.setup.opt);
+        self.ckpts.save(&self.state, model.named_tensors()?, opt.state_tensors(), is_best)
+    }
 }
 
-/// Loss sums over the micro-batches of one optimiser step.
+/// The micro-batch's loss: its named losses summed in order (zero when there are none).
+pub fn sum(losses: &Named, device: &candle_core::Device) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (_, loss) in losses.iter() {
+        total = Some(match total {
+            Some(t) => (t + loss)?,
+            None => loss.clone(),
+        });
+    }
+    Ok(match total {
+        Some(t) => t,
+        None => Tensor::zeros((), DType::F32, device)?,
+    })
+}
+
+/// Loss and metric sums over the micro-batches of one optimiser step.
 #[derive(Default)]
-struct Group {
+struct Accumulated {
     n: usize,
     pairs: usize,
     loss: f64,
-    itc: Option<f64>,
-    itm: Option<f64>,
-    mlm: Option<f64>,
-    itm_acc: Option<f64>,
+    losses: BTreeMap<String, f64>,
+    metrics: BTreeMap<String, f64>,
     alpha: f64,
-    temp: f64,
     poisoned: bool,
     started: Option<Instant>,
 }
 
-impl Group {
-    fn add(&mut self, out: &StepOutput, pairs: usize) -> Result<()> {
-        let v = |t: &Option<candle_core::Tensor>| -> Result<Option<f64>> {
-            t.as_ref().map(|t| Ok(t.to_scalar::<f32>()? as f64)).transpose()
-        };
-        let add = |acc: &mut Option<f64>, x: Option<f64>| {
-            if let Some(x) = x {
-                *acc = Some(acc.unwrap_or(0.0) + x);
+impl Accumulated {
+    fn add(&mut self, loss: f64, losses: &[(&str, f64)], metrics: &[(&str, f64)], alpha: f64, pairs: usize) {
+        for (sums, values) in [(&mut self.losses, losses), (&mut self.metrics, metrics)] {
+            for (name, v) in values {
+                *sums.entry(name.to_string()).or_default() += v;
             }
-        };
-        add(&mut self.itc, v(&out.itc)?);
-        add(&mut self.itm, v(&out.itm)?);
-        add(&mut self.mlm, v(&out.mlm)?);
-        add(&mut self.itm_acc, out.itm_accuracy);
-        self.loss += out.loss.to_scalar::<f32>()? as f64;
-        self.alpha = out.alpha;
-        self.temp = out.temp;
+        }
+        self.loss += loss;
+        self.alpha = alpha;
         self.n += 1;
         self.pairs += pairs;
-        Ok(())
     }
 
+    /// Means over the micro-batches.
     fn record(&self, step: usize, epoch: usize, lr: f64, grad_norm: f64) -> StepRecord {
         let n = self.n.max(1) as f64;
-        let mean = |x: Option<f64>| x.map(|x| x / n);
+        let mean = |m: &BTreeMap<String, f64>| m.iter().map(|(k, v)| (k.clone(), v / n)).collect();
         let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
         StepRecord {
             step,
             epoch,
             loss: self.loss / n,
-            itc: mean(self.itc),
-            itm: mean(self.itm),
-            mlm: mean(self.mlm),
+            losses: mean(&self.losses),
             lr,
             alpha: self.alpha,
-            temp: self.temp,
-            itm_acc: mean(self.itm_acc),
+            metrics: mean(&self.metrics),
             grad_norm,
             pairs_per_s: if secs > 0.0 { self.pairs as f64 / secs } else { 0.0 },
         }

@@ -40,8 +40,13 @@ pub fn decays(var: &Var) -> bool {
 /// `train.head_lr_scale` for the parts a fine-tune from unimodal encoders starts from scratch (the ITC
 /// projections, the ITM head, the fusion layers' cross-attention), 1 for the rest.
 pub fn lr_scale(name: &str, cfg: &TrainConfig) -> f64 {
-    let fresh = ["vision_proj.", "text_proj.", "itm_head."].iter().any(|p| name.starts_with(p)) || name.contains(".crossattention.");
-    if fresh { cfg.head_lr_scale } else { 1.0 }
+    let fresh = ["vision_proj.", "text_proj.", "itm_head."].iter().any(|p| name.starts_with(p))
+        || name.contains(".crossattention.");
+    if fresh {
+        cfg.head_lr_scale
+    } else {
+        1.0
+    }
 }
 
 impl AdamW {
@@ -51,7 +56,15 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let zeros = var.as_tensor().zeros_like()?;
-                Ok(Slot { decay: decays(&var), lr_scale: lr_scale(&name, cfg), name, var, m: zeros.clone(), v: zeros, acc: None })
+                Ok(Slot {
+                    decay: decays(&var),
+                    lr_scale: lr_scale(&name, cfg),
+                    name,
+                    var,
+                    m: zeros.clone(),
+                    v: zeros,
+                    acc: None,
+                })
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
@@ -161,7 +174,8 @@ mod tests {
         let mut opt = AdamW::new(vec![("b".into(), b.clone()), ("w".into(), w.clone())], &cfg)?;
         // loss = 3*w0 + 4*w1 + 2*b, two micro-batches of the same gradient.
         for _ in 0..2 {
-            let loss = ((w.as_tensor().matmul(&Tensor::new(&[[3f32], [4.]], &dev)?)?.sum_all()? + (b.as_tensor() * 2.0)?.sum_all()?))?;
+            let loss = (w.as_tensor().matmul(&Tensor::new(&[[3f32], [4.]], &dev)?)?.sum_all()?
+                + (b.as_tensor() * 2.0)?.sum_all()?)?;
             opt.accumulate(&loss.backward()?)?;
         }
         let norm = opt.step(0.01, 0.0)?;
@@ -180,16 +194,25 @@ mod tests {
     #[test]
     fn head_lr_scale_applies_to_projections_heads_and_cross_attention_only() -> Result<()> {
         let dev = Device::Cpu;
-        let names = ["text_proj.weight", "text_encoder.bert.encoder.layer.3.crossattention.self.key.weight",
-            "text_encoder.bert.encoder.layer.3.attention.self.key.weight"];
+        let names = [
+            "text_proj.weight",
+            "text_encoder.bert.encoder.layer.3.crossattention.self.key.weight",
+            "text_encoder.bert.encoder.layer.3.attention.self.key.weight",
+        ];
         let vars: Vec<Var> = names.iter().map(|_| Var::new(&[[0f32]], &dev)).collect::<candle_core::Result<_>>()?;
         let cfg = TrainConfig { head_lr_scale: 10.0, weight_decay: 0.0, ..TrainConfig::default() };
         let mut opt = AdamW::new(names.iter().map(|n| n.to_string()).zip(vars.iter().cloned()).collect(), &cfg)?;
         let loss = vars.iter().map(|v| v.as_tensor().sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
         opt.accumulate(&Tensor::stack(&loss, 0)?.sum_all()?.backward()?)?;
         opt.step(0.01, 0.0)?;
-        let moved: Vec<f32> = vars.iter().map(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>().map(|x| -x[0])).collect::<candle_core::Result<_>>()?;
-        assert!((moved[0] - 0.1).abs() < 1e-6 && (moved[1] - 0.1).abs() < 1e-6 && (moved[2] - 0.01).abs() < 1e-6, "{moved:?}");
+        let moved: Vec<f32> = vars
+            .iter()
+            .map(|v| v.as_tensor().flatten_all()?.to_vec1::<f32>().map(|x| -x[0]))
+            .collect::<candle_core::Result<_>>()?;
+        assert!(
+            (moved[0] - 0.1).abs() < 1e-6 && (moved[1] - 0.1).abs() < 1e-6 && (moved[2] - 0.01).abs() < 1e-6,
+            "{moved:?}"
+        );
         Ok(())
     }
 

@@ -38,7 +38,11 @@ pub fn learning_rate(cfg: &TrainConfig, step: usize, steps_per_epoch: usize) -> 
 /// momentum model is still poor (ALBEF ramps over 1 epoch, BLIP over 2).
 pub fn alpha(alpha: f64, ramp_epochs: f64, step: usize, steps_per_epoch: usize) -> f64 {
     let ramp = ramp_epochs * steps_per_epoch as f64;
-    if ramp <= 0.0 { alpha } else { alpha * (step as f64 / ramp).min(1.0) }
+    if ramp <= 0.0 {
+        alpha
+    } else {
+        alpha * (step as f64 / ramp).min(1.0)
+    }
 }
 
 #[cfg(test)]
@@ -46,7 +50,15 @@ mod tests {
     use super::*;
 
     fn cfg(schedule: Schedule) -> TrainConfig {
-        TrainConfig { epochs: 4, lr: 1e-4, warmup_lr: 1e-5, min_lr: 1e-6, warmup_steps: 10, schedule, ..TrainConfig::default() }
+        TrainConfig {
+            epochs: 4,
+            lr: 1e-4,
+            warmup_lr: 1e-5,
+            min_lr: 1e-6,
+            warmup_steps: 10,
+            schedule,
+            ..TrainConfig::default()
+        }
     }
 
     #[test]

@@ -1,0 +1,122 @@
+//! Everything a training run needs before its first step, shared by `train` and `bench train`: data
+//! (from `crate::data`), tokenizer, loader, the model (fresh, from `train.init`, or resumed) and its
+//! optimiser; and the forward of one micro-batch with its seeded draws.
+
+use super::checkpoint::{self, TrainState};
+use super::optim::AdamW;
+use crate::config::Config;
+use crate::data::loader::{Batch, TrainLoader};
+use crate::data::tokenizer::TextTokenizer;
+use crate::model::albef::{Albef, Inputs, Output, SeededDraws};
+use crate::model::layers::Ctx;
+use crate::model::params::ParamStore;
+use crate::objectives::mlm::SpecialTokens;
+use anyhow::{ensure, Context, Result};
+use std::path::Path;
+use std::sync::Arc;
+
+pub struct Setup {
+    pub cfg: Config,
+    pub device: candle_core::Device,
+    pub tok: Arc<TextTokenizer>,
+    pub loader: TrainLoader,
+    pub model: Albef,
+    pub opt: AdamW,
+    pub special: SpecialTokens,
+    pub steps_per_epoch: usize,
+    /// Micro-batches per epoch actually used: past the last full accumulation they are left out, like
+    /// drop_last.
+    pub micro_per_epoch: usize,
+}
+
+impl Setup {
+    /// Prepares data (generating the synthetic set when none is configured), tokenizer, loader, a freshly
+    /// initialised model (or `train.init`'s) and its optimiser.
+    pub fn new(mut cfg: Config, out: &Path) -> Result<Self> {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        crate::data::resolve(&mut cfg, out)?;
+        let device = crate::device(&cfg.device)?;
+        let tok = Arc::new(crate::data::train_tokenizer(&cfg)?);
+        let set = Arc::new(crate::data::train_set(&cfg)?);
+        let loader = TrainLoader::new(set, Arc::clone(&tok), &cfg, device.clone())?;
+        let accum = cfg.train.grad_accum;
+        let steps_per_epoch = loader.batches_per_epoch() / accum;
+        ensure!(
+            steps_per_epoch >= 1,
+            "one epoch has {} batches, fewer than train.grad_accum = {accum}",
+            loader.batches_per_epoch()
+        );
+        let model = match &cfg.train.init {
+            Some(path) => Albef::from_checkpoint(&cfg, path, &device).with_context(|| {
+                format!(
+                    "train.init = {}: create it with `alignfuse import` (configs/small.toml: scripts/prepare-small.sh)",
+                    path.display()
+                )
+            })?,
+            None => Albef::new(&cfg, ParamStore::new(cfg.seed, &device))?,
+        };
+        let opt = AdamW::new(model.params().vars(), &cfg.train)?;
+        let special = SpecialTokens {
+            pad: tok.pad_id(),
+            cls: tok.cls_id(),
+            mask: tok.mask_id(),
+            vocab_size: tok.vocab_size() as u32,
+        };
+        Ok(Setup {
+            device,
+            tok,
+            loader,
+            model,
+            opt,
+            special,
+            steps_per_epoch,
+            micro_per_epoch: steps_per_epoch * accum,
+            cfg,
+        })
+    }
+
+    /// Loads the checkpoint in `dir` (model, optimiser) and returns its position; its model section and
+    /// seed must be this config's.
+    pub fn resume(&mut self, dir: &Path) -> Result<TrainState> {
+        let loaded = checkpoint::load(dir, &self.device)?;
+        ensure!(
+            loaded.state.config.model == self.cfg.model && loaded.state.config.seed == self.cfg.seed,
+            "{}: the checkpoint was trained with a different [model] section or seed than this config",
+            dir.display()
+        );
+        self.model.load_named(&loaded.model).with_context(|| format!("loading {}", dir.display()))?;
+        self.opt.load_state(&loaded.optim, loaded.state.step)?;
+        let state = TrainState { config: self.cfg.clone(), ..loaded.state };
+        eprintln!(
+            "resuming from {} at step {} (epoch {}, batch {})",
+            dir.display(),
+            state.step,
+            state.epoch,
+            state.batch_in_epoch
+        );
+        Ok(state)
+    }
+
+    /// The model's forward of micro-batch number `micro` (counted from the start of training; call
+    /// `model.update_momentum()` first): its dropout masks, negatives and MLM masking come from streams
+    /// keyed by (seed, micro).
+    pub fn forward(&mut self, batch: &Batch, micro: u64, alpha: f64) -> Result<Output> {
+        let (cfg, seed) = (&self.cfg, self.cfg.seed);
+        let mut draws = SeededDraws {
+            rng: crate::rng::stream(seed, "draws", "", micro),
+            negatives: cfg.objectives.itm_negatives,
+            special: self.special,
+            mlm_probability: cfg.objectives.mlm_probability,
+        };
+        let ctx = Ctx::new(true, cfg.kernels, crate::rng::stream(seed, "dropout", "online", micro));
+        let ctx_m = Ctx::new(true, cfg.kernels, crate::rng::stream(seed, "dropout", "momentum", micro));
+        let image_ids: Vec<i64> = batch.image_ids.iter().map(|&i| i as i64).collect();
+        let inputs = Inputs {
+            images: &batch.images,
+            input_ids: &batch.input_ids,
+            attention_mask: &batch.attention_mask,
+            image_ids: &image_ids,
+        };
+        self.model.forward(&inputs, alpha, &mut draws, &ctx, &ctx_m)
+    }
+}
