@@ -234,8 +234,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Print a log line every this many steps when not on a terminal.
     pub log_every: usize,
-    /// What a non-finite loss does: `"stop"` (error naming step and loss; last good checkpoint kept) or
-    /// `"skip"` (drop the step's update and count it).
+    /// What a non-finite loss or gradient does: `"stop"` (error naming the step, the loss or gradient
+    /// and the last finite checkpoint) or `"skip"` (drop the step's update and count it; see
+    /// `max_consecutive_skips`). A non-finite update is never applied and never checkpointed.
     pub on_nonfinite: OnNonFinite,
     /// Start from this checkpoint (an `alignfuse import` output or another run's model.safetensors)
     /// instead of the seeded initialisation. `--resume` takes precedence.
@@ -243,6 +244,9 @@ pub struct TrainConfig {
     /// Learning-rate multiplier for what a fine-tune from pretrained unimodal encoders starts from scratch:
     /// `vision_proj`, `text_proj`, `itm_head` and the fusion layers' cross-attention (1 = ALBEF: one rate).
     pub head_lr_scale: f64,
+    /// Stop after this many optimiser steps in a row were skipped for non-finite losses or gradients
+    /// (with `on_nonfinite = "skip"`): a run that keeps diverging is not recovering.
+    pub max_consecutive_skips: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -403,6 +407,7 @@ impl Default for TrainConfig {
             on_nonfinite: OnNonFinite::Stop,
             init: None,
             head_lr_scale: 1.0,
+            max_consecutive_skips: 10,
         }
     }
 }
@@ -433,29 +438,71 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks values the types cannot express; each error names the key.
+    /// Checks values the types cannot express; each error names the key. Sizes, widths, depths, head
+    /// counts and resolutions must be positive, rates and probabilities in range, every float finite.
     pub fn validate(&self) -> Result<()> {
+        self.validate_vision()?;
+        self.validate_text()?;
         self.validate_model()?;
-        self.validate_run()
+        self.validate_data()?;
+        self.validate_train()?;
+        check(self.eval.k_test >= 1, "eval.k_test", "must be at least 1".into())?;
+        check(self.eval.batch_size >= 1, "eval.batch_size", "must be at least 1".into())?;
+        check(
+            self.objectives.itc || self.objectives.itm || self.objectives.mlm,
+            "objectives",
+            "at least one of itc, itm, mlm must be on".into(),
+        )?;
+        check(
+            self.device == "cpu" || self.device == "cuda" || self.device == "auto",
+            "device",
+            format!("{:?} is not one of \"cpu\", \"cuda\", \"auto\"", self.device),
+        )
     }
 
-    /// The `[model]` section and the probabilities that weigh objectives.
-    fn validate_model(&self) -> Result<()> {
+    fn validate_vision(&self) -> Result<()> {
         let v = &self.model.vision;
-        let t = &self.model.text;
+        positive(&[
+            ("model.vision.image_res", v.image_res),
+            ("model.vision.patch_size", v.patch_size),
+            ("model.vision.vision_width", v.vision_width),
+            ("model.vision.vision_depth", v.vision_depth),
+            ("model.vision.vision_heads", v.vision_heads),
+        ])?;
         check(
-            v.patch_size > 0 && v.image_res.is_multiple_of(v.patch_size),
+            v.image_res.is_multiple_of(v.patch_size),
             "model.vision.image_res",
             format!("{} is not a multiple of patch_size {}", v.image_res, v.patch_size),
         )?;
         check(
-            v.vision_heads > 0 && v.vision_width.is_multiple_of(v.vision_heads),
+            v.vision_width.is_multiple_of(v.vision_heads),
             "model.vision.vision_heads",
             format!("vision_width {} is not divisible by {} heads", v.vision_width, v.vision_heads),
         )?;
-        check(v.vision_depth > 0, "model.vision.vision_depth", "must be at least 1".into())?;
         check(
-            t.num_attention_heads > 0 && t.hidden_size.is_multiple_of(t.num_attention_heads),
+            (v.vision_width as f64 * v.mlp_ratio).round() >= 1.0 && v.mlp_ratio.is_finite(),
+            "model.vision.mlp_ratio",
+            format!("{} gives an MLP of no units (vision_width {})", v.mlp_ratio, v.vision_width),
+        )?;
+        if let Some(ls) = v.layer_scale {
+            check(ls > 0.0 && ls.is_finite(), "model.vision.layer_scale", format!("{ls} must be positive"))?;
+        }
+        above_zero("model.vision.vision_ln_eps", v.vision_ln_eps)
+    }
+
+    fn validate_text(&self) -> Result<()> {
+        let t = &self.model.text;
+        positive(&[
+            ("model.text.vocab_size", t.vocab_size),
+            ("model.text.hidden_size", t.hidden_size),
+            ("model.text.num_hidden_layers", t.num_hidden_layers),
+            ("model.text.num_attention_heads", t.num_attention_heads),
+            ("model.text.intermediate_size", t.intermediate_size),
+            ("model.text.max_position_embeddings", t.max_position_embeddings),
+            ("model.text.type_vocab_size", t.type_vocab_size),
+        ])?;
+        check(
+            t.hidden_size.is_multiple_of(t.num_attention_heads),
             "model.text.num_attention_heads",
             format!("hidden_size {} is not divisible by {} heads", t.hidden_size, t.num_attention_heads),
         )?;
@@ -467,9 +514,20 @@ impl Config {
                 t.fusion_layer, t.num_hidden_layers
             ),
         )?;
+        above_zero("model.text.layer_norm_eps", t.layer_norm_eps)?;
         for (key, p) in [
             ("model.text.hidden_dropout_prob", t.hidden_dropout_prob),
             ("model.text.attention_probs_dropout_prob", t.attention_probs_dropout_prob),
+        ] {
+            // p = 1 would scale the kept (no) units by 1 / 0.
+            check((0.0..1.0).contains(&p), key, format!("{p} is outside [0, 1)"))?;
+        }
+        Ok(())
+    }
+
+    /// The model's own numbers and the probabilities that weigh objectives.
+    fn validate_model(&self) -> Result<()> {
+        for (key, p) in [
             ("model.alpha", self.model.alpha),
             ("model.momentum", self.model.momentum),
             ("objectives.mlm_probability", self.objectives.mlm_probability),
@@ -481,49 +539,58 @@ impl Config {
             "model.temp",
             format!("{} is outside the clamp range [0.001, 0.5]", self.model.temp),
         )?;
-        check(self.model.queue_size > 0, "model.queue_size", "must be positive".into())?;
-        check(self.model.embed_dim > 0, "model.embed_dim", "must be positive".into())
+        at_least_zero("objectives.alpha_ramp_epochs", self.objectives.alpha_ramp_epochs)?;
+        positive(&[("model.queue_size", self.model.queue_size), ("model.embed_dim", self.model.embed_dim)])
     }
 
-    /// Data, training, evaluation and device settings.
-    fn validate_run(&self) -> Result<()> {
-        let t = &self.model.text;
+    fn validate_data(&self) -> Result<()> {
+        let d = &self.data;
+        positive(&[
+            ("data.synth_n", d.synth_n),
+            ("data.max_words", d.max_words),
+            ("data.num_workers", d.num_workers),
+            ("data.prefetch", d.prefetch),
+        ])?;
         check(
-            self.data.max_tokens >= 3 && self.data.max_tokens <= t.max_position_embeddings,
+            d.max_tokens >= 3 && d.max_tokens <= self.model.text.max_position_embeddings,
             "data.max_tokens",
             format!(
                 "{} must lie in [3, max_position_embeddings = {}]",
-                self.data.max_tokens, t.max_position_embeddings
+                d.max_tokens, self.model.text.max_position_embeddings
             ),
         )?;
-        let [lo, hi] = self.data.crop_scale;
+        let [lo, hi] = d.crop_scale;
         check(0.0 < lo && lo <= hi && hi <= 1.0, "data.crop_scale", format!("[{lo}, {hi}] is not 0 < lo <= hi <= 1"))?;
+        at_least_zero("data.randaugment_m", d.randaugment_m)
+    }
+
+    fn validate_train(&self) -> Result<()> {
+        let t = &self.train;
+        positive(&[
+            ("train.epochs", t.epochs),
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.max_consecutive_skips", t.max_consecutive_skips),
+        ])?;
         check(
-            self.train.batch_size >= 2 || !self.objectives.itm,
+            t.batch_size >= 2 || !self.objectives.itm,
             "train.batch_size",
-            format!("{} < 2: ITM needs at least 2 pairs per batch to draw negatives", self.train.batch_size),
+            format!("{} < 2: ITM needs at least 2 pairs per batch to draw negatives", t.batch_size),
         )?;
-        check(self.train.batch_size >= 1, "train.batch_size", "must be at least 1".into())?;
-        check(self.train.grad_accum >= 1, "train.grad_accum", "must be at least 1".into())?;
-        check(
-            self.train.head_lr_scale > 0.0,
-            "train.head_lr_scale",
-            format!("{} must be positive", self.train.head_lr_scale),
-        )?;
-        check(self.data.num_workers >= 1, "data.num_workers", "must be at least 1".into())?;
-        check(self.data.prefetch >= 1, "data.prefetch", "must be at least 1".into())?;
-        check(self.eval.k_test >= 1, "eval.k_test", "must be at least 1".into())?;
-        check(
-            self.objectives.itc || self.objectives.itm || self.objectives.mlm,
-            "objectives",
-            "at least one of itc, itm, mlm must be on".into(),
-        )?;
-        check(
-            matches!(self.device.as_str(), "cpu" | "cuda" | "auto"),
-            "device",
-            format!("{:?} is not one of \"cpu\", \"cuda\", \"auto\"", self.device),
-        )?;
-        Ok(())
+        for (key, v) in [
+            ("train.lr", t.lr),
+            ("train.warmup_lr", t.warmup_lr),
+            ("train.min_lr", t.min_lr),
+            ("train.weight_decay", t.weight_decay),
+            ("train.grad_clip", t.grad_clip),
+        ] {
+            at_least_zero(key, v)?;
+        }
+        for (key, b) in [("train.betas[0]", t.betas[0]), ("train.betas[1]", t.betas[1])] {
+            check((0.0..1.0).contains(&b), key, format!("{b} is outside [0, 1)"))?;
+        }
+        above_zero("train.eps", t.eps)?;
+        above_zero("train.head_lr_scale", t.head_lr_scale)
     }
 
     /// The WordPiece vocabulary: `data.vocab`, or else the `vocab.txt` beside `ann` (where `synth`
@@ -551,6 +618,45 @@ impl Config {
             0.0
         }
     }
+}
+
+/// The dotted keys whose values differ between two serialisable settings, with both values as TOML
+/// (absent: `-`).
+pub fn differing_keys<T: Serialize>(a: &T, b: &T) -> Result<Vec<(String, String, String)>> {
+    let (a, b) = (toml::Table::try_from(a)?, toml::Table::try_from(b)?);
+    let mut out = vec![];
+    diff_tables(&a, &b, "", &mut out);
+    Ok(out)
+}
+
+fn diff_tables(a: &toml::Table, b: &toml::Table, prefix: &str, out: &mut Vec<(String, String, String)>) {
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match (a.get(k), b.get(k)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => diff_tables(x, y, &key, out),
+            (x, y) if x != y => {
+                let show = |v: Option<&toml::Value>| v.map_or("-".to_string(), |v| v.to_string());
+                out.push((key, show(x), show(y)));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Each (key, value) must be at least 1.
+fn positive(values: &[(&str, usize)]) -> Result<()> {
+    values.iter().try_for_each(|&(key, v)| check(v >= 1, key, "must be at least 1".into()))
+}
+
+/// A finite value > 0.
+fn above_zero(key: &str, v: f64) -> Result<()> {
+    check(v > 0.0 && v.is_finite(), key, format!("{v} must be positive"))
+}
+
+/// A finite value >= 0.
+fn at_least_zero(key: &str, v: f64) -> Result<()> {
+    check(v >= 0.0 && v.is_finite(), key, format!("{v} must be zero or positive"))
 }
 
 /// Ok when `ok`, else an error naming `key` and why.

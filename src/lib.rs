@@ -33,8 +33,9 @@ pub fn device(spec: &str) -> Result<Device> {
     }
 }
 
-/// Writes `path` by letting `write` fill a temporary file beside it, then renaming it into place, so
-/// that `path` never holds a half-written file (a crash leaves the old one). Errors name `path`.
+/// Writes `path` by letting `write` fill a temporary file beside it, syncing it, then renaming it into
+/// place (and syncing the folder), so that `path` never holds a half-written file (a crash or power cut
+/// leaves the old one). Errors name `path`.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -42,7 +43,9 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     let result = std::fs::create_dir_all(dir)
         .map_err(Into::into)
         .and_then(|()| write(&tmp))
-        .and_then(|()| Ok(std::fs::rename(&tmp, path)?));
+        .and_then(|()| Ok(std::fs::File::open(&tmp)?.sync_all()?))
+        .and_then(|()| Ok(std::fs::rename(&tmp, path)?))
+        .and_then(|()| Ok(std::fs::File::open(dir)?.sync_all()?));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

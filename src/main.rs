@@ -14,6 +14,8 @@ fn main() {
     }
     if let Err(e) = alignfuse::cli::run(alignfuse::cli::Cli::parse()) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // A run stopped by SIGINT / SIGTERM (with its checkpoint written) exits 130 / 143, as shells expect.
+        let interrupted = e.chain().find_map(|c| c.downcast_ref::<alignfuse::train::Interrupted>());
+        std::process::exit(interrupted.map_or(1, |i| i.exit_code()));
     }
 }

@@ -31,13 +31,29 @@ fn same(a: &StepRecord, b: &StepRecord) -> bool {
 fn resume_is_exact() {
     let cfg = micro_config(&["train.grad_accum=2", "train.epochs=3"]);
     let straight = scratch("resume-straight");
-    train(cfg.clone(), &TrainOptions { out: straight.clone(), resume: None, max_steps: Some(10), label: None })
-        .unwrap();
+    train(
+        cfg.clone(),
+        &TrainOptions { out: straight.clone(), resume: None, max_steps: Some(10), label: None, overwrite: false },
+    )
+    .unwrap();
     let split = scratch("resume-split");
-    train(cfg.clone(), &TrainOptions { out: split.clone(), resume: None, max_steps: Some(5), label: None }).unwrap();
+    train(
+        cfg.clone(),
+        &TrainOptions { out: split.clone(), resume: None, max_steps: Some(5), label: None, overwrite: false },
+    )
+    .unwrap();
     assert_eq!(steps(&split).len(), 5);
-    train(cfg, &TrainOptions { out: split.clone(), resume: Some("latest".into()), max_steps: Some(10), label: None })
-        .unwrap();
+    train(
+        cfg,
+        &TrainOptions {
+            out: split.clone(),
+            resume: Some("latest".into()),
+            max_steps: Some(10),
+            label: None,
+            overwrite: false,
+        },
+    )
+    .unwrap();
     let (a, b) = (steps(&straight), steps(&split));
     assert_eq!(a.len(), 10);
     assert_eq!(b.len(), 10);
@@ -71,9 +87,17 @@ fn killed_during_checkpoint_write_keeps_previous() {
     assert_eq!(latest, Path::new("step-0000002"));
     let loaded = checkpoint::load(&ckpts.join("latest"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(loaded.state.step, 2);
-    let s =
-        train(cfg, &TrainOptions { out: out.clone(), resume: Some("latest".into()), max_steps: Some(6), label: None })
-            .unwrap();
+    let s = train(
+        cfg,
+        &TrainOptions {
+            out: out.clone(),
+            resume: Some("latest".into()),
+            max_steps: Some(6),
+            label: None,
+            overwrite: false,
+        },
+    )
+    .unwrap();
     assert_eq!(s.steps, 6);
     assert!(!ckpts.join(".tmp-step-0000004").exists(), "stale temporaries are cleaned up");
 }
@@ -82,14 +106,19 @@ fn killed_during_checkpoint_write_keeps_previous() {
 fn non_finite_loss_stops_or_skips() {
     let cfg = micro_config(&["train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0"]);
     let out = scratch("nan-stop");
-    let err = train(cfg.clone(), &TrainOptions { out, resume: None, max_steps: Some(6), label: None }).unwrap_err();
+    let err =
+        train(cfg.clone(), &TrainOptions { out, resume: None, max_steps: Some(6), label: None, overwrite: false })
+            .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("is NaN") || msg.contains("is inf") || msg.contains("is -inf"), "{msg}");
     assert!(msg.contains("loss `") && msg.contains("step "), "{msg}");
     let mut skip = cfg;
     skip.train.on_nonfinite = OnNonFinite::Skip;
-    let s =
-        train(skip, &TrainOptions { out: scratch("nan-skip"), resume: None, max_steps: Some(6), label: None }).unwrap();
+    let s = train(
+        skip,
+        &TrainOptions { out: scratch("nan-skip"), resume: None, max_steps: Some(6), label: None, overwrite: false },
+    )
+    .unwrap();
     assert!(s.skipped_steps > 0);
     assert_eq!(s.steps, 6);
 }
@@ -100,7 +129,11 @@ fn non_finite_loss_stops_or_skips() {
 fn train_init_starts_from_a_checkpoint() {
     let cfg = micro_config(&[]);
     let first = scratch("init-first");
-    train(cfg.clone(), &TrainOptions { out: first.clone(), resume: None, max_steps: Some(2), label: None }).unwrap();
+    train(
+        cfg.clone(),
+        &TrainOptions { out: first.clone(), resume: None, max_steps: Some(2), label: None, overwrite: false },
+    )
+    .unwrap();
     let file = first.join("checkpoints/latest/model.safetensors");
     let saved = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
     let mut with_init = cfg.clone();

@@ -3,14 +3,13 @@
 //! back from disk (summary.json and log.jsonl), so a fresh and a skipped run report the same way.
 
 use super::variants::Variant;
-use crate::config::Config;
+use crate::config::{differing_keys, Config};
 use crate::eval::metrics::Metrics;
 use crate::train::checkpoint::Checkpoints;
 use crate::train::log::{read_records, Record, StepRecord};
 use crate::train::{train, TrainOptions, TrainSummary};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// A planned run.
@@ -80,8 +79,7 @@ impl Run {
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let old: toml::Table =
             toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-        let mut differ = vec![];
-        differing_keys(&old, &self.cfg_table()?, "", &mut differ);
+        let differ: Vec<String> = differing_keys(&old, &self.cfg_table()?)?.into_iter().map(|(k, _, _)| k).collect();
         ensure!(
             differ.is_empty(),
             "{} was trained with a different config than this ablation gives `{}` \
@@ -104,7 +102,9 @@ impl Run {
         let resume = self.resumable().map(|_| "latest".to_string());
         let cfg_text = toml::to_string(&self.cfg)?;
         crate::write_atomic(&self.config_path(), |tmp| Ok(std::fs::write(tmp, &cfg_text)?))?;
-        let opts = TrainOptions { out: self.dir.clone(), resume, max_steps: None, label: Some(label) };
+        // Without a checkpoint there is nothing to resume: an interrupted start is moved aside, not lost.
+        let overwrite = resume.is_none();
+        let opts = TrainOptions { out: self.dir.clone(), resume, max_steps: None, label: Some(label), overwrite };
         let summary = train(self.cfg.clone(), &opts).with_context(|| format!("training {}", self.dir.display()))?;
         summary.save(&self.dir)?;
         Ok(())
@@ -234,18 +234,5 @@ fn median(mut v: Vec<f64>) -> f64 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// Dotted keys whose values differ between two TOML tables.
-fn differing_keys(a: &toml::Table, b: &toml::Table, prefix: &str, out: &mut Vec<String>) {
-    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    for k in keys {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-        match (a.get(k), b.get(k)) {
-            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => differing_keys(x, y, &key, out),
-            (x, y) if x != y => out.push(key),
-            _ => {}
-        }
     }
 }

@@ -16,7 +16,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
         init: args.init,
     };
     let (tensors, report) = import(format, Path::new(&args.src), &cfg, &opts)?;
-    save(&tensors, &args.out)?;
+    save(&tensors, &cfg, &args.out)?;
     print!("{report}");
     if let Some(path) = &args.report {
         crate::write_atomic(path, |tmp| Ok(std::fs::write(tmp, serde_json::to_string_pretty(&report)?)?))

@@ -61,6 +61,10 @@ pub struct TrainArgs {
     /// Stop after this many optimiser steps (for smoke tests and resume checks).
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Train into an --out that already holds a run, moving that run (checkpoints, log, summary) into
+    /// OUT/previous-N first. Nothing is deleted.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]

@@ -3,13 +3,27 @@
 use super::TrainArgs;
 use crate::config::Config;
 use crate::train::log::named;
-use crate::train::{train, TrainOptions};
+use crate::train::{train, Interrupted, TrainOptions};
 use anyhow::Result;
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = Config::load(&args.cfg.config, &args.cfg.set)?;
-    let opts = TrainOptions { out: args.out.clone(), resume: args.resume, max_steps: args.max_steps, label: None };
-    let s = train(cfg, &opts)?;
+    let opts = TrainOptions {
+        out: args.out.clone(),
+        resume: args.resume.clone(),
+        max_steps: args.max_steps,
+        label: None,
+        overwrite: args.overwrite,
+    };
+    let s = match train(cfg, &opts) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.downcast_ref::<Interrupted>().is_some() {
+                eprintln!("resume with: {}", resume_command(&args));
+            }
+            return Err(e);
+        }
+    };
     println!("trained {} steps in {:.1} s; checkpoint {}", s.steps, s.wall_s, s.checkpoint.display());
     if let Some(r) = &s.last {
         println!("last step: loss {:.4} ({}), {:.1} pairs/s", r.loss, named(&r.losses), r.pairs_per_s);
@@ -23,4 +37,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let summary = s.save(&args.out)?;
     println!("log: {}  summary: {}", args.out.join("log.jsonl").display(), summary.display());
     Ok(())
+}
+
+/// This command again, continuing from the run's latest checkpoint.
+fn resume_command(args: &TrainArgs) -> String {
+    let mut cmd = format!("alignfuse train --config {} --out {}", args.cfg.config.display(), args.out.display());
+    for set in &args.cfg.set {
+        cmd.push_str(&format!(" --set {set}"));
+    }
+    if let Some(n) = args.max_steps {
+        cmd.push_str(&format!(" --max-steps {n}"));
+    }
+    cmd + " --resume latest"
 }

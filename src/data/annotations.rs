@@ -138,9 +138,15 @@ impl RetrievalSet {
 }
 
 /// Parses and type-checks one annotation file.
+/// The entries of a JSON list, or of JSON Lines (one object per line; blank lines are skipped), with or
+/// without a UTF-8 byte-order mark. Errors name the entry index (JSON) or the line (JSON Lines).
 fn read_entries(file: &Path) -> Result<Vec<RawEntry>> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read annotation file {}", file.display()))?;
-    let value: Value = serde_json::from_slice(&bytes)
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        return read_json_lines(file, bytes);
+    }
+    let value: Value = serde_json::from_slice(bytes)
         .with_context(|| format!("annotation file {} is not valid JSON", file.display()))?;
     let Value::Array(items) = value else {
         bail!(
@@ -153,6 +159,22 @@ fn read_entries(file: &Path) -> Result<Vec<RawEntry>> {
         .iter()
         .enumerate()
         .map(|(index, item)| parse_entry(item).with_context(|| format!("{}: entry {index}", file.display())))
+        .collect()
+}
+
+fn read_json_lines(file: &Path, bytes: &[u8]) -> Result<Vec<RawEntry>> {
+    let text =
+        std::str::from_utf8(bytes).with_context(|| format!("annotation file {} is not UTF-8", file.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            let at = || format!("{}:{}", file.display(), i + 1);
+            let item: Value = serde_json::from_str(line).with_context(|| {
+                format!("{}: not a JSON object (JSON Lines: one {{\"image\", \"caption\"}} object per line)", at())
+            })?;
+            parse_entry(&item).with_context(at)
+        })
         .collect()
 }
 
@@ -381,11 +403,33 @@ mod tests {
         assert_eq!(set.txt2img, [0, 0, 1, 2, 2, 2]);
     }
 
+    /// JSON Lines and a byte-order mark (what editors and `jq -c` write) read like the JSON list.
+    #[test]
+    fn json_lines_and_byte_order_mark() {
+        let dir = Dir::new("jsonl");
+        let list = dir.file("list.json", "[{\"image\": \"img/a.png\", \"caption\": \"A dog.\"}, {\"image\": \"img/b.png\", \"caption\": [\"x\", \"y\"]}]");
+        let lines = "\u{feff}{\"image\": \"img/a.png\", \"caption\": \"A dog.\"}\n\n{\"image\": \"img/b.png\", \"caption\": [\"x\", \"y\"]}\n";
+        let jsonl = dir.file("lines.jsonl", lines);
+        let bom = dir.file("bom.json", &format!("\u{feff}{}", std::fs::read_to_string(&list).unwrap()));
+        let want = TrainSet::load(std::slice::from_ref(&list), None, TEXT, true).unwrap();
+        assert_eq!(TrainSet::load(std::slice::from_ref(&jsonl), None, TEXT, true).unwrap(), want);
+        assert_eq!(TrainSet::load(&[bom], None, TEXT, true).unwrap(), want);
+        let (a, b) = (RetrievalSet::load(&list, None, TEXT).unwrap(), RetrievalSet::load(&jsonl, None, TEXT).unwrap());
+        assert_eq!((a.texts, a.txt2img), (b.texts, b.txt2img));
+        let bad =
+            dir.file("bad.jsonl", "{\"image\": \"img/a.png\", \"caption\": \"c\"}\n\n{\"image\": \"img/a.png\"}\n");
+        let err = err_of(TrainSet::load(&[bad], None, TEXT, true));
+        assert!(err.contains("bad.jsonl:3") && err.contains("missing key \"caption\""), "{err}");
+        let torn = dir.file("torn.jsonl", "{\"image\": \"img/a.png\", \"caption\": \"c\"}\n{\"image\": \"img/b");
+        let err = err_of(TrainSet::load(&[torn], None, TEXT, true));
+        assert!(err.contains("torn.jsonl:2") && err.contains("JSON Lines"), "{err}");
+    }
+
     #[test]
     fn errors_name_file_entry_and_problem() {
         let dir = Dir::new("err");
         let cases = [
-            ("{}", "must hold a JSON list"),
+            ("\"text\"", "must hold a JSON list"),
             ("[{\"image\": \"img/a.png\", \"caption\": \"ok\"}, 3]", "entry 1: expected an object, found a number"),
             ("[{\"caption\": \"c\"}]", "entry 0: missing key \"image\""),
             ("[{\"image\": \"img/a.png\"}]", "entry 0: missing key \"caption\""),

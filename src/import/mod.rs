@@ -226,10 +226,10 @@ fn fit(file: &str, key: &str, t: &Tensor, dst: &str, want: &Tensor, report: &mut
     bail!(mismatch())
 }
 
-/// Writes the state as a checkpoint alignfuse loads (`--resume`/`eval --checkpoint`/`train.init`).
-pub fn save(tensors: &[(String, Tensor)], out: &Path) -> Result<()> {
-    let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    crate::write_atomic(out, |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))
+/// Writes the state as a checkpoint alignfuse loads (`--resume`/`eval --checkpoint`/`train.init`),
+/// recording `cfg.model` as the architecture it is for.
+pub fn save(tensors: &[(String, Tensor)], cfg: &Config, out: &Path) -> Result<()> {
+    crate::write_atomic(out, |tmp| crate::model::state::write(tmp, tensors, &cfg.model))
 }
 
 impl std::fmt::Display for Report {

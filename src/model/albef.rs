@@ -12,6 +12,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
+use std::path::Path;
 
 /// The modules that exist twice (online and momentum): one definition, two parameter sets.
 struct Encoders {
@@ -89,10 +90,20 @@ impl Draws for SeededDraws {
 }
 
 /// What one forward gives: `losses` by name (`itc`, `itm`, `mlm`; an objective switched off is absent,
-/// and so is MLM for a batch in which nothing was masked), unsummed, and `metrics` (`temp`, `itm_acc`).
+/// and so is MLM for a batch in which nothing was masked), unsummed, `metrics` (`temp`, `itm_acc`), and
+/// the momentum features ITC wants queued, which the caller passes to [`Albef::enqueue`] once the update
+/// they came with has proved finite.
 pub struct Output {
     pub losses: Named,
     pub metrics: Named,
+    pub queue_update: Option<QueueUpdate>,
+}
+
+/// A batch's momentum features (no gradient) and image ids, for the ITC queue.
+pub struct QueueUpdate {
+    image_feat_m: Tensor,
+    text_feat_m: Tensor,
+    image_ids: Vec<i64>,
 }
 
 /// The online encoders' outputs for a batch.
@@ -120,6 +131,7 @@ impl Teacher {
 }
 
 pub struct Albef {
+    model_cfg: ModelConfig,
     objectives: ObjectivesConfig,
     kernels: Kernels,
     /// Trainable parameters: both encoders' online weights, `itm_head`, `temp`.
@@ -146,6 +158,7 @@ impl Albef {
         let momentum_encoders = Encoders::new(&momentum.store.root(), m)?;
         let queue = FeatureQueue::new(m.embed_dim, m.queue_size, cfg.seed, params.device())?;
         Ok(Albef {
+            model_cfg: m.clone(),
             objectives: cfg.objectives.clone(),
             kernels: cfg.kernels,
             params,
@@ -160,13 +173,38 @@ impl Albef {
 
     /// A model with the state of a checkpoint: a `.safetensors` file of [`Albef::named_tensors`], or a
     /// checkpoint directory holding `model.safetensors`.
-    pub fn from_checkpoint(cfg: &Config, path: &std::path::Path, device: &Device) -> anyhow::Result<Self> {
+    pub fn from_checkpoint(cfg: &Config, path: &Path, device: &Device) -> anyhow::Result<Self> {
         let file = if path.is_dir() { path.join("model.safetensors") } else { path.to_path_buf() };
-        let tensors = candle_core::safetensors::load(&file, device)
-            .with_context(|| format!("cannot read checkpoint {}", file.display()))?;
+        let (tensors, saved) = super::state::read(&file, device)?;
         let mut model = Albef::new(cfg, ParamStore::new(cfg.seed, device))?;
-        model.load_named(&tensors).with_context(|| format!("checkpoint {} does not fit the config", file.display()))?;
+        model.load_state(&file, &tensors, saved.as_ref())?;
         Ok(model)
+    }
+
+    /// Loads a checkpoint's tensors into this model: the architecture it was written for (when the file
+    /// records it) must be the config's, every model tensor must be there with its shape, and a tensor
+    /// the model has no place for (a layer the config does not have) is refused by name.
+    pub fn load_state(
+        &mut self, file: &Path, tensors: &HashMap<String, Tensor>, saved: Option<&ModelConfig>,
+    ) -> anyhow::Result<()> {
+        if let Some(saved) = saved {
+            super::state::check_model(file, saved, &self.model_cfg)?;
+        }
+        let unused = self
+            .load_named(tensors)
+            .with_context(|| format!("checkpoint {} does not fit the config", file.display()))?;
+        if !unused.is_empty() {
+            let shown: Vec<&str> = unused.iter().take(6).map(String::as_str).collect();
+            anyhow::bail!(
+                "checkpoint {} holds {} tensors the config has no place for ({}{}): it was written for a \
+                larger model; use the config it was trained with",
+                file.display(),
+                unused.len(),
+                shown.join(", "),
+                if unused.len() > shown.len() { ", ..." } else { "" }
+            );
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {
@@ -223,12 +261,17 @@ impl Albef {
         Ok(self.temp.as_tensor().to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
     }
 
-    /// The pre-training forward of one micro-batch: ITC against momentum keys and the queue (then
-    /// enqueue), ITM with negatives from `draws`, MLM with momentum distillation. `alpha` is this
-    /// micro-batch's (ramped) distillation weight; `ctx` drives the online model, `ctx_m` the momentum
-    /// model (dropout is on in both, as in ALBEF). Call [`Albef::update_momentum`] first.
+    /// Writes a batch's momentum features into the ITC queue (after the ITC loss that read the queue).
+    pub fn enqueue(&mut self, update: &QueueUpdate) -> Result<()> {
+        self.queue.enqueue(&update.image_feat_m, &update.text_feat_m, &update.image_ids)
+    }
+
+    /// The pre-training forward of one micro-batch: ITC against momentum keys and the queue, ITM with
+    /// negatives from `draws`, MLM with momentum distillation. `alpha` is this micro-batch's (ramped)
+    /// distillation weight; `ctx` drives the online model, `ctx_m` the momentum model (dropout is on in
+    /// both, as in ALBEF). Call [`Albef::update_momentum`] first and [`Albef::enqueue`] after.
     pub fn forward(
-        &mut self, batch: &Inputs, alpha: f64, draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx,
+        &self, batch: &Inputs, alpha: f64, draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx,
     ) -> anyhow::Result<Output> {
         let obj = self.objectives.clone();
         let temp_value = self.clamp_temp()?;
@@ -265,11 +308,15 @@ impl Albef {
                 losses.insert("mlm", loss);
             }
         }
-        // Enqueue after the ITC loss, with the momentum features of this batch.
-        if let (true, Some((image_feat_m, text_feat_m))) = (obj.itc, teacher.feats()) {
-            self.queue.enqueue(image_feat_m, text_feat_m, batch.image_ids)?;
-        }
-        Ok(Output { losses, metrics })
+        let queue_update = match (obj.itc, teacher.feats()) {
+            (true, Some((image_feat_m, text_feat_m))) => Some(QueueUpdate {
+                image_feat_m: image_feat_m.clone(),
+                text_feat_m: text_feat_m.clone(),
+                image_ids: batch.image_ids.to_vec(),
+            }),
+            _ => None,
+        };
+        Ok(Output { losses, metrics, queue_update })
     }
 
     /// The momentum encoders on the batch: features for ITC and hard negatives, image tokens for MLM

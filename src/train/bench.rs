@@ -84,6 +84,9 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         let t = Instant::now();
         run.opt.accumulate(&grads)?;
         run.opt.step(cfg.train.lr, cfg.train.grad_clip)?;
+        if let Some(update) = &out.queue_update {
+            run.model.enqueue(update)?;
+        }
         opt += t.elapsed().as_secs_f64();
     }
     let ms = |s: f64| 1000.0 * s / steps as f64;

@@ -60,6 +60,8 @@ pub struct Loaded {
     pub dir: PathBuf,
     pub state: TrainState,
     pub model: HashMap<String, Tensor>,
+    /// The architecture `model.safetensors` records (absent in older checkpoints).
+    pub model_cfg: Option<crate::config::ModelConfig>,
     pub optim: HashMap<String, Tensor>,
 }
 
@@ -76,40 +78,56 @@ impl Checkpoints {
         self.dir.join("best")
     }
 
-    /// Writes a complete checkpoint and points `latest` (and `best` when `is_best`) at it.
+    /// Writes a complete checkpoint and points `latest` (and `best` when `is_best`) at it. A tensor that
+    /// is not finite is never written: the error names it, and `latest` keeps pointing at the last
+    /// finite checkpoint. Re-saving a step (an epoch end right after a periodic save) writes a new
+    /// directory and moves the links over, so `latest` never points at nothing.
     pub fn save(
         &self, state: &TrainState, model: Vec<(String, Tensor)>, optim: Vec<(String, Tensor)>, is_best: bool,
     ) -> Result<PathBuf> {
+        if let Some(name) = first_non_finite(model.iter().chain(&optim))? {
+            bail!("step {}: `{name}` is not finite, so no checkpoint was written; {}", state.step, self.last_finite());
+        }
         std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
-        let name = format!("step-{:07}", state.step);
+        let name = self.free_name(state.step);
         let tmp = self.dir.join(format!(".tmp-{name}"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir(&tmp)?;
-        write_safetensors(&tmp.join("model.safetensors"), model)?;
+        crate::model::state::write(&tmp.join("model.safetensors"), &model, &state.config.model)?;
         crash_point(state.step);
-        write_safetensors(&tmp.join("optim.safetensors"), optim)?;
-        std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(state)?)?;
+        crate::model::state::write(&tmp.join("optim.safetensors"), &optim, &state.config.model)?;
+        let state_file = tmp.join("state.json");
+        std::fs::write(&state_file, serde_json::to_vec_pretty(state)?)?;
+        std::fs::File::open(&state_file)?.sync_all()?;
         sync_dir(&tmp)?;
         let final_dir = self.dir.join(&name);
-        if final_dir.exists() {
-            // Re-saving the same step (an epoch end right after a periodic save): swap the old one out.
-            let old = self.dir.join(format!(".old-{name}"));
-            std::fs::rename(&final_dir, &old)?;
-            std::fs::rename(&tmp, &final_dir)?;
-            self.point("latest", &name)?;
-            std::fs::remove_dir_all(&old)?;
-        } else {
-            std::fs::rename(&tmp, &final_dir)?;
-            self.point("latest", &name)?;
-        }
+        std::fs::rename(&tmp, &final_dir)?;
+        self.point("latest", &name)?;
         if is_best {
             self.point("best", &name)?;
         }
         sync_dir(&self.dir)?;
         self.prune()?;
         Ok(final_dir)
+    }
+
+    /// `step-NNNNNNN`, or `step-NNNNNNN.K` with the first free K when that step was saved already.
+    fn free_name(&self, step: usize) -> String {
+        let base = format!("step-{step:07}");
+        std::iter::once(base.clone())
+            .chain((1..).map(|k| format!("{base}.{k}")))
+            .find(|n| !self.dir.join(n).exists())
+            .expect("an unused name exists")
+    }
+
+    /// Where a stopped run can continue from, for error messages.
+    pub fn last_finite(&self) -> String {
+        match std::fs::canonicalize(self.latest()) {
+            Ok(dir) => format!("the last finite checkpoint is {}", dir.display()),
+            Err(_) => "no checkpoint has been written yet".into(),
+        }
     }
 
     /// Atomically makes `link` point at `target` (a sibling directory name).
@@ -141,6 +159,9 @@ impl Checkpoints {
 
 /// Loads a checkpoint directory (or a `latest` / `best` link).
 pub fn load(dir: &Path, device: &candle_core::Device) -> Result<Loaded> {
+    if !dir.exists() {
+        bail!("no checkpoint at {} (a run resumes from OUT/checkpoints/latest once it has saved one)", dir.display());
+    }
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
     let state: TrainState = serde_json::from_str(&text)
@@ -148,18 +169,23 @@ pub fn load(dir: &Path, device: &candle_core::Device) -> Result<Loaded> {
     if state.format != FORMAT {
         bail!("{}: checkpoint format `{}`, expected `{FORMAT}`", state_path.display(), state.format);
     }
-    let read = |f: &str| {
-        let p = dir.join(f);
-        candle_core::safetensors::load(&p, device).with_context(|| format!("cannot read {}", p.display()))
-    };
-    Ok(Loaded { dir: dir.to_path_buf(), state, model: read("model.safetensors")?, optim: read("optim.safetensors")? })
+    let read = |f: &str| crate::model::state::read(&dir.join(f), device);
+    let ((model, model_cfg), (optim, _)) = (read("model.safetensors")?, read("optim.safetensors")?);
+    Ok(Loaded { dir: dir.to_path_buf(), state, model, model_cfg, optim })
 }
 
-fn write_safetensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
-    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, path).with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(())
+/// The name of the first floating-point tensor holding a NaN or an infinity (one reduction each:
+/// `0 * x` is 0 for finite x and NaN otherwise).
+fn first_non_finite<'a>(tensors: impl Iterator<Item = &'a (String, Tensor)>) -> Result<Option<String>> {
+    for (name, t) in tensors {
+        if t.dtype().is_float() {
+            let s = (t * 0.0)?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+            if s != 0.0 {
+                return Ok(Some(name.clone()));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

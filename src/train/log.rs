@@ -1,7 +1,7 @@
 //! What a run reports: one JSON record per optimiser step and per evaluation in `OUT/log.jsonl`, a
 //! progress bar on a terminal, plain lines otherwise.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -56,26 +56,20 @@ pub struct RunLog {
 
 impl RunLog {
     /// Opens `OUT/log.jsonl`. When resuming at `resume_step`, records past it (written by the interrupted
-    /// run after its last checkpoint) are dropped so the log matches the resumed state. `label` starts every
-    /// line (and the progress bar) for the user.
+    /// run after its last checkpoint) are dropped so the log matches the resumed state; the kept lines stay
+    /// byte for byte. `label` starts every line (and the progress bar) for the user.
     pub fn open(
         out: &Path, resume_step: Option<usize>, total_steps: usize, log_every: usize, label: Option<&str>,
     ) -> Result<Self> {
         let prefix = label.map_or(String::new(), |l| format!("{l} "));
         let path = out.join("log.jsonl");
-        let kept: Vec<String> = match resume_step {
-            Some(step) if path.exists() => read_records(&path)?
-                .into_iter()
-                .filter(|r| r.step() <= step)
-                .map(|r| serde_json::to_string(&r))
-                .collect::<Result<_, _>>()?,
-            _ => vec![],
+        let kept = match resume_step {
+            Some(step) if path.exists() => lines_up_to(&path, step)?,
+            _ => String::new(),
         };
-        let mut file =
-            BufWriter::new(std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?);
-        for line in kept {
-            writeln!(file, "{line}")?;
-        }
+        crate::write_atomic(&path, |tmp| Ok(std::fs::write(tmp, &kept)?))?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path);
+        let file = BufWriter::new(file.with_context(|| format!("cannot write {}", path.display()))?);
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps as u64);
             bar.set_style(
@@ -148,6 +142,32 @@ impl RunLog {
 /// `name value` pairs, four decimals: `itc 2.3026 itm 0.6931`.
 pub fn named(values: &BTreeMap<String, f64>) -> String {
     values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join(" ")
+}
+
+/// The lines of a log up to step `step`, verbatim. A last line that does not parse (the process was
+/// killed while writing it) is dropped with a message; a malformed line before it is an error.
+fn lines_up_to(path: &Path, step: usize) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let lines: Vec<(usize, &str)> = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
+    let mut kept = String::new();
+    for (k, &(i, line)) in lines.iter().enumerate() {
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) if r.step() <= step => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            Ok(_) => {}
+            Err(_) if k + 1 == lines.len() => {
+                eprintln!(
+                    "{}:{}: dropped a torn last line (the run was stopped while writing it)",
+                    path.display(),
+                    i + 1
+                )
+            }
+            Err(e) => bail!("{}:{}: not a log record: {e}", path.display(), i + 1),
+        }
+    }
+    Ok(kept)
 }
 
 /// All records of a log file; a malformed line is an error naming its line number.

@@ -10,10 +10,13 @@ pub mod bench;
 pub mod checkpoint;
 pub mod log;
 pub mod optim;
+mod run_dir;
 pub mod schedule;
 mod setup;
+pub mod signals;
 
 pub use setup::Setup;
+pub use signals::Interrupted;
 
 use crate::config::{Config, OnNonFinite};
 use crate::data::annotations::RetrievalSet;
@@ -36,6 +39,8 @@ pub struct TrainOptions {
     pub max_steps: Option<usize>,
     /// Prefix of every progress line, so a caller running several trainings (`ablate`) says which one.
     pub label: Option<String>,
+    /// Move an earlier run in `out` (checkpoints, log, summary) into `out/previous-N` instead of refusing.
+    pub overwrite: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -68,9 +73,13 @@ impl TrainSummary {
 }
 
 /// Trains `cfg` into `opts.out`: epochs of optimiser steps, validation and a checkpoint after each
-/// epoch, the test split at the end.
+/// epoch, the test split at the end. The folder is locked for the run; SIGINT / SIGTERM end it with a
+/// checkpoint and an [`Interrupted`] error.
 pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
+    anyhow::ensure!(opts.max_steps != Some(0), "--max-steps 0: there is nothing to train");
+    let _lock = run_dir::RunDir::claim(&opts.out, opts.resume.is_some(), opts.overwrite)?;
+    signals::install()?;
     let setup = Setup::new(cfg, &opts.out)?;
     let cfg = setup.cfg.clone();
     let retrieval = |ann: &Option<PathBuf>| ann.as_ref().map(|p| crate::data::retrieval_set(&cfg, p)).transpose();
@@ -83,6 +92,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
             break;
         }
         val_report = trainer.end_epoch(val.as_ref())?.or(val_report);
+        trainer.stop_if_interrupted(false)?;
     }
     let test_report = match (&test, trainer.state.epoch >= cfg.train.epochs) {
         (Some(t), true) => Some(trainer.evaluate("test", t)?),
@@ -112,6 +122,8 @@ struct Trainer {
     /// Total optimiser steps this session trains to.
     stop_at: usize,
     last: Option<StepRecord>,
+    /// Optimiser steps skipped in a row (non-finite loss or gradient).
+    skipped_in_a_row: usize,
 }
 
 impl Trainer {
@@ -127,7 +139,7 @@ impl Trainer {
         let stop_at = opts.max_steps.unwrap_or(total_steps).min(total_steps);
         let resumed = opts.resume.as_ref().map(|_| state.step);
         let log = RunLog::open(&opts.out, resumed, stop_at, cfg.train.log_every, opts.label.as_deref())?;
-        Ok(Trainer { setup, state, log, ckpts, stop_at, last: None })
+        Ok(Trainer { setup, state, log, ckpts, stop_at, last: None, skipped_in_a_row: 0 })
     }
 
     /// Trains the current epoch from where the state stands. False when it stopped mid-epoch at the
@@ -140,13 +152,22 @@ impl Trainer {
         for bi in self.state.batch_in_epoch..micro_per_epoch {
             let batch = batches.next().context("the loader ended before the epoch did")??;
             self.note_skipped_images(&batch);
-            step.started.get_or_insert(Instant::now());
+            if step.started.is_none() {
+                // Once per optimiser step, before its first forward: the EMA reads only applied updates.
+                step.started = Some(Instant::now());
+                self.setup.model.update_momentum()?;
+            }
             self.micro_batch(&batch, (epoch * micro_per_epoch + bi) as u64, &mut step)?;
             if (bi + 1) % accum != 0 {
                 continue;
             }
             self.optimizer_step(std::mem::take(&mut step), bi + 1)?;
             let mid_epoch = self.state.batch_in_epoch < micro_per_epoch;
+            if signals::requested().is_some() {
+                // At an epoch's last step too: the resumed run validates that epoch first.
+                drop(batches);
+                return self.stop_if_interrupted(true).map(|_| false);
+            }
             if self.state.step >= self.stop_at && mid_epoch {
                 drop(batches);
                 self.save(false)?;
@@ -168,7 +189,7 @@ impl Trainer {
     }
 
     /// Forward and backward of micro-batch number `micro` (counted from the start of training); its
-    /// gradients join the step's unless a loss is not finite (train.on_nonfinite).
+    /// gradients and queue update join the step's unless a loss is not finite (train.on_nonfinite).
     fn micro_batch(&mut self, batch: &Batch, micro: u64, step: &mut Accumulated) -> Result<()> {
         let cfg = &self.setup.cfg;
         let alpha = schedule::alpha(
@@ -177,53 +198,87 @@ impl Trainer {
             self.state.step,
             self.setup.steps_per_epoch,
         );
-        let on_nonfinite = cfg.train.on_nonfinite;
-        self.setup.model.update_momentum()?;
         let out = self.setup.forward(batch, micro, alpha)?;
         let losses = out.losses.values()?;
-        match losses.iter().find(|(_, v)| !v.is_finite()) {
-            Some((name, v)) if on_nonfinite == OnNonFinite::Stop => {
-                self.log.finish();
-                bail!(
-                    "step {} (epoch {}, batch {}): loss `{name}` is {v}; stopping. The last good checkpoint is {} \
-                    (set train.on_nonfinite = \"skip\" to drop such steps)",
-                    self.state.step + 1,
-                    self.state.epoch,
-                    micro as usize % self.setup.micro_per_epoch,
-                    self.ckpts.latest().display()
-                );
-            }
-            Some((name, v)) => {
-                self.log.say(&format!("step {}: loss `{name}` is {v}; update skipped", self.state.step + 1));
-                step.poisoned = true;
-                self.setup.opt.discard();
-            }
-            None if !step.poisoned => {
-                let total = sum(&out.losses, self.setup.model.device())?;
-                self.setup.opt.accumulate(&total.backward()?)?;
-                step.add(total.to_scalar::<f32>()? as f64, &losses, &out.metrics.values()?, alpha, batch.indices.len());
-            }
-            None => {}
+        if let Some((name, v)) = losses.iter().find(|(_, v)| !v.is_finite()) {
+            return self.non_finite(self.state.step + 1, &format!("loss `{name}` is {v}"), step);
+        }
+        if !step.poisoned {
+            let total = sum(&out.losses, self.setup.model.device())?;
+            let mut grads = total.backward()?;
+            poison_point(self.state.step + 1, &mut grads, &self.setup.model)?;
+            self.setup.opt.accumulate(&grads)?;
+            let metrics = out.metrics.values()?;
+            step.add(total.to_scalar::<f32>()? as f64, &losses, &metrics, alpha, batch.indices.len());
+            step.queue_updates.extend(out.queue_update);
         }
         Ok(())
     }
 
-    /// Applies the accumulated gradients (or drops them when a micro-batch was not finite), logs the step
-    /// and moves the position to micro-batch `batch_in_epoch` of the epoch.
-    fn optimizer_step(&mut self, step: Accumulated, batch_in_epoch: usize) -> Result<()> {
+    /// A non-finite loss or gradient in `step`: stop, naming it and the last finite checkpoint
+    /// (`train.on_nonfinite = "stop"`), or drop the step's gradients and queue updates (`"skip"`).
+    fn non_finite(&mut self, step: usize, what: &str, acc: &mut Accumulated) -> Result<()> {
+        self.setup.opt.discard();
+        acc.poisoned = true;
+        acc.queue_updates.clear();
+        if self.setup.cfg.train.on_nonfinite == OnNonFinite::Stop {
+            self.log.finish();
+            bail!(
+                "step {step}: {what}; stopping, nothing was applied. {} (set train.on_nonfinite = \"skip\" to \
+                 drop such steps)",
+                self.ckpts.last_finite()
+            );
+        }
+        self.log.say(&format!("step {step}: {what}; update skipped"));
+        Ok(())
+    }
+
+    /// Applies the accumulated gradients when they are finite (then enqueues the step's momentum
+    /// features), or counts the step as skipped; logs it and moves the position to micro-batch
+    /// `batch_in_epoch` of the epoch.
+    fn optimizer_step(&mut self, mut step: Accumulated, batch_in_epoch: usize) -> Result<()> {
         let lr = schedule::learning_rate(&self.setup.cfg.train, self.state.step, self.setup.steps_per_epoch);
         self.state.step += 1;
         self.state.batch_in_epoch = batch_in_epoch;
-        if step.poisoned {
-            self.state.skipped_steps += 1;
-            self.setup.opt.discard();
-            return Ok(());
+        if !step.poisoned {
+            let grad_norm = self.setup.opt.step(lr, self.setup.cfg.train.grad_clip)?;
+            if grad_norm.is_finite() {
+                for update in &step.queue_updates {
+                    self.setup.model.enqueue(update)?;
+                }
+                self.skipped_in_a_row = 0;
+                let record = step.record(self.state.step, self.state.epoch, lr, grad_norm);
+                self.log.step(&record)?;
+                self.last = Some(record);
+                return Ok(());
+            }
+            self.non_finite(self.state.step, &format!("the gradient norm is {grad_norm}"), &mut step)?;
         }
-        let grad_norm = self.setup.opt.step(lr, self.setup.cfg.train.grad_clip)?;
-        let record = step.record(self.state.step, self.state.epoch, lr, grad_norm);
-        self.log.step(&record)?;
-        self.last = Some(record);
+        self.state.skipped_steps += 1;
+        self.skipped_in_a_row += 1;
+        let limit = self.setup.cfg.train.max_consecutive_skips;
+        if self.skipped_in_a_row >= limit {
+            self.log.finish();
+            bail!(
+                "step {}: {limit} optimiser steps in a row were skipped for non-finite values \
+                 (train.max_consecutive_skips); the run is diverging, stopping. {}",
+                self.state.step,
+                self.ckpts.last_finite()
+            );
+        }
         Ok(())
+    }
+
+    /// After a SIGINT / SIGTERM: writes a checkpoint of the current position (unless one was just
+    /// written) and stops with [`Interrupted`].
+    fn stop_if_interrupted(&mut self, save: bool) -> Result<()> {
+        let Some(signal) = signals::requested() else { return Ok(()) };
+        if save {
+            self.save(false)?;
+        }
+        self.log.finish();
+        let checkpoint = std::fs::canonicalize(self.ckpts.latest()).unwrap_or_else(|_| self.ckpts.latest());
+        Err(Interrupted { signal, step: self.state.step, checkpoint }.into())
     }
 
     /// Closes the epoch: validation (when a split is configured) and a checkpoint, marked `best` when
@@ -266,6 +321,20 @@ impl Trainer {
     }
 }
 
+/// Test hook for the reliability tests: `ALIGNFUSE_POISON_GRADIENT=N` makes one gradient of step N NaN
+/// behind a finite loss, as an overflow in a backward pass would.
+fn poison_point(
+    step: usize, grads: &mut candle_core::backprop::GradStore, model: &crate::model::albef::Albef,
+) -> Result<()> {
+    if std::env::var("ALIGNFUSE_POISON_GRADIENT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(step) {
+        let (_, temp) = model.params().vars().into_iter().find(|(n, _)| n == "temp").context("no temp")?;
+        if let Some(g) = grads.remove(temp.as_tensor()) {
+            grads.insert(temp.as_tensor(), (g * f64::NAN)?);
+        }
+    }
+    Ok(())
+}
+
 /// The micro-batch's loss: its named losses summed in order (zero when there are none).
 pub fn sum(losses: &Named, device: &candle_core::Device) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
@@ -290,8 +359,11 @@ struct Accumulated {
     losses: BTreeMap<String, f64>,
     metrics: BTreeMap<String, f64>,
     alpha: f64,
+    /// A micro-batch was not finite: nothing of this step is applied.
     poisoned: bool,
     started: Option<Instant>,
+    /// The micro-batches' momentum features, enqueued once the update is applied.
+    queue_updates: Vec<crate::model::albef::QueueUpdate>,
 }
 
 impl Accumulated {

@@ -99,21 +99,30 @@ impl AdamW {
     }
 
     /// Averages the accumulated gradients over the micro-batches, clips them to `max_norm` (0 = off) and
-    /// applies one AdamW update at `lr`. Returns the global gradient norm before clipping.
+    /// applies one AdamW update at `lr`. Returns the global gradient norm before clipping, reduced on the
+    /// device and read once. A norm that is not finite (a NaN or infinite gradient) is returned without
+    /// touching any parameter or moment, and the gradients are dropped.
     pub fn step(&mut self, lr: f64, max_norm: f64) -> Result<f64> {
         if self.micro == 0 {
             bail!("optimizer step without accumulated gradients");
         }
         let inv = 1.0 / self.micro as f64;
-        let mut sq = 0f64;
+        let mut squares = vec![];
         for s in &mut self.slots {
             if let Some(a) = s.acc.take() {
                 let g = (a * inv)?;
-                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                squares.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?);
                 s.acc = Some(g);
             }
         }
-        let norm = sq.sqrt();
+        let norm = match squares.is_empty() {
+            true => 0.0,
+            false => Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt(),
+        };
+        if !norm.is_finite() {
+            self.discard();
+            return Ok(norm);
+        }
         let clip = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
         self.steps += 1;
         let t = self.steps as i32;
@@ -187,6 +196,23 @@ mod tests {
         assert!((w_new[1] - expect(-2.0, 0.1)).abs() < 1e-6);
         let b_new: Vec<f32> = b.as_tensor().to_vec1()?;
         assert!((b_new[0] - expect(0.5, 0.0)).abs() < 1e-6, "bias must not decay");
+        Ok(())
+    }
+
+    /// An infinite gradient behind a finite loss is reported by the norm and never applied.
+    #[test]
+    fn non_finite_gradients_are_not_applied() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::new(&[[1.0f32, 0.0]], &dev)?;
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], &TrainConfig::default())?;
+        let loss = w.as_tensor().sqrt()?.sum_all()?; // 1, with d sqrt(x)/dx = inf at 0
+        assert_eq!(loss.to_scalar::<f32>()?, 1.0);
+        opt.accumulate(&loss.backward()?)?;
+        assert!(!opt.step(0.01, 1.0)?.is_finite());
+        assert_eq!(w.as_tensor().to_vec2::<f32>()?, [[1.0, 0.0]]);
+        let m: Vec<f32> = opt.state_tensors()[0].1.flatten_all()?.to_vec1()?;
+        assert_eq!(m, [0.0, 0.0], "moments untouched");
+        assert!(opt.step(0.01, 1.0).is_err(), "the gradients were dropped");
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
+use crate::config::differing_keys;
 use crate::config::Config;
 use crate::data::loader::{Batch, TrainLoader};
 use crate::data::tokenizer::TextTokenizer;
@@ -14,6 +15,22 @@ use crate::objectives::mlm::SpecialTokens;
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use std::sync::Arc;
+
+/// Settings that neither reorder the data nor change an update, so a resumed run may change them.
+const MAY_CHANGE_ON_RESUME: [&str; 12] = [
+    "device",
+    "kernels",
+    "eval",
+    "data.val_ann",
+    "data.test_ann",
+    "data.num_workers",
+    "data.prefetch",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.on_nonfinite",
+    "train.max_consecutive_skips",
+    "train.init",
+];
 
 pub struct Setup {
     pub cfg: Config,
@@ -75,16 +92,25 @@ impl Setup {
         })
     }
 
-    /// Loads the checkpoint in `dir` (model, optimiser) and returns its position; its model section and
-    /// seed must be this config's.
+    /// Loads the checkpoint in `dir` (model, optimiser) and returns its position. Every setting that
+    /// changes the data order or the update must be the checkpoint's, or resuming would not continue the
+    /// same run: the error names each differing key.
     pub fn resume(&mut self, dir: &Path) -> Result<TrainState> {
         let loaded = checkpoint::load(dir, &self.device)?;
+        let differ: Vec<String> = differing_keys(&loaded.state.config, &self.cfg)?
+            .into_iter()
+            .filter(|(key, _, _)| !MAY_CHANGE_ON_RESUME.iter().any(|k| key == k || key.starts_with(&format!("{k}."))))
+            .map(|(key, ckpt, now)| format!("{key} = {ckpt} in the checkpoint, {now} now"))
+            .collect();
         ensure!(
-            loaded.state.config.model == self.cfg.model && loaded.state.config.seed == self.cfg.seed,
-            "{}: the checkpoint was trained with a different [model] section or seed than this config",
-            dir.display()
+            differ.is_empty(),
+            "{} cannot be resumed with this config: {} (resume with the run's own settings, or train into a \
+             fresh --out)",
+            dir.display(),
+            differ.join("; ")
         );
-        self.model.load_named(&loaded.model).with_context(|| format!("loading {}", dir.display()))?;
+        let file = dir.join("model.safetensors");
+        self.model.load_state(&file, &loaded.model, loaded.model_cfg.as_ref())?;
         self.opt.load_state(&loaded.optim, loaded.state.step)?;
         let state = TrainState { config: self.cfg.clone(), ..loaded.state };
         eprintln!(
@@ -97,9 +123,9 @@ impl Setup {
         Ok(state)
     }
 
-    /// The model's forward of micro-batch number `micro` (counted from the start of training; call
-    /// `model.update_momentum()` first): its dropout masks, negatives and MLM masking come from streams
-    /// keyed by (seed, micro).
+    /// The model's forward of micro-batch number `micro` (counted from the start of training; the
+    /// caller updates the momentum twin before and enqueues after): its dropout masks, negatives and MLM
+    /// masking come from streams keyed by (seed, micro).
     pub fn forward(&mut self, batch: &Batch, micro: u64, alpha: f64) -> Result<Output> {
         let (cfg, seed) = (&self.cfg, self.cfg.seed);
         let mut draws = SeededDraws {

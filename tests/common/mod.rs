@@ -51,6 +51,11 @@ pub fn ids_u32(t: &Tensor) -> Tensor {
 /// The tiny preset shrunk to a micro model on 64 generated pairs (2 epochs of 8 steps), plus `extra`
 /// overrides.
 pub fn micro_config(extra: &[&str]) -> Config {
+    micro_config_result(extra).unwrap()
+}
+
+/// [`micro_config`], with a bad override as an error.
+pub fn micro_config_result(extra: &[&str]) -> anyhow::Result<Config> {
     let mut sets: Vec<String> = [
         "model.vision.image_res=16",
         "model.vision.patch_size=8",
@@ -82,7 +87,7 @@ pub fn micro_config(extra: &[&str]) -> Config {
     .collect();
     sets.extend(extra.iter().map(|s| s.to_string()));
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
-    Config::load(&path, &sets).unwrap()
+    Config::load(&path, &sets)
 }
 
 /// An empty directory under Cargo's per-test-target scratch space.
