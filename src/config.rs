@@ -118,6 +118,9 @@ pub struct ObjectivesConfig {
     pub distill: bool,
     /// How ITM negatives are drawn: `"hard"` (from the ITC similarity softmax) or `"random"` (uniform).
     pub itm_negatives: Negatives,
+    /// With hard negatives: the share of rows whose negative is drawn hard; the others draw uniformly
+    /// (1 = ALBEF: all hard).
+    pub itm_hard_fraction: f64,
     /// Multi-positive ITC targets: captions of the same image id (in the batch and the idx queue) all count
     /// as positives (ALBEF/BLIP retrieval fine-tuning).
     pub itc_multi_positive: bool,
@@ -247,6 +250,8 @@ pub struct TrainConfig {
     /// Stop after this many optimiser steps in a row were skipped for non-finite losses or gradients
     /// (with `on_nonfinite = "skip"`): a run that keeps diverging is not recovering.
     pub max_consecutive_skips: usize,
+    /// `"rerank"` (ALBEF) or `"itc"`: the validation r_mean that marks a checkpoint `best`.
+    pub select: Select,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -261,6 +266,16 @@ pub enum Schedule {
 pub enum OnNonFinite {
     Stop,
     Skip,
+}
+
+/// Which validation r_mean picks the `best` checkpoint.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Select {
+    /// After ITM re-ranking (ALBEF).
+    Rerank,
+    /// Ranked by ITC similarity alone.
+    Itc,
 }
 
 /// Retrieval evaluation (the COCO/Flickr protocol).
@@ -356,6 +371,7 @@ impl Default for ObjectivesConfig {
             mlm: true,
             distill: true,
             itm_negatives: Negatives::Hard,
+            itm_hard_fraction: 1.0,
             itc_multi_positive: false,
             mlm_probability: 0.15,
             alpha_ramp_epochs: 1.0,
@@ -408,6 +424,7 @@ impl Default for TrainConfig {
             init: None,
             head_lr_scale: 1.0,
             max_consecutive_skips: 10,
+            select: Select::Rerank,
         }
     }
 }
@@ -531,6 +548,7 @@ impl Config {
             ("model.alpha", self.model.alpha),
             ("model.momentum", self.model.momentum),
             ("objectives.mlm_probability", self.objectives.mlm_probability),
+            ("objectives.itm_hard_fraction", self.objectives.itm_hard_fraction),
         ] {
             check((0.0..=1.0).contains(&p), key, format!("{p} is outside [0, 1]"))?;
         }

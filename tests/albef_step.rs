@@ -18,7 +18,7 @@ struct FixedDraws {
 }
 
 impl Draws for FixedDraws {
-    fn negatives(&mut self, _: &[f32], _: &[f32], _: &[i64]) -> anyhow::Result<ItmNegatives> {
+    fn negatives(&mut self, _: &[f32], _: &[f32], _: &[i64], _: &[usize]) -> anyhow::Result<ItmNegatives> {
         Ok(self.neg.clone())
     }
     fn mlm_mask(&mut self, _: &[u32]) -> MaskedTokens {
@@ -52,6 +52,7 @@ fn run_step(kernels: Kernels) -> (Albef, Output, HashMap<String, Tensor>) {
         neg: ItmNegatives {
             image_for_text: to_usize(&fx["input.neg_image_for_text"]),
             text_for_image: to_usize(&fx["input.neg_text_for_image"]),
+            same_caption: 0,
         },
         mlm: MaskedTokens {
             ids: flat_i64(&fx["input.mlm_input_ids"]).into_iter().map(|x| x as u32).collect(),
@@ -60,11 +61,13 @@ fn run_step(kernels: Kernels) -> (Albef, Output, HashMap<String, Tensor>) {
     };
     let ids = ids_u32(&fx["input.input_ids"]);
     let image_ids: Vec<i64> = (0..ids.dim(0).unwrap() as i64).collect();
+    let caption_groups: Vec<usize> = (0..image_ids.len()).collect();
     let batch = Inputs {
         images: &fx["input.image"],
         input_ids: &ids,
         attention_mask: &fx["input.attention_mask"],
         image_ids: &image_ids,
+        caption_groups: &caption_groups,
     };
     let ctx = Ctx::eval(kernels);
     model.update_momentum().unwrap();

@@ -11,8 +11,8 @@ use alignfuse::data::image::{load_rgb, test_transform};
 use alignfuse::data::tokenizer::TextTokenizer;
 use alignfuse::eval::bench::bench_rerank;
 use alignfuse::eval::embed::embed_set;
-use alignfuse::eval::metrics::{best_rank, GroundTruth, Metrics};
-use alignfuse::eval::rerank::{rerank, reranked_ranks, RerankOptions};
+use alignfuse::eval::metrics::{standing, GroundTruth, Metrics, Standing};
+use alignfuse::eval::rerank::{rerank, reranked_standings, RerankOptions};
 use alignfuse::eval::sims::itc_pass;
 use alignfuse::eval::{evaluate, RetrievalReport};
 use alignfuse::model::albef::Albef;
@@ -54,12 +54,20 @@ fn metrics_match_itm_eval_fixture_stable_rule() {
     let own_image: Vec<Vec<usize>> = txt2img.iter().map(|&i| vec![i]).collect();
     for case in 0..4 {
         let rows = |name: &str| fx[&format!("case{case}.input.{name}")].to_vec2::<f32>().unwrap();
-        let tr: Vec<usize> = rows("scores_i2t").iter().zip(&img2txt).map(|(row, gt)| best_rank(row, gt)).collect();
-        let ir: Vec<usize> = rows("scores_t2i").iter().zip(&own_image).map(|(row, gt)| best_rank(row, gt)).collect();
+        let tr: Vec<Standing> = rows("scores_i2t").iter().zip(&img2txt).map(|(row, gt)| standing(row, gt)).collect();
+        let ir: Vec<Standing> = rows("scores_t2i").iter().zip(&own_image).map(|(row, gt)| standing(row, gt)).collect();
         let want = |name: &str| format!("case{case}.stable.{name}");
-        assert_eq!(tr, vec_i64(&fx[&want("tr_ranks")]), "case {case} TR ranks");
-        assert_eq!(ir, vec_i64(&fx[&want("ir_ranks")]), "case {case} IR ranks");
-        let m = Metrics::from_ranks(&tr, &ir);
+        let above = |s: &[Standing]| s.iter().map(|s| s.above).collect::<Vec<_>>();
+        assert_eq!(above(&tr), vec_i64(&fx[&want("tr_ranks")]), "case {case} TR ranks");
+        assert_eq!(above(&ir), vec_i64(&fx[&want("ir_ranks")]), "case {case} IR ranks");
+        if tr.iter().chain(&ir).any(|s| s.tied > s.tied_correct) {
+            // Ties with wrong candidates: the fixture's rule gives them to the ground truth, ours takes
+            // the random-tie expectation, which is never higher.
+            let (ours, favoured) = (Metrics::from_standings(&tr, &ir).r_mean, scalar(&fx, &want("r_mean")) as f64);
+            assert!(ours < favoured, "case {case}: {ours} vs {favoured}");
+            continue;
+        }
+        let m = Metrics::from_standings(&tr, &ir);
         for (name, value) in [
             ("tr_r1", m.tr_r1),
             ("tr_r5", m.tr_r5),
@@ -221,6 +229,36 @@ fn write_retrieval_set(dir: &Path) -> PathBuf {
     ann
 }
 
+/// A collapsed model (every weight 0: what lr = 0 from a zero start gives) scores every pair alike. The old
+/// rule gave it R@K = 100 everywhere; the random-tie rule gives the chance level of this set, exactly for
+/// ITC, and for re-ranking far below 100 (which tied candidates enter the top k is a fixed shuffle).
+#[test]
+fn a_collapsed_model_evaluates_at_chance() {
+    let dir = TempDir::new("collapsed");
+    let ann = write_retrieval_set(&dir.0);
+    let cfg = tiny_config();
+    let model = Albef::new(&cfg, ParamStore::new(7, &Device::Cpu)).unwrap();
+    for (_, var) in model.params().vars() {
+        var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
+    }
+    let set = RetrievalSet::load(&ann, None, TextOptions { max_words: 30, style: CaptionStyle::Albef }).unwrap();
+    let tok = TextTokenizer::from_file(&cfg.vocab_path(&ann).unwrap()).unwrap();
+    let report = evaluate(&model, &set, &tok, &cfg).unwrap();
+    let (n_images, n_texts) = (set.images.len(), set.texts.len());
+    let choose =
+        |n: usize, k: usize| if k > n { 0.0 } else { (0..k).map(|i| (n - i) as f64 / (k - i) as f64).product::<f64>() };
+    let chance = |k: usize| {
+        let tr = set.img2txt.iter().map(|own| 1.0 - choose(n_texts - own.len(), k) / choose(n_texts, k)).sum::<f64>();
+        (100.0 * tr / n_images as f64, 100.0 * (k as f64 / n_images as f64).min(1.0))
+    };
+    let m = &report.itc;
+    for (k, tr, ir) in [(1, m.tr_r1, m.ir_r1), (5, m.tr_r5, m.ir_r5), (10, m.tr_r10, m.ir_r10)] {
+        let (tr_chance, ir_chance) = chance(k);
+        assert!((tr - tr_chance).abs() < 1e-9 && (ir - ir_chance).abs() < 1e-9, "ITC R@{k}: {tr} {ir}");
+    }
+    assert!(report.rerank.tr_r1 < 50.0 && report.rerank.ir_r1 < 50.0, "{report}");
+}
+
 /// What the model computes when called directly, one image or caption at a time.
 struct Direct {
     image_embeds: Vec<Tensor>,
@@ -331,16 +369,16 @@ fn evaluation_agrees_with_the_models_own_forward() {
     let report = evaluate(&model, &set, &tok, &cfg).unwrap();
     let k = cfg.eval.k_test;
     let itm = rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::Itm, true, k)).unwrap();
-    let tr = reranked_ranks(&i2t.topk, &itm.i2t, set.texts.len(), &gt.texts_of_image);
-    let ir = reranked_ranks(&t2i.topk, &itm.t2i, set.images.len(), &gt.images_of_text);
-    assert_eq!(report.itc, Metrics::from_ranks(&i2t.ranks, &t2i.ranks));
-    assert_eq!(report.rerank, Metrics::from_ranks(&tr, &ir));
-    for (q, rank) in tr.iter().enumerate() {
+    let tr = reranked_standings(&i2t.topk, &itm.i2t, set.texts.len(), &gt.texts_of_image);
+    let ir = reranked_standings(&t2i.topk, &itm.t2i, set.images.len(), &gt.images_of_text);
+    assert_eq!(report.itc, Metrics::from_standings(&i2t.standings, &t2i.standings));
+    assert_eq!(report.rerank, Metrics::from_standings(&tr, &ir));
+    for (q, at) in tr.iter().enumerate() {
         let mut row = vec![-100f32; set.texts.len()];
         for s in q * k..(q + 1) * k {
             row[i2t.topk.idx[s] as usize] = itm.i2t[s];
         }
-        assert_eq!(*rank, best_rank(&row, &gt.texts_of_image[q]), "TR rank of image {q}");
+        assert_eq!(*at, standing(&row, &gt.texts_of_image[q]), "TR standing of image {q}");
     }
     assert_eq!((report.images, report.texts, report.k_i2t, report.k_t2i, report.shared_captions), (6, 11, 3, 3, 4));
     assert_eq!(report.pairs, itm.pairs);

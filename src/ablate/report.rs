@@ -256,8 +256,8 @@ are not meaningful for this row; compare its ITC r_mean.\n",
     if meta.eval.k_test < 10 {
         let _ = writeln!(
             md,
-            "- k_test = {} < 10: a ground truth outside the top k ranks k after re-ranking, so the \
-re-ranked R@K for K > k is optimistic.",
+            "- k_test = {} < 10: a ground truth outside the top k ties with every candidate outside it \
+after re-ranking, so the re-ranked R@K for K > k counts it at the random-tie expectation.",
             meta.eval.k_test
         );
     }

@@ -29,6 +29,8 @@ pub struct Batch {
     pub attention_mask: Tensor,
     /// Image id of each pair (equal ids = same image).
     pub image_ids: Vec<u64>,
+    /// Equal values mark pairs whose cleaned captions are identical (the first such pair's position).
+    pub caption_groups: Vec<usize>,
     /// Index of each pair in the [`TrainSet`].
     pub indices: Vec<usize>,
     /// Position of this batch in its epoch (what a checkpoint stores to resume).
@@ -44,6 +46,7 @@ struct RawBatch {
     images: Vec<f32>,
     text: Encoded,
     image_ids: Vec<u64>,
+    caption_groups: Vec<usize>,
     indices: Vec<usize>,
     batch_index: usize,
     skipped: Vec<PathBuf>,
@@ -58,6 +61,8 @@ struct TrainJob {
     max_tokens: usize,
     seed: u64,
     on_bad_image: OnBadImage,
+    /// ITM needs two images in every batch (see [`separate_images`]).
+    two_images_per_batch: bool,
 }
 
 /// The training data loader: shuffled each epoch, `drop_last`, prefetched by `num_workers` threads.
@@ -73,6 +78,10 @@ impl TrainLoader {
     pub fn new(set: Arc<TrainSet>, tokenizer: Arc<TextTokenizer>, cfg: &Config, device: Device) -> Result<Self> {
         let batch_size = cfg.train.batch_size;
         ensure!(batch_size >= 1, "batch size must be at least 1");
+        let two_images_per_batch = cfg.objectives.itm;
+        if two_images_per_batch {
+            check_two_images_per_batch(&set, batch_size, &cfg.data.train_ann)?;
+        }
         ensure!(
             set.len() >= batch_size,
             "the training set has {} pairs, fewer than one batch of {batch_size} (batches are full: drop_last)",
@@ -86,6 +95,7 @@ impl TrainLoader {
             max_tokens: cfg.data.max_tokens,
             seed: cfg.seed,
             on_bad_image: cfg.data.on_bad_image,
+            two_images_per_batch,
         };
         Ok(TrainLoader {
             job: Arc::new(job),
@@ -106,7 +116,11 @@ impl TrainLoader {
     pub fn epoch(&self, epoch: usize, start_batch: usize) -> Result<impl Iterator<Item = Result<Batch>>> {
         let total = self.batches_per_epoch();
         ensure!(start_batch <= total, "cannot start epoch {epoch} at batch {start_batch}: it has {total} batches");
-        let order = Arc::new(epoch_order(self.job.seed, epoch, self.job.set.len()));
+        let mut order = epoch_order(self.job.seed, epoch, self.job.set.len());
+        if self.job.two_images_per_batch {
+            separate_images(&mut order, |i| self.job.set.entries[i].image_id, self.job.batch_size);
+        }
+        let order = Arc::new(order);
         let job = Arc::clone(&self.job);
         let pool = Prefetch::new(start_batch..total, self.num_workers, self.num_workers * self.prefetch, move |b| {
             job.build(&order, epoch, b)
@@ -121,6 +135,7 @@ impl TrainLoader {
                 input_ids,
                 attention_mask,
                 image_ids: raw.image_ids,
+                caption_groups: raw.caption_groups,
                 indices: raw.indices,
                 batch_index: raw.batch_index,
                 skipped: raw.skipped,
@@ -134,6 +149,57 @@ fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut crate::rng::stream(seed, "order", "", epoch as u64));
     order
+}
+
+/// Refuses, before any training, a set in which some image has so many pairs that batches of
+/// `batch_size` cannot all show two images (ITM draws its negatives from other images of the batch):
+/// the pairs of the other images must fill at least one slot of every full batch.
+fn check_two_images_per_batch(set: &TrainSet, batch_size: usize, files: &[std::path::PathBuf]) -> Result<()> {
+    let mut counts: HashMap<u64, usize> = HashMap::new();
+    for e in &set.entries {
+        *counts.entry(e.image_id).or_default() += 1;
+    }
+    let Some((&id, &most)) = counts.iter().max_by_key(|(&id, &n)| (n, std::cmp::Reverse(id))) else { return Ok(()) };
+    let batches = set.len() / batch_size;
+    if set.len() - most < batches {
+        let image =
+            set.entries.iter().find(|e| e.image_id == id).map(|e| e.image.display().to_string()).unwrap_or_default();
+        let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        bail!(
+            "{}: image {image} has {most} of the {} training pairs, so some batch of {batch_size} would show only it \
+             and ITM would have no negative: add pairs of other images, lower train.batch_size, or turn \
+             objectives.itm off",
+            files.join(", "),
+            set.len()
+        );
+    }
+    Ok(())
+}
+
+/// Makes every full batch of `order` (batches of `bs`, in order) show at least two images: a batch of one
+/// image swaps one of its pairs with the first later pair (wrapping) of another image whose batch keeps
+/// two images without it, or that lies in the tail drop_last leaves out. Deterministic, and a no-op for
+/// orders without such batches; [`check_two_images_per_batch`] guarantees a partner exists.
+fn separate_images(order: &mut [usize], image_id: impl Fn(usize) -> u64, bs: usize) {
+    let full = order.len() / bs * bs;
+    for start in (0..full).step_by(bs) {
+        let id = image_id(order[start]);
+        if order[start..start + bs].iter().any(|&i| image_id(i) != id) {
+            continue;
+        }
+        let keeps_two = |p: usize, order: &[usize]| {
+            p >= full || {
+                let batch = p / bs * bs;
+                (batch..batch + bs).any(|q| q != p && image_id(order[q]) != id)
+            }
+        };
+        let partner = (1..order.len())
+            .map(|d| (start + bs - 1 + d) % order.len())
+            .find(|&p| !(start..start + bs).contains(&p) && image_id(order[p]) != id && keeps_two(p, order));
+        if let Some(p) = partner {
+            order.swap(start, p);
+        }
+    }
 }
 
 impl TrainJob {
@@ -178,7 +244,8 @@ impl TrainJob {
             bail!("only {} of the {n} training images are readable, fewer than one batch of {bs}", indices.len());
         }
         let text = self.tokenizer.encode_batch(&captions, self.max_tokens)?;
-        Ok(RawBatch { images, text, image_ids, indices, batch_index: b, skipped })
+        let caption_groups = captions.iter().map(|c| captions.iter().position(|d| d == c).unwrap_or(0)).collect();
+        Ok(RawBatch { images, text, image_ids, caption_groups, indices, batch_index: b, skipped })
     }
 }
 
@@ -318,7 +385,7 @@ impl<T> Drop for Prefetch<T> {
 mod tests {
     use super::*;
     use crate::config::CaptionStyle;
-    use crate::data::annotations::{RetrievalSet, TextOptions};
+    use crate::data::annotations::{RetrievalSet, TextOptions, TrainEntry};
 
     const TEXT: TextOptions = TextOptions { max_words: 30, style: CaptionStyle::Albef };
 
@@ -415,6 +482,46 @@ mod tests {
         assert_ne!(one[0].indices, other[0].indices, "another epoch, another order");
         assert!(fx.loader(&set, 1, 3, OnBadImage::Fail).epoch(0, 4).is_err());
         assert_eq!(fx.loader(&set, 1, 3, OnBadImage::Fail).epoch(0, 3).unwrap().count(), 0);
+    }
+
+    /// Pairs share a caption group exactly when their token ids are identical (same cleaned caption).
+    #[test]
+    fn caption_groups_mark_identical_captions() {
+        let (fx, set) = Fixture::new("groups", 12, &[]);
+        for b in epoch(&fx.loader(&set, 1, 6, OnBadImage::Fail), 0, 0) {
+            let rows: Vec<Vec<u32>> = b.input_ids.to_vec2().unwrap();
+            assert!(b.caption_groups.iter().any(|&g| b.caption_groups.iter().filter(|&&h| h == g).count() > 1));
+            for i in 0..rows.len() {
+                for j in 0..rows.len() {
+                    assert_eq!(b.caption_groups[i] == b.caption_groups[j], rows[i] == rows[j], "{i} {j}");
+                }
+            }
+        }
+    }
+
+    /// Every full batch shows two images when the data allow it; otherwise the set is refused up front.
+    #[test]
+    fn batches_of_one_image_are_separated_or_refused() {
+        let ids = [0u64, 0, 0, 0, 0, 0, 1, 2, 3, 0];
+        let mut order: Vec<usize> = (0..10).collect();
+        separate_images(&mut order, |i| ids[i], 3);
+        for batch in order[..9].chunks(3) {
+            assert!(batch.iter().any(|&i| ids[i] != ids[batch[0]]), "{order:?}");
+        }
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "a permutation still");
+        let mut fine: Vec<usize> = vec![6, 0, 1, 7, 2, 3, 8, 4, 5, 9];
+        let before = fine.clone();
+        separate_images(&mut fine, |i| ids[i], 3);
+        assert_eq!(fine, before, "no change where every batch already shows two images");
+
+        let entry =
+            |image_id| TrainEntry { image: format!("{image_id}.png").into(), captions: vec!["c".into()], image_id };
+        let set = TrainSet { entries: ids.iter().map(|&i| entry(i)).collect(), num_images: 4 };
+        check_two_images_per_batch(&set, 3, &[]).unwrap();
+        let err = check_two_images_per_batch(&set, 2, &["train.json".into()]).unwrap_err().to_string();
+        assert!(err.contains("train.json") && err.contains("0.png has 7 of the 10"), "{err}");
     }
 
     #[test]

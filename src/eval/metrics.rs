@@ -1,9 +1,13 @@
 //! Retrieval metrics of the COCO/Flickr protocol (REFERENCE.md "Retrieval evaluation", step 4): ranks of
 //! the ground truth in score rows, and R@1/5/10 from the ranks.
 //!
-//! Tie rule: a candidate's rank is the number of candidates with a strictly greater score, so ties go to
-//! the ground truth. The reference sorts (`np.argsort(...)[::-1]`), whose tie order depends on the numpy
-//! build (tests/fixtures/README.md); counting is deterministic and independent of any sort.
+//! Tie rule: R@K is the expectation under uniformly random tie-breaking. A query whose best correct
+//! candidate has `above` candidates strictly higher and shares its score with `tied` candidates in all
+//! (`tied_correct` of them correct) is a hit with probability 1 - C(tied - tied_correct, s) / C(tied, s),
+//! s = K - above slots left: (K - above) / tied for one correct candidate. A constant scorer therefore
+//! scores exactly chance, never 100. The reference sorts (`np.argsort(...)[::-1]`), whose tie order depends
+//! on the numpy build (tests/fixtures/README.md); this is deterministic and independent of any sort, and
+//! equals the reference wherever scores do not tie.
 
 use crate::data::annotations::RetrievalSet;
 use serde::{Deserialize, Serialize};
@@ -12,12 +16,40 @@ use std::collections::HashMap;
 /// Score of candidates outside a query's re-ranked top k, as in the reference.
 pub const FLOOR: f32 = -100.0;
 
-/// Rank of the best correct candidate of one query: `min over c in correct of #{j : row[j] > row[c]}`,
-/// computed as the number of scores strictly above the best correct score. A NaN score never counts as
-/// greater, and a NaN correct score counts as the lowest.
-pub fn best_rank(row: &[f32], correct: &[usize]) -> usize {
+/// Where a query's ground truth stands in its row of scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// Candidates scoring strictly higher than the best correct one.
+    pub above: usize,
+    /// Candidates with exactly the best correct score, that one included (at least 1).
+    pub tied: usize,
+    /// Correct candidates among `tied` (at least 1).
+    pub tied_correct: usize,
+}
+
+impl Standing {
+    /// The probability that a correct candidate lands in the top `k` when ties are broken uniformly at
+    /// random.
+    pub fn hit(&self, k: usize) -> f64 {
+        let Some(slots) = k.checked_sub(self.above).filter(|&s| s > 0) else { return 0.0 };
+        let (n, wrong) = (self.tied, self.tied - self.tied_correct);
+        if slots > wrong {
+            return 1.0;
+        }
+        // P(all `slots` first places go to wrong candidates) = C(wrong, slots) / C(n, slots).
+        let miss: f64 = (0..slots).map(|i| (wrong - i) as f64 / (n - i) as f64).product();
+        1.0 - miss
+    }
+}
+
+/// The standing of one query's ground truth, its best correct candidate being the one with the highest
+/// score. A NaN score never counts as higher or tied, and a NaN correct score counts as the lowest.
+pub fn standing(row: &[f32], correct: &[usize]) -> Standing {
     let best = correct.iter().map(|&c| row[c]).filter(|s| !s.is_nan()).fold(f32::NEG_INFINITY, f32::max);
-    row.iter().filter(|&&s| s > best).count()
+    let above = row.iter().filter(|&&s| s > best).count();
+    let tied_correct = correct.iter().filter(|&&c| row[c] == best).count().max(1);
+    let tied = row.iter().filter(|&&s| s == best).count().max(tied_correct);
+    Standing { above, tied, tied_correct }
 }
 
 /// Which candidates count as correct for each query.
@@ -98,13 +130,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// R@K = 100 * mean(rank < K) from the TR rank of every image and the IR rank of every caption,
-    /// evaluated in the reference's order of float operations.
-    pub fn from_ranks(tr_ranks: &[usize], ir_ranks: &[usize]) -> Self {
+    /// R@K = 100 * mean over queries of the hit probability ([`Standing::hit`]) from the TR standing of
+    /// every image and the IR standing of every caption; without ties, 100 * mean(rank < K) in the
+    /// reference's order of float operations.
+    pub fn from_standings(tr: &[Standing], ir: &[Standing]) -> Self {
         let recall =
-            |ranks: &[usize], k: usize| 100.0 * (ranks.iter().filter(|&&r| r < k).count() as f64 / ranks.len() as f64);
-        let (tr_r1, tr_r5, tr_r10) = (recall(tr_ranks, 1), recall(tr_ranks, 5), recall(tr_ranks, 10));
-        let (ir_r1, ir_r5, ir_r10) = (recall(ir_ranks, 1), recall(ir_ranks, 5), recall(ir_ranks, 10));
+            |all: &[Standing], k: usize| 100.0 * (all.iter().map(|s| s.hit(k)).sum::<f64>() / all.len() as f64);
+        let (tr_r1, tr_r5, tr_r10) = (recall(tr, 1), recall(tr, 5), recall(tr, 10));
+        let (ir_r1, ir_r5, ir_r10) = (recall(ir, 1), recall(ir, 5), recall(ir, 10));
         let tr_mean = (tr_r1 + tr_r5 + tr_r10) / 3.0;
         let ir_mean = (ir_r1 + ir_r5 + ir_r10) / 3.0;
         Metrics { tr_r1, tr_r5, tr_r10, ir_r1, ir_r5, ir_r10, tr_mean, ir_mean, r_mean: (tr_mean + ir_mean) / 2.0 }
@@ -117,11 +150,52 @@ mod tests {
     use std::path::PathBuf;
 
     #[test]
-    fn ties_go_to_the_ground_truth() {
-        assert_eq!(best_rank(&[0.5, 0.5, 0.5], &[2]), 0);
-        assert_eq!(best_rank(&[0.9, 0.5, 0.7, 0.5], &[1, 3]), 2);
-        assert_eq!(best_rank(&[0.1, f32::NAN, 0.3], &[0]), 1);
-        assert_eq!(best_rank(&[0.1, 0.2, f32::NAN], &[2]), 2);
+    fn standings_count_above_and_tied() {
+        let st = |above, tied, tied_correct| Standing { above, tied, tied_correct };
+        assert_eq!(standing(&[0.5, 0.5, 0.5], &[2]), st(0, 3, 1));
+        assert_eq!(standing(&[0.9, 0.5, 0.7, 0.5], &[1, 3]), st(2, 2, 2));
+        assert_eq!(standing(&[0.1, f32::NAN, 0.3], &[0]), st(1, 1, 1));
+        assert_eq!(standing(&[0.1, 0.2, f32::NAN], &[2]), st(2, 1, 1));
+    }
+
+    /// The hit probability against random tie-breaking simulated: scores jittered below the tie gap.
+    #[test]
+    fn hit_probability_is_random_tie_breaking() {
+        let row = [0.7f32, 0.5, 0.5, 0.5, 0.5, 0.5, 0.2, 0.5];
+        let correct = [2usize, 5];
+        let s = standing(&row, &correct);
+        assert_eq!(s, Standing { above: 1, tied: 6, tied_correct: 2 });
+        let mut rng = crate::rng::stream(3, "test", "ties", 0);
+        let n = 40_000;
+        for k in [1, 2, 3, 5] {
+            let hits = (0..n)
+                .filter(|_| {
+                    let jittered: Vec<f32> =
+                        row.iter().map(|&x| x + 1e-4 * rand::Rng::random::<f32>(&mut rng)).collect();
+                    standing(&jittered, &correct).above < k
+                })
+                .count();
+            let p = hits as f64 / n as f64;
+            assert!((p - s.hit(k)).abs() < 0.01, "k={k}: simulated {p}, formula {}", s.hit(k));
+        }
+        assert_eq!(s.hit(1), 0.0);
+        assert!((s.hit(2) - 2.0 / 6.0).abs() < 1e-12);
+        assert_eq!(s.hit(6), 1.0);
+    }
+
+    /// Every score equal: R@K is exactly what a random ranking gets.
+    #[test]
+    fn a_constant_scorer_scores_chance() {
+        let (images, texts) = (7usize, 21usize);
+        let tr: Vec<Standing> = (0..images).map(|i| standing(&[0.3; 21], &[3 * i, 3 * i + 1, 3 * i + 2])).collect();
+        let ir: Vec<Standing> = (0..texts).map(|t| standing(&[0.3; 7], &[t / 3])).collect();
+        let m = Metrics::from_standings(&tr, &ir);
+        let choose = |n: usize, k: usize| (0..k).map(|i| (n - i) as f64 / (k - i) as f64).product::<f64>();
+        for (k, tr_k, ir_k) in [(1, m.tr_r1, m.ir_r1), (5, m.tr_r5, m.ir_r5), (10, m.tr_r10, m.ir_r10)] {
+            let tr_chance = 100.0 * (1.0 - choose(texts - 3, k) / choose(texts, k));
+            let ir_chance = 100.0 * (k as f64 / images as f64).min(1.0);
+            assert!((tr_k - tr_chance).abs() < 1e-9 && (ir_k - ir_chance).abs() < 1e-9, "R@{k}: {tr_k} {ir_k}");
+        }
     }
 
     #[test]

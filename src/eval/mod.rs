@@ -17,7 +17,7 @@ use crate::model::albef::Albef;
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics::{GroundTruth, Metrics};
-use rerank::{rerank, reranked_ranks, RerankOptions};
+use rerank::{rerank, reranked_standings, RerankOptions};
 use serde::Serialize;
 use sims::itc_pass;
 use std::fmt;
@@ -98,13 +98,13 @@ pub fn evaluate(model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cf
     // One image with its k_test candidates per forward, the reference's batch.
     let opts = RerankOptions { score: cfg.eval.score, reuse_kv: true, pairs_per_forward: cfg.eval.k_test };
     let scores = rerank(model, tokens, &i2t.topk, &t2i.topk, &opts)?;
-    let tr_ranks = reranked_ranks(&i2t.topk, &scores.i2t, set.texts.len(), &gt.texts_of_image);
-    let ir_ranks = reranked_ranks(&t2i.topk, &scores.t2i, set.images.len(), &gt.images_of_text);
+    let tr = reranked_standings(&i2t.topk, &scores.i2t, set.texts.len(), &gt.texts_of_image);
+    let ir = reranked_standings(&t2i.topk, &scores.t2i, set.images.len(), &gt.images_of_text);
     let total_s = start.elapsed().as_secs_f64();
     let rerank_s = total_s - embed_s - itc_s;
     Ok(RetrievalReport {
-        itc: Metrics::from_ranks(&i2t.ranks, &t2i.ranks),
-        rerank: Metrics::from_ranks(&tr_ranks, &ir_ranks),
+        itc: Metrics::from_standings(&i2t.standings, &t2i.standings),
+        rerank: Metrics::from_standings(&tr, &ir),
         images: set.images.len(),
         texts: set.texts.len(),
         k_i2t: i2t.topk.k,
@@ -141,8 +141,8 @@ impl fmt::Display for RetrievalReport {
         if (self.k_i2t < 10 && self.texts > self.k_i2t) || (self.k_t2i < 10 && self.images > self.k_t2i) {
             writeln!(
                 f,
-                "note: fewer than 10 candidates re-ranked: a ground truth outside the top k ties at the floor and \
-ranks k, so re-ranked R@K for K > k is optimistic"
+                "note: fewer than 10 candidates re-ranked: a ground truth outside the top k ties with every other \
+candidate outside it, so re-ranked R@K for K > k counts it at the random-tie expectation"
             )?;
         }
         let t = &self.timings;

@@ -10,7 +10,7 @@
 //! - each forward is cut to the longest caption among its texts.
 
 use super::embed::TokenFeatures;
-use super::metrics::{best_rank, FLOOR};
+use super::metrics::{standing, Standing, FLOOR};
 use super::progress;
 use super::sims::TopK;
 use crate::config::RerankScore;
@@ -108,9 +108,10 @@ pub fn rerank(model: &Albef, tokens: &TokenFeatures, i2t: &TopK, t2i: &TopK, opt
     Ok(Reranked { i2t: scores, t2i: t2i_scores, pairs: unique })
 }
 
-/// Ranks of one direction after re-ranking: query q's row over `n_keys` candidates is [`FLOOR`] except
-/// at its top-k slots, which hold `scores`; then the rank of its best correct candidate.
-pub fn reranked_ranks(topk: &TopK, scores: &[f32], n_keys: usize, correct: &[Vec<usize>]) -> Vec<usize> {
+/// Standings of one direction after re-ranking: query q's row over `n_keys` candidates is [`FLOOR`]
+/// except at its top-k slots, which hold `scores`; then where its best correct candidate stands (a
+/// ground truth outside the top k ties with every other candidate outside it).
+pub fn reranked_standings(topk: &TopK, scores: &[f32], n_keys: usize, correct: &[Vec<usize>]) -> Vec<Standing> {
     let k = topk.k;
     (0..topk.queries())
         .into_par_iter()
@@ -121,7 +122,7 @@ pub fn reranked_ranks(topk: &TopK, scores: &[f32], n_keys: usize, correct: &[Vec
                 for s in slots.clone() {
                     row[topk.idx[s] as usize] = scores[s];
                 }
-                let rank = best_rank(row, &correct[q]);
+                let rank = standing(row, &correct[q]);
                 for s in slots {
                     row[topk.idx[s] as usize] = FLOOR;
                 }

@@ -62,11 +62,15 @@ pub struct Inputs<'a> {
     pub input_ids: &'a Tensor,
     pub attention_mask: &'a Tensor,
     pub image_ids: &'a [i64],
+    /// Equal values mark pairs with identical cleaned captions (no ITM negatives of each other).
+    pub caption_groups: &'a [usize],
 }
 
 /// The forward's random choices, made injectable so a golden test can supply the reference's draws.
 pub trait Draws {
-    fn negatives(&mut self, sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64]) -> anyhow::Result<itm::ItmNegatives>;
+    fn negatives(
+        &mut self, sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], captions: &[usize],
+    ) -> anyhow::Result<itm::ItmNegatives>;
     fn mlm_mask(&mut self, ids: &[u32]) -> mlm::MaskedTokens;
 }
 
@@ -74,14 +78,17 @@ pub trait Draws {
 /// order).
 pub struct SeededDraws {
     pub rng: ChaCha8Rng,
-    pub negatives: Negatives,
+    /// The probability that a row's ITM negative is drawn hard (see [`itm::sample_negatives`]).
+    pub hard_negatives: f64,
     pub special: mlm::SpecialTokens,
     pub mlm_probability: f64,
 }
 
 impl Draws for SeededDraws {
-    fn negatives(&mut self, sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64]) -> anyhow::Result<itm::ItmNegatives> {
-        itm::sample_negatives(sim_i2t, sim_t2i, ids, self.negatives, &mut self.rng)
+    fn negatives(
+        &mut self, sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], captions: &[usize],
+    ) -> anyhow::Result<itm::ItmNegatives> {
+        itm::sample_negatives(sim_i2t, sim_t2i, ids, captions, self.hard_negatives, &mut self.rng)
     }
 
     fn mlm_mask(&mut self, ids: &[u32]) -> mlm::MaskedTokens {
@@ -90,7 +97,8 @@ impl Draws for SeededDraws {
 }
 
 /// What one forward gives: `losses` by name (`itc`, `itm`, `mlm`; an objective switched off is absent,
-/// and so is MLM for a batch in which nothing was masked), unsummed, `metrics` (`temp`, `itm_acc`), and
+/// and so is MLM for a batch in which nothing was masked), unsummed, `metrics` (`temp`, `itm_acc`,
+/// `itm_same_caption`: pairs kept out of the ITM negatives for sharing a caption), and
 /// the momentum features ITC wants queued, which the caller passes to [`Albef::enqueue`] once the update
 /// they came with has proved finite.
 pub struct Output {
@@ -298,9 +306,10 @@ impl Albef {
             losses.insert("itc", loss);
         }
         if obj.itm {
-            let (loss, accuracy) = self.itm(batch, &online, &teacher, temp_value, draws, ctx)?;
+            let (loss, accuracy, same_caption) = self.itm(batch, &online, &teacher, temp_value, draws, ctx)?;
             losses.insert("itm", loss);
             metrics.insert("itm_acc", accuracy);
+            metrics.insert("itm_same_caption", Tensor::new(same_caption as f32, self.device())?);
         }
         if obj.mlm {
             let image_embeds_m = teacher.image.as_ref().map(|(embeds, _)| embeds).filter(|_| alpha > 0.0);
@@ -334,11 +343,12 @@ impl Albef {
         Ok(Teacher { image, text_feat })
     }
 
-    /// ITM loss and accuracy: negatives drawn from the in-batch similarities (online queries against
-    /// momentum keys, / temp), the 3B pairs scored by [`Albef::itm_logits`].
+    /// ITM loss, accuracy and the number of same-caption pairs kept out of the negatives: negatives drawn
+    /// from the in-batch similarities (online queries against momentum keys, / temp), the 3B pairs scored
+    /// by [`Albef::itm_logits`].
     fn itm(
         &self, batch: &Inputs, online: &Online, teacher: &Teacher, temp: f64, draws: &mut dyn Draws, ctx: &Ctx,
-    ) -> anyhow::Result<(Tensor, Tensor)> {
+    ) -> anyhow::Result<(Tensor, Tensor, usize)> {
         let b = batch.image_ids.len();
         let (sim_i2t, sim_t2i) = match teacher.feats() {
             Some((image_feat_m, text_feat_m)) => {
@@ -346,10 +356,11 @@ impl Albef {
             }
             None => (vec![0.0; b * b], vec![0.0; b * b]),
         };
-        let neg = draws.negatives(&sim_i2t, &sim_t2i, batch.image_ids)?;
+        let neg = draws.negatives(&sim_i2t, &sim_t2i, batch.image_ids, batch.caption_groups)?;
         let pairs = itm::pairs(&online.text_embeds, batch.attention_mask, &online.image_embeds, &neg)?;
         let logits = self.itm_logits(&pairs.text_embeds, &pairs.mask, ImageSide::Tokens(&pairs.image_embeds), ctx)?;
-        Ok(itm::loss(&logits, &pairs.labels)?)
+        let (loss, accuracy) = itm::loss(&logits, &pairs.labels)?;
+        Ok((loss, accuracy, neg.same_caption))
     }
 
     /// MLM loss of the masked captions conditioned on the image, distilled from the momentum model's

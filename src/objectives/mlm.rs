@@ -9,7 +9,8 @@ pub struct SpecialTokens {
     pub pad: u32,
     pub cls: u32,
     pub mask: u32,
-    /// Random replacements are drawn from [0, vocab_size), specials included, as the reference does.
+    /// Random replacements are drawn from [0, vocab_size) of the model's word embeddings, specials
+    /// included, as the reference does (`randint(config.vocab_size)`).
     pub vocab_size: u32,
 }
 

@@ -24,7 +24,7 @@ pub struct TrainState {
     pub epoch: usize,
     pub batch_in_epoch: usize,
     pub seed: u64,
-    /// Validation r_mean of the best checkpoint so far.
+    /// Validation r_mean (the one `train.select` names) of the best checkpoint so far.
     pub best_r_mean: Option<f64>,
     /// Non-finite steps skipped (`on_nonfinite = "skip"`) and images skipped (`on_bad_image = "skip"`).
     pub skipped_steps: usize,

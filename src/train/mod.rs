@@ -18,7 +18,7 @@ pub mod signals;
 pub use setup::Setup;
 pub use signals::Interrupted;
 
-use crate::config::{Config, OnNonFinite};
+use crate::config::{Config, OnNonFinite, Select};
 use crate::data::annotations::RetrievalSet;
 use crate::data::loader::Batch;
 use crate::eval::RetrievalReport;
@@ -282,16 +282,21 @@ impl Trainer {
     }
 
     /// Closes the epoch: validation (when a split is configured) and a checkpoint, marked `best` when
-    /// validation improved.
+    /// the validation r_mean `train.select` names improved.
     fn end_epoch(&mut self, val: Option<&RetrievalSet>) -> Result<Option<RetrievalReport>> {
         self.state.epoch += 1;
         self.state.batch_in_epoch = 0;
         let report = val.map(|v| self.evaluate("val", v)).transpose()?;
         let is_best = match &report {
             Some(r) => {
-                let best = self.state.best_r_mean.is_none_or(|b| r.rerank.r_mean > b);
+                let (r_mean, what) = match self.setup.cfg.train.select {
+                    Select::Rerank => (r.rerank.r_mean, "re-ranked"),
+                    Select::Itc => (r.itc.r_mean, "ITC-only"),
+                };
+                let best = self.state.best_r_mean.is_none_or(|b| r_mean > b);
                 if best {
-                    self.state.best_r_mean = Some(r.rerank.r_mean);
+                    self.state.best_r_mean = Some(r_mean);
+                    self.log.say(&format!("best checkpoint so far by {what} validation r_mean (train.select)"));
                 }
                 best
             }

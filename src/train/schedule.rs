@@ -6,8 +6,9 @@ use std::f64::consts::PI;
 /// The learning rate of optimiser step `step` (0-based) for a run of `steps_per_epoch` * epochs steps.
 ///
 /// `cosine`: linear warm-up from warmup_lr to lr over warmup_steps, then cosine to min_lr per step.
-/// `albef`: ALBEF's staircase warm-up (the rate moves every 100 steps, up to warmup_steps, cut short at
-/// the end of the first epoch), then one cosine value per epoch from lr to min_lr.
+/// `albef`: ALBEF's staircase warm-up during the first epoch (every 100 steps the rate moves a
+/// `100 / warmup_steps` share of the way from warmup_lr to lr; a first epoch shorter than warmup_steps
+/// ends it part-way, where ALBEF stops too), then one cosine value per epoch from lr to min_lr.
 pub fn learning_rate(cfg: &TrainConfig, step: usize, steps_per_epoch: usize) -> f64 {
     let total = (cfg.epochs * steps_per_epoch).max(1);
     match cfg.schedule {
@@ -22,10 +23,9 @@ pub fn learning_rate(cfg: &TrainConfig, step: usize, steps_per_epoch: usize) -> 
         }
         Schedule::Albef => {
             let epoch = step / steps_per_epoch.max(1);
-            let warmup = cfg.warmup_steps.min(steps_per_epoch);
-            if epoch == 0 && step < warmup {
+            if epoch == 0 && step < cfg.warmup_steps {
                 let stair = (step / 100 * 100) as f64;
-                cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * stair / warmup as f64
+                cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * stair / cfg.warmup_steps as f64
             } else {
                 let t = epoch as f64 / cfg.epochs.max(1) as f64;
                 cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + (PI * t).cos())
@@ -81,8 +81,12 @@ mod tests {
         assert_eq!(learning_rate(&c, 999, 1000), 1e-4);
         let e2 = learning_rate(&c, 2000, 1000);
         assert!((e2 - (1e-6 + 0.5 * (1e-4 - 1e-6))).abs() < 1e-12);
-        // A first epoch shorter than the warm-up cuts it short: 50 steps never reach the first stair.
+        // A first epoch shorter than the warm-up cuts it short: 50 steps never reach the first stair, and
+        // 250 end on the second (200 of 300 steps' worth), as ALBEF's loop stops stepping its scheduler.
         assert_eq!(learning_rate(&c, 49, 50), 1e-5);
+        assert!((learning_rate(&c, 249, 250) - (1e-5 + 9e-5 * 200.0 / 300.0)).abs() < 1e-12);
+        let e1 = learning_rate(&c, 250, 250);
+        assert!((e1 - (1e-6 + 0.5 * (1e-4 - 1e-6) * (1.0 + (PI / 4.0).cos()))).abs() < 1e-12);
     }
 
     #[test]

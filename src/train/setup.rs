@@ -4,8 +4,8 @@
 
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
-use crate::config::differing_keys;
 use crate::config::Config;
+use crate::config::{differing_keys, Negatives};
 use crate::data::loader::{Batch, TrainLoader};
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::albef::{Albef, Inputs, Output, SeededDraws};
@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Settings that neither reorder the data nor change an update, so a resumed run may change them.
-const MAY_CHANGE_ON_RESUME: [&str; 12] = [
+const MAY_CHANGE_ON_RESUME: [&str; 13] = [
     "device",
     "kernels",
     "eval",
@@ -30,6 +30,7 @@ const MAY_CHANGE_ON_RESUME: [&str; 12] = [
     "train.on_nonfinite",
     "train.max_consecutive_skips",
     "train.init",
+    "train.select",
 ];
 
 pub struct Setup {
@@ -77,7 +78,8 @@ impl Setup {
             pad: tok.pad_id(),
             cls: tok.cls_id(),
             mask: tok.mask_id(),
-            vocab_size: tok.vocab_size() as u32,
+            // The reference draws replacements from the model's vocabulary (`config.vocab_size`).
+            vocab_size: cfg.model.text.vocab_size as u32,
         };
         Ok(Setup {
             device,
@@ -130,7 +132,10 @@ impl Setup {
         let (cfg, seed) = (&self.cfg, self.cfg.seed);
         let mut draws = SeededDraws {
             rng: crate::rng::stream(seed, "draws", "", micro),
-            negatives: cfg.objectives.itm_negatives,
+            hard_negatives: match cfg.objectives.itm_negatives {
+                Negatives::Hard => cfg.objectives.itm_hard_fraction,
+                Negatives::Random => 0.0,
+            },
             special: self.special,
             mlm_probability: cfg.objectives.mlm_probability,
         };
@@ -142,6 +147,7 @@ impl Setup {
             input_ids: &batch.input_ids,
             attention_mask: &batch.attention_mask,
             image_ids: &image_ids,
+            caption_groups: &batch.caption_groups,
         };
         self.model.forward(&inputs, alpha, &mut draws, &ctx, &ctx_m)
     }
