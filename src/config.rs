@@ -17,7 +17,8 @@ pub struct Config {
     /// `"fused"`: custom fused ops (softmax, ITC step) with CPU and CUDA paths; `"reference"`: plain
     /// candle ops, for debugging.
     pub kernels: Kernels,
-    /// Device: `"cpu"`, `"cuda"` (GPU 0, needs `--features cuda`) or `"auto"` (CUDA when built and present).
+    /// Device: `"cpu"`, `"cuda"` (GPU 0, needs `--features cuda`), `"cuda:N"`, or `"auto"` (GPU 0 when built
+    /// with CUDA and one opens; otherwise the CPU, and the run says why).
     pub device: String,
     pub model: ModelConfig,
     pub objectives: ObjectivesConfig,
@@ -471,9 +472,9 @@ impl Config {
             "at least one of itc, itm, mlm must be on".into(),
         )?;
         check(
-            self.device == "cpu" || self.device == "cuda" || self.device == "auto",
+            self.device == "cpu" || self.device == "auto" || crate::cuda_ordinal(&self.device).is_ok(),
             "device",
-            format!("{:?} is not one of \"cpu\", \"cuda\", \"auto\"", self.device),
+            format!("{:?} is not one of \"cpu\", \"cuda\", \"cuda:N\", \"auto\"", self.device),
         )
     }
 
@@ -720,6 +721,19 @@ mod tests {
             let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs").join(format!("{name}.toml"));
             Config::load(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         }
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(crate::cuda_ordinal("cuda").unwrap(), 0);
+        assert_eq!(crate::cuda_ordinal("cuda:3").unwrap(), 3);
+        for bad in ["cuda:", "cuda:x", "gpu", "cuda3"] {
+            assert!(crate::cuda_ordinal(bad).is_err(), "{bad}");
+            let err = Config::from_toml_str(&format!("device = \"{bad}\""), &[]).unwrap_err();
+            assert!(format!("{err:#}").contains("device"), "{err:#}");
+        }
+        assert!(Config::from_toml_str("device = \"cuda:1\"", &[]).is_ok());
+        assert!(matches!(crate::device("auto").unwrap(), candle_core::Device::Cpu), "no CUDA in the default build");
     }
 
     #[test]

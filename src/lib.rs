@@ -22,15 +22,46 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::Path;
 
-/// The device named by the config: `cpu`, `cuda` (GPU 0) or `auto` (CUDA when built with it and present).
+/// The device named by the config: `cpu`, `cuda` (GPU 0), `cuda:N` or `auto` (GPU 0 when this build has
+/// CUDA and a GPU opens, else the CPU, saying why). Prints the device it picked.
 pub fn device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0)
-            .context("device = \"cuda\" but no CUDA device could be opened (build with --features cuda)"),
-        "auto" => Ok(if cfg!(feature = "cuda") { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
-        other => bail!("unknown device `{other}`: use cpu, cuda or auto"),
+    let device = match spec {
+        "cpu" => Device::Cpu,
+        "auto" if !cfg!(feature = "cuda") => {
+            eprintln!("device = auto: this build has no CUDA support (build with --features cuda); using the CPU");
+            Device::Cpu
+        }
+        "auto" => Device::new_cuda(0).unwrap_or_else(|e| {
+            eprintln!("device = auto: no CUDA device could be opened ({e}); using the CPU");
+            Device::Cpu
+        }),
+        _ => {
+            let ordinal = cuda_ordinal(spec)?;
+            Device::new_cuda(ordinal).with_context(|| {
+                format!(
+                    "device = \"{spec}\" but CUDA device {ordinal} could not be opened (build with --features cuda)"
+                )
+            })?
+        }
+    };
+    eprintln!(
+        "device: {}",
+        if device.is_cuda() { format!("cuda:{}", cuda_ordinal(spec).unwrap_or(0)) } else { "cpu".into() }
+    );
+    Ok(device)
+}
+
+/// The GPU number of `cuda` (0) or `cuda:N`.
+pub fn cuda_ordinal(spec: &str) -> Result<usize> {
+    match spec.strip_prefix("cuda") {
+        Some("") => Ok(0),
+        Some(n) => n.strip_prefix(':').and_then(|n| n.parse().ok()).with_context(|| bad_device(spec)),
+        None => bail!(bad_device(spec)),
     }
+}
+
+fn bad_device(spec: &str) -> String {
+    format!("unknown device `{spec}`: use cpu, cuda, cuda:N or auto")
 }
 
 /// Writes `path` by letting `write` fill a temporary file beside it, syncing it, then renaming it into

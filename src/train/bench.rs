@@ -62,6 +62,12 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         run.loader.batches_per_epoch()
     );
     let mut batches = run.loader.epoch(0, 0)?;
+    // A GPU runs ahead of the host: each phase ends when the device has finished its work.
+    let device = run.device.clone();
+    let lap = |t: Instant| -> Result<f64> {
+        device.synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
     let (mut data, mut fwd, mut ema, mut bwd, mut opt) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for i in 0..=steps {
         if i == 1 {
@@ -69,25 +75,25 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         }
         let t = Instant::now();
         let batch = batches.next().expect("checked above")?;
-        data += t.elapsed().as_secs_f64();
+        data += lap(t)?;
         let t = Instant::now();
         run.model.update_momentum()?;
-        ema += t.elapsed().as_secs_f64();
+        ema += lap(t)?;
         let t = Instant::now();
         let alpha = schedule::alpha(cfg.effective_alpha(), cfg.objectives.alpha_ramp_epochs, i, run.steps_per_epoch);
         let out = run.forward(&batch, i as u64, alpha)?;
         let loss = sum(&out.losses, &run.device)?;
-        fwd += t.elapsed().as_secs_f64();
+        fwd += lap(t)?;
         let t = Instant::now();
         let grads = loss.backward()?;
-        bwd += t.elapsed().as_secs_f64();
+        bwd += lap(t)?;
         let t = Instant::now();
         run.opt.accumulate(&grads)?;
         run.opt.step(cfg.train.lr, cfg.train.grad_clip)?;
         if let Some(update) = &out.queue_update {
             run.model.enqueue(update)?;
         }
-        opt += t.elapsed().as_secs_f64();
+        opt += lap(t)?;
     }
     let ms = |s: f64| 1000.0 * s / steps as f64;
     let total = data + fwd + ema + bwd + opt;
