@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Type-checks the CUDA build on a machine without a GPU: candle's CUDA backend and this crate's
 # kernels/*.cu (build.rs runs nvcc --ptx under `cargo check` too, so a kernel that does not compile
-# fails here). The CUDA 13.0 toolkit comes from PyPI wheels, installed once into a cached venv.
-# The `nvvm` extra matters: without it pip takes the newest nvidia-nvvm (13.5), whose PTX (.version 9.5)
-# the lent GPUs' driver 580 (CUDA 13.0, PTX ISA <= 9.0) refuses; the check below enforces <= 9.0.
+# fails here). The CUDA 13.0 toolkit comes from PyPI wheels (scripts/cuda-env.sh); the check below enforces
+# PTX ISA <= 9.0, what the lent GPUs' driver 580 loads.
 #
 # Usage: .ci/cuda-check.sh [extra cargo check args]
 #   ALIGNFUSE_CRATE       crate to check (default: the repository holding this script)
@@ -13,29 +12,10 @@
 set -euo pipefail
 
 crate="${ALIGNFUSE_CRATE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-cache="${ALIGNFUSE_CUDA_CACHE:-$HOME/.cache/alignfuse-cuda}"
-venv="$cache/venv"
-spec='cuda-toolkit[nvcc,nvvm,crt,cudart,cccl,nvrtc,cublas,curand]==13.0.2'
-stamp="$venv/.alignfuse-toolkit"
-
-if [[ "$(cat "$stamp" 2>/dev/null)" != "$spec" ]]; then
-    echo "cuda-check: installing the CUDA 13.0.2 toolkit wheels into $venv" >&2
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet "$spec"
-    echo "$spec" > "$stamp"
-fi
-
-cuda_home=("$venv"/lib/python3.*/site-packages/nvidia/cu13)
-if [[ ! -x "${cuda_home[0]}/bin/nvcc" ]]; then
-    echo "cuda-check: no nvcc under ${cuda_home[0]}; delete $venv to reinstall" >&2
-    exit 1
-fi
-export CUDA_HOME="${cuda_home[0]}"
-export PATH="$CUDA_HOME/bin:$PATH"
-export CUDA_COMPUTE_CAP=90
+# shellcheck source=../scripts/cuda-env.sh
+source "$crate/scripts/cuda-env.sh"
 # Outside the clone, so later CI runs on the same machine reuse candle-kernels (7+ min cold).
-export CARGO_TARGET_DIR="${ALIGNFUSE_CUDA_TARGET:-$cache/target}"
+export CARGO_TARGET_DIR="${ALIGNFUSE_CUDA_TARGET:-$cuda_cache/target}"
 
 cd "$crate"
 start=$SECONDS

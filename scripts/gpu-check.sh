@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, for a machine lent with an NVIDIA GPU, a CUDA 13 driver and a PyTorch install (whose
+# nvidia-* packages provide libcublas, libcurand, libcudart, libnvrtc) and no network or Rust toolchain. Carry the
+# binary built here by scripts/build-cuda.sh (dist/alignfuse-cuda.xz). Prints the GPU and driver, runs every
+# check, writes each one's JSON into OUTDIR and ends with one table. About 5 minutes on an H200.
+#   scripts/gpu-check.sh OUTDIR
+#   ALIGNFUSE_GPU_CHECK_DEVICE=cpu ALIGNFUSE_BIN=target/release/alignfuse scripts/gpu-check.sh OUTDIR
+#     is the same plumbing on the CPU with small sizes (what this repository's machine can try).
+# Checks: (a) bench kernels: every custom op against the plain composition, values and gradients, and GB/s next
+# to a measured device copy; (b) bench train on configs/albef-base.toml (ViT-B/16 at 256 px, batch 64), fused and
+# reference kernels; (d) the README main job (configs/tiny.toml) on the device, with its test table; (e) bench
+# rerank and a standalone eval of the main job's checkpoint. Not here yet (issue 14): the PyTorch eager baseline,
+# tf32/bf16, peak device memory.
+set -euo pipefail
+out="${1:?usage: scripts/gpu-check.sh OUTDIR}"
+mkdir -p "$out"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+device="${ALIGNFUSE_GPU_CHECK_DEVICE:-cuda}"
+work="${TMPDIR:-/tmp}/alignfuse-gpu-check"
+rm -rf "$work" && mkdir -p "$work"
+
+bin="${ALIGNFUSE_BIN:-}"
+if [[ -z "$bin" ]]; then
+    bin="$work/alignfuse"
+    xz -dc dist/alignfuse-cuda.xz > "$bin"
+    chmod +x "$bin"
+fi
+if [[ "$device" != cpu ]]; then
+    # torch's CUDA libraries and the driver's libcuda.
+    libs=$(find / -xdev \( -path '*/site-packages/nvidia/*' -o -path /usr/local/nvidia/lib64 \) \
+        \( -name 'libcublas*.so*' -o -name 'libcurand.so*' -o -name 'libcudart.so*' -o -name 'libnvrtc.so*' \
+        -o -name 'libcuda.so*' \) -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
+    export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+    steps=10
+    base=(--config configs/albef-base.toml --set device="$device")
+else
+    echo "dry run on the CPU (small sizes)" | tee "$out/gpu.txt"
+    steps=2
+    base=(--config configs/tiny.toml --set device=cpu)
+fi
+tiny=(--config configs/tiny.toml --set device="$device")
+run() { echo "+ $*" >&2; "$@"; }
+
+run "$bin" bench kernels "${base[@]}" --steps "$steps" --json "$out/kernels.json"
+for kernels in fused reference; do
+    run "$bin" bench train "${base[@]}" --set kernels=$kernels --steps "$steps" --json "$out/train-$kernels.json"
+done
+main_job=("${tiny[@]}")
+[[ "$device" == cpu ]] && main_job+=(--set data.synth_n=200 --set train.epochs=1)
+run "$bin" train "${main_job[@]}" --out "$work/tiny" | tee "$out/main-job.txt"
+test_ann=$(ls "$work"/tiny/data/*/test.json)
+run "$bin" eval "${main_job[@]}" --checkpoint "$work/tiny/checkpoints/latest" --ann "$test_ann" --json "$out/eval.json"
+run "$bin" bench rerank "${tiny[@]}" --json "$out/rerank.json"
+
+python3 - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+rows = []
+for kernels in ("fused", "reference"):
+    t = json.loads((out / f"train-{kernels}.json").read_text())
+    ms = t["data_ms"] + t["forward_ms"] + t["ema_ms"] + t["backward_ms"] + t["optimizer_ms"]
+    rows.append((f"bench train ({kernels}) b{t['batch_size']} on {t['device']}", f"{t['pairs_per_s']:.1f} pairs/s",
+                 f"{ms:.1f} ms/step", f"peak RSS {t['peak_rss_mib'] or 0:.0f} MiB"))
+k = json.loads((out / "kernels.json").read_text())
+for op in k["ops"]:
+    err = max(e["fused_vs_reference"] for e in op["errors"])
+    rows.append((f"op {op['name']} {op['dtype']}", f"fused {op['fused_ms']:.3f} ms", f"reference {op['reference_ms']:.3f} ms",
+                 f"max rel err {err:.1e}"))
+rows.append(("device copy", f"{k['copy']['gbps']:.0f} GB/s", "", ""))
+e = json.loads((out / "eval.json").read_text())
+rows.append(("main job test r_mean", f"ITC {e['itc']['r_mean']:.2f}", f"re-ranked {e['rerank']['r_mean']:.2f}", ""))
+r = json.loads((out / "rerank.json").read_text())
+rows.append((f"bench rerank ({r['pairs']} pairs)", f"K/V reuse {r['pairs'] / r['reuse_kv_s']:.0f} pairs/s",
+             f"plain {r['pairs'] / r['plain_s']:.0f} pairs/s", ""))
+width = [max(len(row[i]) for row in rows) for i in range(4)]
+for row in rows:
+    print("  ".join(cell.ljust(w) for cell, w in zip(row, width)))
+PY
