@@ -27,10 +27,6 @@ impl Named {
         self.0.iter().map(|(n, t)| (*n, t))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Every value read back to the host as f64 (one device-to-host copy each).
     pub fn values(&self) -> Result<Vec<(&'static str, f64)>> {
         self.iter().map(|(n, t)| Ok((n, t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64))).collect()
