@@ -143,8 +143,18 @@ pub enum Negatives {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Training annotation files (ALBEF JSON). Empty: generate the synthetic default dataset.
+    /// Training annotation files (ALBEF JSON). Empty (and no `train_shards`): generate the synthetic
+    /// default dataset.
     pub train_ann: Vec<PathBuf>,
+    /// Training tar shards in the webdataset / img2dataset layout, instead of `train_ann`: a brace
+    /// pattern (`"DIR/{00000..00331}.tar"`) or a list of them.
+    #[serde(deserialize_with = "one_or_many")]
+    pub train_shards: Vec<String>,
+    /// Samples per epoch from the shards (open_clip's `--train-num-samples`). Absent: all of them,
+    /// counted from the shards' headers at start.
+    pub train_num_samples: Option<usize>,
+    /// Shards: samples each loader worker holds to draw from at random (1 = shard order).
+    pub shuffle_buffer: usize,
     /// Validation annotation file (retrieval format), evaluated after each epoch. Optional.
     pub val_ann: Option<PathBuf>,
     /// Test annotation file (retrieval format), evaluated at the end of training. Optional.
@@ -253,6 +263,9 @@ pub struct TrainConfig {
     pub max_consecutive_skips: usize,
     /// `"rerank"` (ALBEF) or `"itc"`: the validation r_mean that marks a checkpoint `best`.
     pub select: Select,
+    /// Also write the logged scalars (losses, lr, temp, alpha, ITM accuracy, grad norm, pairs/s,
+    /// validation R@K) to a TensorBoard event file in the run folder.
+    pub tensorboard: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -384,6 +397,9 @@ impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
             train_ann: vec![],
+            train_shards: vec![],
+            train_num_samples: None,
+            shuffle_buffer: 1000,
             val_ann: None,
             test_ann: None,
             image_root: None,
@@ -426,6 +442,7 @@ impl Default for TrainConfig {
             head_lr_scale: 1.0,
             max_consecutive_skips: 10,
             select: Select::Rerank,
+            tensorboard: true,
         }
     }
 }
@@ -569,7 +586,18 @@ impl Config {
             ("data.max_words", d.max_words),
             ("data.num_workers", d.num_workers),
             ("data.prefetch", d.prefetch),
+            ("data.shuffle_buffer", d.shuffle_buffer),
         ])?;
+        check(
+            d.train_ann.is_empty() || d.train_shards.is_empty(),
+            "data.train_shards",
+            "is set together with data.train_ann: train from one of them".into(),
+        )?;
+        check(
+            d.train_num_samples.is_none_or(|n| n > 0),
+            "data.train_num_samples",
+            "must be positive (or absent: every sample of the shards)".into(),
+        )?;
         check(
             d.max_tokens >= 3 && d.max_tokens <= self.model.text.max_position_embeddings,
             "data.max_tokens",
@@ -664,6 +692,20 @@ fn diff_tables(a: &toml::Table, b: &toml::Table, prefix: &str, out: &mut Vec<(St
 }
 
 /// Each (key, value) must be at least 1.
+/// A string or a list of strings (`data.train_shards = "a/{0..9}.tar"` or `["a.tar", "b.tar"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 fn positive(values: &[(&str, usize)]) -> Result<()> {
     values.iter().try_for_each(|&(key, v)| check(v >= 1, key, "must be at least 1".into()))
 }

@@ -3,27 +3,10 @@
 
 mod common;
 use alignfuse::config::OnNonFinite;
-use alignfuse::train::log::{read_records, Record, StepRecord};
+use alignfuse::train::log::{read_records, Record};
 use alignfuse::train::{checkpoint, train, TrainOptions};
-use common::{micro_config, scratch};
+use common::{micro_config, same, scratch, steps};
 use std::path::Path;
-
-fn steps(out: &Path) -> Vec<StepRecord> {
-    read_records(&out.join("log.jsonl"))
-        .unwrap()
-        .into_iter()
-        .filter_map(|r| match r {
-            Record::Step(s) => Some(s),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Compares what must be identical in a resumed run (not the wall-clock throughput).
-fn same(a: &StepRecord, b: &StepRecord) -> bool {
-    (a.step, a.epoch, a.loss, &a.losses, a.lr, a.alpha, &a.metrics, a.grad_norm)
-        == (b.step, b.epoch, b.loss, &b.losses, b.lr, b.alpha, &b.metrics, b.grad_norm)
-}
 
 /// N steps, resume, N more steps == 2N steps straight, bit for bit; N = 5 crosses the epoch boundary
 /// (4 steps per epoch) mid-way, and accumulation of 2 micro-batches is on.
@@ -169,7 +152,7 @@ fn itm_alone_overfits_one_batch() {
         "train.weight_decay=0",
     ]);
     let mut setup = alignfuse::train::Setup::new(cfg, &scratch("itm-overfit")).unwrap();
-    let batch = setup.loader.epoch(0, 0).unwrap().next().unwrap().unwrap();
+    let batch = setup.loader.epoch(0, 0, None).unwrap().next().unwrap().unwrap();
     let mut accuracy = 0.0;
     for step in 0..200 {
         setup.model.update_momentum().unwrap();

@@ -24,6 +24,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("{r}");
             serde_json::to_value(&r)?
         }
+        "data" if args.shards => {
+            let r = crate::data::shards::bench(cfg()?, &work_dir)?;
+            println!("{r}");
+            serde_json::to_value(&r)?
+        }
         "data" => {
             let cfg = cfg()?;
             let res = cfg.model.vision.image_res;

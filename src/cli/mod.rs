@@ -152,6 +152,20 @@ pub enum PrepareWhat {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write annotation files' pairs as webdataset tar shards (the img2dataset layout) for
+    /// `data.train_shards`.
+    Shards {
+        #[arg(long, required = true, num_args = 1..)]
+        ann: Vec<PathBuf>,
+        /// Folder relative image paths are resolved against (default: each annotation file's folder).
+        #[arg(long)]
+        image_root: Option<PathBuf>,
+        /// An empty (or new) folder for the shards.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        per_shard: usize,
+    },
     /// Turn the Tux Paint stamps into train/val/test annotation files.
     Tuxpaint {
         #[arg(long, default_value = "/usr/share/tuxpaint/stamps")]
@@ -208,6 +222,10 @@ pub struct BenchArgs {
     /// Folder of images to decode and transform (`data`; default: the configured training images).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// `data`: the configured training images from loose files against the same pairs written as tar
+    /// shards (the ratio is shards / loose).
+    #[arg(long)]
+    pub shards: bool,
     /// Images in the synthetic retrieval set (`rerank`; five captions each).
     #[arg(long, default_value_t = 200)]
     pub images: usize,

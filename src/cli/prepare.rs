@@ -14,6 +14,17 @@ pub fn run(args: PrepareArgs) -> Result<()> {
             crate::data::tokenizer::train_wordpiece(&captions, size, &out)?;
             println!("wrote {} from {} captions", out.display(), captions.len());
         }
+        PrepareWhat::Shards { ann, image_root, out, per_shard } => {
+            let w = crate::data::shards::write(&ann, image_root.as_deref(), &out, per_shard)?;
+            println!("wrote {} samples in {} shards to {}", w.samples, w.shards.len(), out.display());
+            println!("train from them with (in [data]):");
+            println!("  train_shards = \"{}/{{00000..{:05}}}.tar\"", out.display(), w.shards.len() - 1);
+            println!("  train_num_samples = {}", w.samples);
+            let vocab = ann[0].parent().unwrap_or(std::path::Path::new(".")).join("vocab.txt");
+            if vocab.is_file() {
+                println!("  vocab = \"{}\"", vocab.display());
+            }
+        }
         PrepareWhat::Tuxpaint { src, out, seed } => {
             let s = crate::data::tuxpaint::prepare(&src, &out, seed)?;
             println!(

@@ -29,7 +29,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("last step: loss {:.4} ({}), {:.1} pairs/s", r.loss, named(&r.losses), r.pairs_per_s);
     }
     if s.skipped_steps + s.skipped_images > 0 {
-        println!("skipped: {} non-finite steps, {} unreadable images", s.skipped_steps, s.skipped_images);
+        println!("skipped: {} non-finite steps, {} bad images or samples", s.skipped_steps, s.skipped_images);
     }
     if let Some(t) = &s.test {
         println!("\ntest retrieval:\n{t}");

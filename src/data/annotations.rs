@@ -40,10 +40,10 @@ pub struct TrainSet {
 }
 
 /// One JSON entry, checked: the image path as written (still relative) and the raw captions.
-struct RawEntry {
-    image: String,
-    captions: Vec<String>,
-    image_id: Option<String>,
+pub(super) struct RawEntry {
+    pub image: String,
+    pub captions: Vec<String>,
+    pub image_id: Option<String>,
 }
 
 impl TrainSet {
@@ -140,7 +140,7 @@ impl RetrievalSet {
 /// Parses and type-checks one annotation file.
 /// The entries of a JSON list, or of JSON Lines (one object per line; blank lines are skipped), with or
 /// without a UTF-8 byte-order mark. Errors name the entry index (JSON) or the line (JSON Lines).
-fn read_entries(file: &Path) -> Result<Vec<RawEntry>> {
+pub(super) fn read_entries(file: &Path) -> Result<Vec<RawEntry>> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read annotation file {}", file.display()))?;
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
@@ -223,7 +223,7 @@ fn clean_captions(raw: &[String], text: TextOptions) -> Result<Vec<String>> {
 }
 
 /// `path` as written in `file`: absolute paths stay, relative ones join `root` or the file's directory.
-fn resolve(file: &Path, root: Option<&Path>, path: &str) -> PathBuf {
+pub(super) fn resolve(file: &Path, root: Option<&Path>, path: &str) -> PathBuf {
     let base = root.map(Path::to_path_buf).unwrap_or_else(|| file.parent().map(Path::to_path_buf).unwrap_or_default());
     base.join(path)
 }

@@ -34,12 +34,18 @@ const TRANSLATE_CONST: f64 = 10.0;
 /// Decodes an image file (format guessed from its bytes) to RGB; transparent pixels are composited on
 /// white, because stamp-like images (Tux Paint) keep arbitrary colours under zero alpha.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let decoded = ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .with_context(|| format!("cannot open image {}", path.display()))?
+    let bytes = std::fs::read(path).with_context(|| format!("cannot open image {}", path.display()))?;
+    decode_rgb(&bytes).with_context(|| format!("image {}", path.display()))
+}
+
+/// [`load_rgb`] of an encoded image in memory (a tar shard's member).
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    let decoded = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .context("cannot read the image")?
         .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
-    ensure!(decoded.width() > 0 && decoded.height() > 0, "image {} is empty", path.display());
+        .context("cannot decode the image")?;
+    ensure!(decoded.width() > 0 && decoded.height() > 0, "the image is empty");
     Ok(composite_on_white(decoded))
 }
 
@@ -603,32 +609,35 @@ impl std::fmt::Display for BenchReport {
 pub fn bench_transforms(
     paths: &[PathBuf], transform: &TrainTransform, threads: usize, rounds: usize,
 ) -> Result<BenchReport> {
-    ensure!(
-        !paths.is_empty() && threads > 0 && rounds > 0,
-        "bench needs images, threads and rounds (got {}, {threads}, {rounds})",
-        paths.len()
-    );
+    ensure!(!paths.is_empty(), "bench needs images");
+    timed(threads, rounds, |t, round| {
+        let mut out = vec![0f32; 3 * transform.res * transform.res];
+        for (i, path) in paths.iter().enumerate().skip(t).step_by(threads) {
+            let mut rng = crate::rng::stream(0, "bench", &round.to_string(), i as u64);
+            transform.apply(&load_rgb(path)?, &mut rng, &mut out)?;
+        }
+        Ok(paths.iter().skip(t).step_by(threads).count())
+    })
+}
+
+/// Runs `work(thread, round)` (which returns the images it handled) on `threads` threads for each of
+/// `rounds` rounds and reports images per second over all of it.
+pub fn timed(
+    threads: usize, rounds: usize, work: impl Fn(usize, usize) -> Result<usize> + Sync,
+) -> Result<BenchReport> {
+    ensure!(threads > 0 && rounds > 0, "bench needs threads and rounds (got {threads}, {rounds})");
     let start = Instant::now();
-    std::thread::scope(|scope| {
+    let work = &work;
+    let images = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || -> Result<()> {
-                    let mut out = vec![0f32; 3 * transform.res * transform.res];
-                    for round in 0..rounds {
-                        for (i, path) in paths.iter().enumerate().skip(t).step_by(threads) {
-                            let img = load_rgb(path)?;
-                            let mut rng = crate::rng::stream(0, "bench", &round.to_string(), i as u64);
-                            transform.apply(&img, &mut rng, &mut out)?;
-                        }
-                    }
-                    Ok(())
-                })
-            })
+            .map(|t| scope.spawn(move || (0..rounds).map(|round| work(t, round)).sum::<Result<usize>>()))
             .collect();
-        workers.into_iter().try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))?)
+        workers
+            .into_iter()
+            .map(|w| w.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))?)
+            .sum::<Result<usize>>()
     })?;
     let seconds = start.elapsed().as_secs_f64();
-    let images = paths.len() * rounds;
     Ok(BenchReport { images, threads, seconds, images_per_sec: images as f64 / seconds })
 }
 

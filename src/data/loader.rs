@@ -1,17 +1,22 @@
 //! Batches for training and evaluation, decoded and augmented on worker threads ahead of the step.
 //!
-//! Every batch is a pure function of (seed, epoch, batch index): the epoch order is a seeded
-//! permutation, each sample's augmentation and caption choice are seeded by (seed, epoch, sample), and
-//! workers only decide *when* a batch is ready, never *what* is in it. So the same seed gives identical
-//! batches for any number of workers, and training can resume at any batch of an epoch.
+//! From annotation files, every batch is a pure function of (seed, epoch, batch index): the epoch
+//! order is a seeded permutation, each sample's augmentation and caption choice are seeded by (seed,
+//! epoch, sample), and workers only decide *when* a batch is ready, never *what* is in it. So the same
+//! seed gives identical batches for any number of workers, and training can resume at any batch of an
+//! epoch. From tar shards (`shards`), worker `w` streams its own shards and builds batches `w, w+W, ...`:
+//! batches depend on the seed and the number of workers, and resuming seeks each worker back to the
+//! [`WorkerPosition`] its last batch carried.
 
-use super::annotations::TrainSet;
-use super::image::{load_rgb, test_transform, TrainTransform};
+use super::annotations::{TextOptions, TrainSet};
+use super::image::{decode_rgb, load_rgb, test_transform, TrainTransform};
+use super::shards::{Drawn, ShardSet, Source, Stream, StreamPosition, WorkerPosition};
 use super::tokenizer::{to_tensors, Encoded, TextTokenizer};
 use crate::config::{Config, Normalize, OnBadImage};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
+use rand::Rng;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -31,14 +36,16 @@ pub struct Batch {
     pub image_ids: Vec<u64>,
     /// Equal values mark pairs whose cleaned captions are identical (the first such pair's position).
     pub caption_groups: Vec<usize>,
-    /// Index of each pair in the [`TrainSet`].
+    /// Which sample each pair is: its index in the [`TrainSet`], or (shards) its draw number in its
+    /// worker's stream.
     pub indices: Vec<usize>,
     /// Position of this batch in its epoch (what a checkpoint stores to resume).
     pub batch_index: usize,
-    /// Images of this batch's slice of the epoch order that could not be read and were replaced
-    /// (`on_bad_image = "skip"`), so each unreadable image is reported once per epoch (unless it falls in
-    /// the tail that `drop_last` leaves out anyway).
-    pub skipped: Vec<PathBuf>,
+    /// Shards: the worker that built this batch and its position after it (what a checkpoint stores).
+    pub stream: Option<(usize, WorkerPosition)>,
+    /// Bad samples met while building this batch and left out (`on_bad_image = "skip"`), described with
+    /// their file (and key), each reported once per epoch.
+    pub skipped: Vec<String>,
 }
 
 /// What a worker hands back: the batch before it becomes tensors on the training device.
@@ -49,12 +56,18 @@ struct RawBatch {
     caption_groups: Vec<usize>,
     indices: Vec<usize>,
     batch_index: usize,
-    skipped: Vec<PathBuf>,
+    stream: Option<(usize, WorkerPosition)>,
+    skipped: Vec<String>,
 }
 
-/// Everything a worker needs to build any batch of any epoch.
-struct TrainJob {
-    set: Arc<TrainSet>,
+/// Where training pairs come from: annotation files or tar shards.
+pub enum TrainData {
+    Pairs(Arc<TrainSet>),
+    Shards(Arc<ShardSet>),
+}
+
+/// What building any batch needs, whatever the source.
+struct Builder {
     tokenizer: Arc<TextTokenizer>,
     transform: TrainTransform,
     batch_size: usize,
@@ -63,70 +76,119 @@ struct TrainJob {
     on_bad_image: OnBadImage,
     /// ITM needs two images in every batch (see [`separate_images`]).
     two_images_per_batch: bool,
+    text: TextOptions,
+    shuffle_buffer: usize,
 }
 
 /// The training data loader: shuffled each epoch, `drop_last`, prefetched by `num_workers` threads.
 pub struct TrainLoader {
-    job: Arc<TrainJob>,
+    data: TrainData,
+    builder: Arc<Builder>,
     num_workers: usize,
     prefetch: usize,
     device: Device,
 }
 
 impl TrainLoader {
-    /// A loader over `set` with the batch size, resolution, seed and `[data]` settings of `cfg`.
-    pub fn new(set: Arc<TrainSet>, tokenizer: Arc<TextTokenizer>, cfg: &Config, device: Device) -> Result<Self> {
+    /// A loader over `data` with the batch size, resolution, seed and `[data]` settings of `cfg`.
+    pub fn new(data: TrainData, tokenizer: Arc<TextTokenizer>, cfg: &Config, device: Device) -> Result<Self> {
         let batch_size = cfg.train.batch_size;
         ensure!(batch_size >= 1, "batch size must be at least 1");
         let two_images_per_batch = cfg.objectives.itm;
-        if two_images_per_batch {
-            check_two_images_per_batch(&set, batch_size, &cfg.data.train_ann)?;
+        let num_workers = cfg.data.num_workers.max(1);
+        match &data {
+            TrainData::Pairs(set) => {
+                if two_images_per_batch {
+                    check_two_images_per_batch(set, batch_size, &cfg.data.train_ann)?;
+                }
+                ensure!(
+                    set.len() >= batch_size,
+                    "the training set has {} pairs, fewer than one batch of {batch_size} (batches are full: \
+                     drop_last)",
+                    set.len()
+                );
+            }
+            TrainData::Shards(set) => {
+                ensure!(
+                    set.paths.len() >= num_workers,
+                    "data.train_shards names {} shards but {num_workers} loader workers each stream their own: \
+                     lower data.num_workers to at most {0} or write more shards",
+                    set.paths.len()
+                );
+                ensure!(
+                    set.num_samples >= batch_size,
+                    "an epoch of {} samples (data.train_num_samples) is less than one batch of {batch_size}",
+                    set.num_samples
+                );
+            }
         }
-        ensure!(
-            set.len() >= batch_size,
-            "the training set has {} pairs, fewer than one batch of {batch_size} (batches are full: drop_last)",
-            set.len()
-        );
-        let job = TrainJob {
+        let builder = Builder {
             transform: TrainTransform::from_config(&cfg.data, cfg.model.vision.image_res),
-            set,
             tokenizer,
             batch_size,
             max_tokens: cfg.data.max_tokens,
             seed: cfg.seed,
             on_bad_image: cfg.data.on_bad_image,
             two_images_per_batch,
+            text: super::text_options(cfg),
+            shuffle_buffer: cfg.data.shuffle_buffer,
         };
-        Ok(TrainLoader {
-            job: Arc::new(job),
-            num_workers: cfg.data.num_workers.max(1),
-            prefetch: cfg.data.prefetch.max(1),
-            device,
-        })
+        Ok(TrainLoader { data, builder: Arc::new(builder), num_workers, prefetch: cfg.data.prefetch.max(1), device })
     }
 
-    /// Full batches per epoch; the last `len % batch_size` pairs of each epoch's order are dropped.
+    /// Full batches per epoch; the last `len % batch_size` pairs of each epoch are dropped.
     pub fn batches_per_epoch(&self) -> usize {
-        self.job.set.len() / self.job.batch_size
+        let samples = match &self.data {
+            TrainData::Pairs(set) => set.len(),
+            TrainData::Shards(set) => set.num_samples,
+        };
+        samples / self.builder.batch_size
     }
 
     /// The batches of `epoch` from `start_batch` on (0 for a fresh epoch, the checkpoint's next batch to
-    /// resume), in order. Items are errors for unreadable images under `on_bad_image = "fail"`.
-    /// The iterator owns what it needs, so the loader stays free while an epoch runs.
-    pub fn epoch(&self, epoch: usize, start_batch: usize) -> Result<impl Iterator<Item = Result<Batch>>> {
+    /// resume, with the checkpoint's stream position for shards), in order. Items are errors for bad
+    /// data under `on_bad_image = "fail"`. The iterator owns what it needs, so the loader stays free
+    /// while an epoch runs.
+    pub fn epoch(
+        &self, epoch: usize, start_batch: usize, at: Option<&StreamPosition>,
+    ) -> Result<Box<dyn Iterator<Item = Result<Batch>>>> {
         let total = self.batches_per_epoch();
         ensure!(start_batch <= total, "cannot start epoch {epoch} at batch {start_batch}: it has {total} batches");
-        let mut order = epoch_order(self.job.seed, epoch, self.job.set.len());
-        if self.job.two_images_per_batch {
-            separate_images(&mut order, |i| self.job.set.entries[i].image_id, self.job.batch_size);
-        }
-        let order = Arc::new(order);
-        let job = Arc::clone(&self.job);
-        let pool = Prefetch::new(start_batch..total, self.num_workers, self.num_workers * self.prefetch, move |b| {
-            job.build(&order, epoch, b)
-        })?;
-        let (res, device) = (self.job.transform.res, self.device.clone());
-        Ok(pool.map(move |raw| {
+        let builder = Arc::clone(&self.builder);
+        let raw: Box<dyn Iterator<Item = Result<RawBatch>>> = match &self.data {
+            TrainData::Pairs(set) => {
+                let mut order = epoch_order(builder.seed, epoch, set.len());
+                if builder.two_images_per_batch {
+                    separate_images(&mut order, |i| set.entries[i].image_id, builder.batch_size);
+                }
+                let (set, order) = (Arc::clone(set), Arc::new(order));
+                let depth = self.num_workers * self.prefetch;
+                Box::new(Prefetch::new(start_batch..total, self.num_workers, depth, move |b| {
+                    builder.pairs_batch(&set, &order, epoch, b)
+                })?)
+            }
+            TrainData::Shards(set) => {
+                let workers = self.num_workers;
+                let at = match at {
+                    Some(p) => {
+                        ensure!(
+                            p.workers.len() == workers,
+                            "the checkpoint's shard stream was read by {} loader workers, and each streams its own \
+                             shards: resume with data.num_workers = {0}",
+                            p.workers.len()
+                        );
+                        p.workers.clone()
+                    }
+                    None => vec![None; workers],
+                };
+                let set = Arc::clone(set);
+                Box::new(ShardBatches::new(start_batch..total, at, self.prefetch, move |w, at, batches, tx| {
+                    builder.shard_worker(&set, epoch, (w, workers), at, batches, tx)
+                })?)
+            }
+        };
+        let (res, device) = (self.builder.transform.res, self.device.clone());
+        Ok(Box::new(raw.map(move |raw| {
             let raw = raw?;
             let b = raw.indices.len();
             let (input_ids, attention_mask) = to_tensors(&raw.text, &device)?;
@@ -138,9 +200,10 @@ impl TrainLoader {
                 caption_groups: raw.caption_groups,
                 indices: raw.indices,
                 batch_index: raw.batch_index,
+                stream: raw.stream,
                 skipped: raw.skipped,
             })
-        }))
+        })))
     }
 }
 
@@ -202,23 +265,22 @@ fn separate_images(order: &mut [usize], image_id: impl Fn(usize) -> u64, bs: usi
     }
 }
 
-impl TrainJob {
-    /// Batch `b` of the epoch: the pairs at positions `b*B .. (b+1)*B` of `order`. An unreadable image
-    /// (with `skip`) is replaced by the next readable pairs after that slice, wrapping around, so the
-    /// batch stays full and no other batch changes (resuming by batch index stays exact); a pair used
-    /// as a replacement also appears in its own batch.
-    fn build(&self, order: &[usize], epoch: usize, b: usize) -> Result<RawBatch> {
+impl Builder {
+    /// Batch `b` of the epoch from annotation files: the pairs at positions `b*B .. (b+1)*B` of `order`.
+    /// An unreadable image (with `skip`) is replaced by the next readable pairs after that slice,
+    /// wrapping around, so the batch stays full and no other batch changes (resuming by batch index
+    /// stays exact); a pair used as a replacement also appears in its own batch.
+    fn pairs_batch(&self, set: &TrainSet, order: &[usize], epoch: usize, b: usize) -> Result<RawBatch> {
         let (n, bs) = (order.len(), self.batch_size);
         let own = b * bs..(b + 1) * bs;
-        let plane = 3 * self.transform.res * self.transform.res;
-        let mut images = vec![0f32; bs * plane];
+        let mut images = vec![0f32; bs * self.plane()];
         let (mut indices, mut image_ids, mut captions, mut skipped) = (vec![], vec![], vec![], vec![]);
         for pos in (own.start..own.start + n).map(|p| p % n) {
             if indices.len() == bs {
                 break;
             }
             let idx = order[pos];
-            let entry = &self.set.entries[idx];
+            let entry = &set.entries[idx];
             let img = match load_rgb(&entry.image) {
                 Ok(img) => img,
                 Err(e) if self.on_bad_image == OnBadImage::Fail => {
@@ -226,26 +288,175 @@ impl TrainJob {
                 }
                 Err(_) => {
                     if own.contains(&pos) {
-                        skipped.push(entry.image.clone());
+                        skipped.push(format!("unreadable image {}", entry.image.display()));
                     }
                     continue;
                 }
             };
-            let slot = indices.len();
             let mut rng = crate::rng::stream(self.seed, "augment", &epoch.to_string(), idx as u64);
-            self.transform
-                .apply(&img, &mut rng, &mut images[slot * plane..(slot + 1) * plane])
-                .with_context(|| format!("transforming {}", entry.image.display()))?;
+            self.augment(&img, &mut rng, &mut images, indices.len(), &entry.image.display().to_string())?;
             indices.push(idx);
             image_ids.push(entry.image_id);
-            captions.push(self.set.caption(idx, self.seed, epoch));
+            captions.push(set.caption(idx, self.seed, epoch).to_string());
         }
         if indices.len() < bs {
             bail!("only {} of the {n} training images are readable, fewer than one batch of {bs}", indices.len());
         }
+        self.finish(images, captions, image_ids, indices, b, skipped)
+    }
+
+    fn plane(&self) -> usize {
+        3 * self.transform.res * self.transform.res
+    }
+
+    /// Train-transforms `img` into slot `slot` of `images`.
+    fn augment(
+        &self, img: &::image::RgbImage, rng: &mut impl Rng, images: &mut [f32], slot: usize, what: &str,
+    ) -> Result<()> {
+        let plane = self.plane();
+        self.transform
+            .apply(img, rng, &mut images[slot * plane..(slot + 1) * plane])
+            .with_context(|| format!("transforming {what}"))
+    }
+
+    /// Tokenises the captions and marks identical ones.
+    fn finish(
+        &self, images: Vec<f32>, captions: Vec<String>, image_ids: Vec<u64>, indices: Vec<usize>, b: usize,
+        skipped: Vec<String>,
+    ) -> Result<RawBatch> {
         let text = self.tokenizer.encode_batch(&captions, self.max_tokens)?;
         let caption_groups = captions.iter().map(|c| captions.iter().position(|d| d == c).unwrap_or(0)).collect();
-        Ok(RawBatch { images, text, image_ids, caption_groups, indices, batch_index: b, skipped })
+        Ok(RawBatch { images, text, image_ids, caption_groups, indices, batch_index: b, stream: None, skipped })
+    }
+
+    /// Worker `w`'s part of a shard epoch: its stream from `at` (or the epoch's start), batches
+    /// `batches` (every W-th) sent in order until one fails or the receiver is gone.
+    fn shard_worker(
+        &self, set: &Arc<ShardSet>, epoch: usize, (w, workers): (usize, usize), at: Option<WorkerPosition>,
+        batches: Vec<usize>, tx: mpsc::SyncSender<Result<RawBatch>>,
+    ) {
+        let src = Source {
+            set: Arc::clone(set),
+            text: self.text,
+            on_bad: self.on_bad_image,
+            seed: self.seed,
+            capacity: self.shuffle_buffer,
+        };
+        let stream = Stream::new(src, epoch, (w, workers), at.as_ref());
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        for b in batches {
+            let batch = self.shard_batch(&mut stream, set, b).map(|mut raw| {
+                raw.stream = Some((w, stream.position()));
+                raw
+            });
+            let failed = batch.is_err();
+            if tx.send(batch).is_err() || failed {
+                return;
+            }
+        }
+    }
+
+    /// Batch `b` from `stream`: B draws from its shuffle buffer. An undecodable image is reported and
+    /// replaced by the next draw; a batch about to show one image only takes its last pair from
+    /// another image in the buffer.
+    fn shard_batch(&self, stream: &mut Stream, set: &ShardSet, b: usize) -> Result<RawBatch> {
+        let bs = self.batch_size;
+        let mut images = vec![0f32; bs * self.plane()];
+        let (mut indices, mut image_ids, mut captions) = (vec![], vec![], vec![]);
+        while indices.len() < bs {
+            let Drawn { draw, mut sample } = stream.draw()?;
+            if self.two_images_per_batch && indices.len() + 1 == bs && image_ids.iter().all(|&i| i == sample.image_id) {
+                sample = stream.exchange(sample.clone()).with_context(|| {
+                    format!(
+                        "{}: batch {b} would show only the image of sample {}, and so does every sample in the \
+                         shuffle buffer: ITM needs two images per batch (raise data.shuffle_buffer or turn \
+                         objectives.itm off)",
+                        set.paths[sample.at.shard].display(),
+                        sample.key
+                    )
+                })?;
+            }
+            let what = format!("{}: sample {}", set.paths[sample.at.shard].display(), sample.key);
+            let img = match decode_rgb(&sample.image) {
+                Ok(img) => img,
+                Err(e) => {
+                    stream.bad(format!("{what}: {e:#}"), "the sample")?;
+                    continue;
+                }
+            };
+            self.augment(&img, &mut stream.rng("augment", draw), &mut images, indices.len(), &what)?;
+            let pick = match sample.captions.len() {
+                1 => 0,
+                n => stream.rng("caption", draw).random_range(0..n),
+            };
+            captions.push(sample.captions.swap_remove(pick));
+            indices.push(draw as usize);
+            image_ids.push(sample.image_id);
+        }
+        self.finish(images, captions, image_ids, indices, b, stream.take_skipped())
+    }
+}
+
+/// The batches of a shard epoch: worker `w` builds batches `w, w+W, ...` (of the range) into its own
+/// bounded channel, and they are handed out in order, round robin. Dropping it stops the workers.
+struct ShardBatches {
+    channels: Vec<mpsc::Receiver<Result<RawBatch>>>,
+    workers: Vec<JoinHandle<()>>,
+    next: usize,
+    end: usize,
+}
+
+impl ShardBatches {
+    fn new(
+        range: Range<usize>, at: Vec<Option<WorkerPosition>>, prefetch: usize,
+        f: impl Fn(usize, Option<WorkerPosition>, Vec<usize>, mpsc::SyncSender<Result<RawBatch>>) + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let f = Arc::new(f);
+        let count = at.len();
+        let (mut channels, mut workers) = (vec![], vec![]);
+        for (w, at) in at.into_iter().enumerate() {
+            let batches: Vec<usize> = range.clone().filter(|b| b % count == w).collect();
+            let (tx, rx) = mpsc::sync_channel(prefetch);
+            let f = Arc::clone(&f);
+            let handle = std::thread::Builder::new()
+                .name(format!("alignfuse-shards-{w}"))
+                .spawn(move || f(w, at, batches, tx))
+                .context("cannot start a data worker thread")?;
+            channels.push(rx);
+            workers.push(handle);
+        }
+        Ok(ShardBatches { channels, workers, next: range.start, end: range.end })
+    }
+}
+
+impl Iterator for ShardBatches {
+    type Item = Result<RawBatch>;
+
+    fn next(&mut self) -> Option<Result<RawBatch>> {
+        if self.next >= self.end {
+            return None;
+        }
+        let w = self.next % self.channels.len();
+        self.next += 1;
+        Some(self.channels[w].recv().unwrap_or_else(|_| {
+            self.next = self.end;
+            Err(anyhow!("data worker {w} stopped (it panicked)"))
+        }))
+    }
+}
+
+impl Drop for ShardBatches {
+    fn drop(&mut self) {
+        self.channels.clear();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
     }
 }
 
@@ -433,7 +644,7 @@ mod tests {
             cfg.data.num_workers = workers;
             cfg.data.prefetch = 2;
             cfg.data.on_bad_image = on_bad;
-            TrainLoader::new(Arc::clone(set), Arc::clone(&self.tokenizer), &cfg, Device::Cpu).unwrap()
+            TrainLoader::new(TrainData::Pairs(Arc::clone(set)), Arc::clone(&self.tokenizer), &cfg, Device::Cpu).unwrap()
         }
     }
 
@@ -457,7 +668,7 @@ mod tests {
     }
 
     fn epoch(loader: &TrainLoader, e: usize, start: usize) -> Vec<Batch> {
-        loader.epoch(e, start).unwrap().collect::<Result<Vec<_>>>().unwrap()
+        loader.epoch(e, start, None).unwrap().collect::<Result<Vec<_>>>().unwrap()
     }
 
     #[test]
@@ -480,8 +691,8 @@ mod tests {
         assert_eq!(seen.len(), 9, "no pair twice in an epoch");
         let other = epoch(&fx.loader(&set, 2, 3, OnBadImage::Fail), 3, 0);
         assert_ne!(one[0].indices, other[0].indices, "another epoch, another order");
-        assert!(fx.loader(&set, 1, 3, OnBadImage::Fail).epoch(0, 4).is_err());
-        assert_eq!(fx.loader(&set, 1, 3, OnBadImage::Fail).epoch(0, 3).unwrap().count(), 0);
+        assert!(fx.loader(&set, 1, 3, OnBadImage::Fail).epoch(0, 4, None).is_err());
+        assert_eq!(fx.loader(&set, 1, 3, OnBadImage::Fail).epoch(0, 3, None).unwrap().count(), 0);
     }
 
     /// Pairs share a caption group exactly when their token ids are identical (same cleaned caption).
@@ -528,7 +739,7 @@ mod tests {
     fn bad_image_fails_with_its_path() {
         let (fx, set) = Fixture::new("fail", 6, &[4]);
         let loader = fx.loader(&set, 2, 6, OnBadImage::Fail);
-        let err = loader.epoch(0, 0).unwrap().next().unwrap().unwrap_err();
+        let err = loader.epoch(0, 0, None).unwrap().next().unwrap().unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("4.png") && msg.contains("on_bad_image"), "{msg}");
     }
@@ -540,7 +751,7 @@ mod tests {
         for e in 0..3 {
             let batches = epoch(&loader, e, 0);
             assert_eq!(batches.len(), 3);
-            let mut reported: Vec<PathBuf> = vec![];
+            let mut reported: Vec<String> = vec![];
             for b in &batches {
                 assert_eq!(b.indices.len(), 4, "batches stay full");
                 assert!(b.indices.iter().all(|i| ![1, 5, 7].contains(i)));
@@ -551,11 +762,14 @@ mod tests {
                 reported.extend(b.skipped.iter().cloned());
             }
             reported.sort();
-            let want: Vec<PathBuf> = [1, 5, 7].iter().map(|k| fx.dir.join(format!("{k}.png"))).collect();
+            let want: Vec<String> = [1, 5, 7]
+                .iter()
+                .map(|k| format!("unreadable image {}", fx.dir.join(format!("{k}.png")).display()))
+                .collect();
             assert_eq!(reported, want, "epoch {e}: each bad image reported exactly once");
         }
         let (fx, set) = Fixture::new("allbad", 3, &[0, 1]);
-        let err = fx.loader(&set, 1, 2, OnBadImage::Skip).epoch(0, 0).unwrap().next().unwrap().unwrap_err();
+        let err = fx.loader(&set, 1, 2, OnBadImage::Skip).epoch(0, 0, None).unwrap().next().unwrap().unwrap_err();
         assert!(format!("{err:#}").contains("only 1 of the 3"), "{err:#}");
     }
 

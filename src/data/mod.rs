@@ -14,6 +14,7 @@
 pub mod annotations;
 pub mod image;
 pub mod loader;
+pub mod shards;
 pub mod synth;
 pub mod tokenizer;
 pub mod tuxpaint;
@@ -21,13 +22,16 @@ pub mod tuxpaint;
 use crate::config::{Config, OnBadImage};
 use annotations::{RetrievalSet, TextOptions, TrainSet};
 use anyhow::{ensure, Context, Result};
+use loader::TrainData;
+use shards::ShardSet;
 use std::path::Path;
+use std::sync::Arc;
 use tokenizer::TextTokenizer;
 
 /// With no training annotation configured, generates the synthetic shapes dataset under OUT/data (once;
 /// it is deterministic in the seed) and points the config's train, val, test and vocab at it.
 pub fn resolve(cfg: &mut Config, out: &Path) -> Result<()> {
-    if !cfg.data.train_ann.is_empty() {
+    if !cfg.data.train_ann.is_empty() || !cfg.data.train_shards.is_empty() {
         return Ok(());
     }
     // Keyed by size and seed: an existing directory holds exactly what generate() would write.
@@ -65,10 +69,18 @@ pub fn tokenizer(cfg: &Config, ann: &Path) -> Result<TextTokenizer> {
     Ok(tok)
 }
 
-/// The tokenizer of the first training file (else the test file).
+/// The tokenizer of the first training file (else the test file; shards need `data.vocab` or one).
 pub fn train_tokenizer(cfg: &Config) -> Result<TextTokenizer> {
-    let ann = cfg.data.train_ann.first().or(cfg.data.test_ann.as_ref()).context("no annotation file configured")?;
-    tokenizer(cfg, ann)
+    let ann = cfg.data.train_ann.first().or(cfg.data.test_ann.as_ref()).or(cfg.data.vocab.as_ref());
+    tokenizer(cfg, ann.context("no vocabulary: set data.vocab (training from shards needs it)")?)
+}
+
+/// The training pairs: `data.train_shards` when set, else the annotation files.
+pub fn train_data(cfg: &Config) -> Result<TrainData> {
+    if cfg.data.train_shards.is_empty() {
+        return Ok(TrainData::Pairs(Arc::new(train_set(cfg)?)));
+    }
+    Ok(TrainData::Shards(Arc::new(ShardSet::open(&cfg.data.train_shards, cfg.data.train_num_samples)?)))
 }
 
 /// The training pairs of `data.train_ann` (image files checked up front unless bad images are skipped).

@@ -61,7 +61,7 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         "the dataset has {} batches per epoch; bench needs more than --steps = {steps}",
         run.loader.batches_per_epoch()
     );
-    let mut batches = run.loader.epoch(0, 0)?;
+    let mut batches = run.loader.epoch(0, 0, None)?;
     // A GPU runs ahead of the host: each phase ends when the device has finished its work.
     let device = run.device.clone();
     let lap = |t: Instant| -> Result<f64> {

@@ -29,6 +29,9 @@ pub struct TrainState {
     /// Non-finite steps skipped (`on_nonfinite = "skip"`) and images skipped (`on_bad_image = "skip"`).
     pub skipped_steps: usize,
     pub skipped_images: usize,
+    /// Training from shards: where each loader worker stands in this epoch's stream.
+    #[serde(default)]
+    pub stream: Option<crate::data::shards::StreamPosition>,
     pub config: Config,
 }
 
@@ -44,6 +47,7 @@ impl TrainState {
             best_r_mean: None,
             skipped_steps: 0,
             skipped_images: 0,
+            stream: None,
             config: cfg.clone(),
         }
     }

@@ -1,6 +1,8 @@
 //! What a run reports: one JSON record per optimiser step and per evaluation in `OUT/log.jsonl`, a
 //! progress bar on a terminal, plain lines otherwise.
 
+use super::tensorboard::EventWriter;
+use crate::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -48,6 +50,8 @@ impl Record {
 pub struct RunLog {
     path: PathBuf,
     file: BufWriter<std::fs::File>,
+    /// `train.tensorboard`: the same scalars as TensorBoard events.
+    events: Option<EventWriter>,
     bar: Option<ProgressBar>,
     log_every: usize,
     /// `label` plus a space, or empty: prepended to every line for the user.
@@ -59,7 +63,7 @@ impl RunLog {
     /// run after its last checkpoint) are dropped so the log matches the resumed state; the kept lines stay
     /// byte for byte. `label` starts every line (and the progress bar) for the user.
     pub fn open(
-        out: &Path, resume_step: Option<usize>, total_steps: usize, log_every: usize, label: Option<&str>,
+        out: &Path, resume_step: Option<usize>, total_steps: usize, train: &TrainConfig, label: Option<&str>,
     ) -> Result<Self> {
         let prefix = label.map_or(String::new(), |l| format!("{l} "));
         let path = out.join("log.jsonl");
@@ -82,7 +86,8 @@ impl RunLog {
             bar.set_position(resume_step.unwrap_or(0) as u64);
             bar
         });
-        Ok(RunLog { path, file, bar, log_every: log_every.max(1), prefix })
+        let events = train.tensorboard.then(|| EventWriter::create(out, resume_step)).transpose()?;
+        Ok(RunLog { path, file, events, bar, log_every: train.log_every.max(1), prefix })
     }
 
     pub fn path(&self) -> &Path {
@@ -91,6 +96,14 @@ impl RunLog {
 
     pub fn step(&mut self, r: &StepRecord) -> Result<()> {
         self.write(&Record::Step(r.clone()))?;
+        if let Some(events) = &mut self.events {
+            let losses = r.losses.iter().map(|(k, v)| (format!("loss/{k}"), *v));
+            let metrics = r.metrics.iter().map(|(k, v)| (k.clone(), *v));
+            let fixed = [("loss", r.loss), ("lr", r.lr), ("alpha", r.alpha), ("grad_norm", r.grad_norm)];
+            let fixed = fixed.into_iter().chain([("pairs_per_s", r.pairs_per_s)]).map(|(k, v)| (k.to_string(), v));
+            let all: Vec<(String, f64)> = fixed.chain(losses).chain(metrics).collect();
+            events.scalars(r.step, all.iter().map(|(k, v)| (k.as_str(), *v)))?;
+        }
         let line = format!(
             "epoch {} step {} loss {:.4} ({}) lr {:.2e} alpha {:.3} {} {:.1} pairs/s",
             r.epoch,
@@ -114,6 +127,11 @@ impl RunLog {
     }
 
     pub fn eval(&mut self, split: &str, epoch: usize, step: usize, metrics: serde_json::Value) -> Result<()> {
+        if let Some(events) = &mut self.events {
+            let mut scalars = vec![];
+            numbers(&metrics, split, &mut scalars);
+            events.scalars(step, scalars.iter().map(|(k, v)| (k.as_str(), *v)))?;
+        }
         self.write(&Record::Eval { split: split.into(), epoch, step, metrics })
     }
 
@@ -136,6 +154,15 @@ impl RunLog {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// The numbers in `v`, tagged by their path under `prefix` (`val/itc/txt_r1`).
+fn numbers(v: &serde_json::Value, prefix: &str, out: &mut Vec<(String, f64)>) {
+    match v {
+        serde_json::Value::Number(n) => out.extend(n.as_f64().map(|x| (prefix.to_string(), x))),
+        serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| numbers(v, &format!("{prefix}/{k}"), out)),
+        _ => {}
     }
 }
 

@@ -14,6 +14,7 @@ mod run_dir;
 pub mod schedule;
 mod setup;
 pub mod signals;
+pub mod tensorboard;
 
 pub use setup::Setup;
 pub use signals::Interrupted;
@@ -21,6 +22,7 @@ pub use signals::Interrupted;
 use crate::config::{Config, OnNonFinite, Select};
 use crate::data::annotations::RetrievalSet;
 use crate::data::loader::Batch;
+use crate::data::shards::StreamPosition;
 use crate::eval::RetrievalReport;
 use crate::objectives::Named;
 use anyhow::{bail, Context, Result};
@@ -138,7 +140,7 @@ impl Trainer {
         let total_steps = setup.steps_per_epoch * cfg.train.epochs;
         let stop_at = opts.max_steps.unwrap_or(total_steps).min(total_steps);
         let resumed = opts.resume.as_ref().map(|_| state.step);
-        let log = RunLog::open(&opts.out, resumed, stop_at, cfg.train.log_every, opts.label.as_deref())?;
+        let log = RunLog::open(&opts.out, resumed, stop_at, &cfg.train, opts.label.as_deref())?;
         Ok(Trainer { setup, state, log, ckpts, stop_at, last: None, skipped_in_a_row: 0 })
     }
 
@@ -147,11 +149,16 @@ impl Trainer {
     fn epoch(&mut self) -> Result<bool> {
         let (epoch, accum, micro_per_epoch) =
             (self.state.epoch, self.setup.cfg.train.grad_accum, self.setup.micro_per_epoch);
-        let mut batches = self.setup.loader.epoch(epoch, self.state.batch_in_epoch)?;
+        let mut batches = self.setup.loader.epoch(epoch, self.state.batch_in_epoch, self.state.stream.as_ref())?;
         let mut step = Accumulated::default();
         for bi in self.state.batch_in_epoch..micro_per_epoch {
             let batch = batches.next().context("the loader ended before the epoch did")??;
             self.note_skipped_images(&batch);
+            if let Some((w, at)) = &batch.stream {
+                let workers = &mut self.state.stream.get_or_insert_with(|| StreamPosition { workers: vec![] }).workers;
+                workers.resize(workers.len().max(w + 1).max(self.setup.cfg.data.num_workers), None);
+                workers[*w] = Some(at.clone());
+            }
             if step.started.is_none() {
                 // Once per optimiser step, before its first forward: the EMA reads only applied updates.
                 step.started = Some(Instant::now());
@@ -182,8 +189,8 @@ impl Trainer {
     }
 
     fn note_skipped_images(&mut self, batch: &Batch) {
-        for p in &batch.skipped {
-            self.log.say(&format!("skipped unreadable image {}", p.display()));
+        for what in &batch.skipped {
+            self.log.say(&format!("skipped {what}"));
         }
         self.state.skipped_images += batch.skipped.len();
     }
@@ -286,6 +293,7 @@ impl Trainer {
     fn end_epoch(&mut self, val: Option<&RetrievalSet>) -> Result<Option<RetrievalReport>> {
         self.state.epoch += 1;
         self.state.batch_in_epoch = 0;
+        self.state.stream = None;
         let report = val.map(|v| self.evaluate("val", v)).transpose()?;
         let is_best = match &report {
             Some(r) => {

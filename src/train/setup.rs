@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Settings that neither reorder the data nor change an update, so a resumed run may change them.
-const MAY_CHANGE_ON_RESUME: [&str; 13] = [
+const MAY_CHANGE_ON_RESUME: [&str; 14] = [
     "device",
     "kernels",
     "eval",
@@ -31,6 +31,7 @@ const MAY_CHANGE_ON_RESUME: [&str; 13] = [
     "train.max_consecutive_skips",
     "train.init",
     "train.select",
+    "train.tensorboard",
 ];
 
 pub struct Setup {
@@ -55,8 +56,7 @@ impl Setup {
         crate::data::resolve(&mut cfg, out)?;
         let device = crate::device(&cfg.device)?;
         let tok = Arc::new(crate::data::train_tokenizer(&cfg)?);
-        let set = Arc::new(crate::data::train_set(&cfg)?);
-        let loader = TrainLoader::new(set, Arc::clone(&tok), &cfg, device.clone())?;
+        let loader = TrainLoader::new(crate::data::train_data(&cfg)?, Arc::clone(&tok), &cfg, device.clone())?;
         let accum = cfg.train.grad_accum;
         let steps_per_epoch = loader.batches_per_epoch() / accum;
         ensure!(

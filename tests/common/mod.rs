@@ -4,9 +4,10 @@
 
 use alignfuse::config::Config;
 use alignfuse::model::params::ParamStore;
+use alignfuse::train::log::{read_records, Record, StepRecord};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub fn fixture_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -88,6 +89,24 @@ pub fn micro_config_result(extra: &[&str]) -> anyhow::Result<Config> {
     sets.extend(extra.iter().map(|s| s.to_string()));
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
     Config::load(&path, &sets)
+}
+
+/// The step records of the run in `out`.
+pub fn steps(out: &Path) -> Vec<StepRecord> {
+    read_records(&out.join("log.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Step(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Compares what must be identical in a resumed run (not the wall-clock throughput).
+pub fn same(a: &StepRecord, b: &StepRecord) -> bool {
+    (a.step, a.epoch, a.loss, &a.losses, a.lr, a.alpha, &a.metrics, a.grad_norm)
+        == (b.step, b.epoch, b.loss, &b.losses, b.lr, b.alpha, &b.metrics, b.grad_norm)
 }
 
 /// An empty directory under Cargo's per-test-target scratch space.
