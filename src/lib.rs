@@ -15,6 +15,7 @@ pub mod import;
 pub mod model;
 pub mod objectives;
 pub mod ops;
+pub mod readback;
 pub mod rng;
 pub mod train;
 

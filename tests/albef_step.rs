@@ -18,7 +18,7 @@ struct FixedDraws {
 }
 
 impl Draws for FixedDraws {
-    fn negatives(&mut self, _: &[f32], _: &[f32], _: &[i64], _: &[usize]) -> anyhow::Result<ItmNegatives> {
+    fn negatives(&mut self, _: &Tensor, _: &Tensor, _: &[i64], _: &[usize]) -> anyhow::Result<ItmNegatives> {
         Ok(self.neg.clone())
     }
     fn mlm_mask(&mut self, _: &[u32]) -> MaskedTokens {
@@ -26,8 +26,8 @@ impl Draws for FixedDraws {
     }
 }
 
-fn to_usize(t: &Tensor) -> Vec<usize> {
-    t.to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as usize).collect()
+fn to_u32(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
 }
 
 fn flat_i64(t: &Tensor) -> Vec<i64> {
@@ -50,8 +50,8 @@ fn run_step(kernels: Kernels) -> (Albef, Output, HashMap<String, Tensor>) {
     assert!(unused.is_empty(), "fixture tensors the model does not use: {unused:?}");
     let mut draws = FixedDraws {
         neg: ItmNegatives {
-            image_for_text: to_usize(&fx["input.neg_image_for_text"]),
-            text_for_image: to_usize(&fx["input.neg_text_for_image"]),
+            image_for_text: to_u32(&fx["input.neg_image_for_text"]),
+            text_for_image: to_u32(&fx["input.neg_text_for_image"]),
             same_caption: 0,
         },
         mlm: MaskedTokens {
@@ -65,6 +65,7 @@ fn run_step(kernels: Kernels) -> (Albef, Output, HashMap<String, Tensor>) {
     let batch = Inputs {
         images: &fx["input.image"],
         input_ids: &ids,
+        token_ids: &ids.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
         attention_mask: &fx["input.attention_mask"],
         image_ids: &image_ids,
         caption_groups: &caption_groups,

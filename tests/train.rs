@@ -188,3 +188,21 @@ fn best_follows_the_selected_validation_r_mean() {
         assert_eq!(link, Path::new(&format!("step-{step:07}")), "{select}");
     }
 }
+
+/// An optimiser step reads the device once, with or without accumulation (the gradient norm, every
+/// micro-batch's losses and metrics together): MLM masks, ITM negatives and the temp clamp read nothing.
+/// The limit is 3 reads per step; every read of the step goes through `alignfuse::readback::read`.
+#[test]
+fn an_optimizer_step_reads_the_device_once() {
+    for accum in [1, 3] {
+        let cfg = micro_config(&[&format!("train.grad_accum={accum}")]);
+        let out = scratch(&format!("reads-{accum}"));
+        let before = alignfuse::readback::count();
+        let opts = TrainOptions { out: out.clone(), resume: None, max_steps: Some(2), label: None, overwrite: false };
+        train(cfg, &opts).unwrap();
+        let reads = alignfuse::readback::count() - before;
+        assert_eq!(steps(&out).len(), 2);
+        assert!(reads <= 2 * 3, "{reads} reads in 2 steps of {accum} micro-batches");
+        assert_eq!(reads, 2, "accumulating {accum}");
+    }
+}

@@ -32,6 +32,8 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// `f32 [B, L]`: 1 for tokens, 0 for padding.
     pub attention_mask: Tensor,
+    /// `input_ids` on the host, row-major (MLM masks from them without reading the device).
+    pub token_ids: Vec<u32>,
     /// Image id of each pair (equal ids = same image).
     pub image_ids: Vec<u64>,
     /// Equal values mark pairs whose cleaned captions are identical (the first such pair's position).
@@ -196,6 +198,7 @@ impl TrainLoader {
                 images: Tensor::from_vec(raw.images, (b, 3, res, res), &device)?,
                 input_ids,
                 attention_mask,
+                token_ids: raw.text.ids,
                 image_ids: raw.image_ids,
                 caption_groups: raw.caption_groups,
                 indices: raw.indices,

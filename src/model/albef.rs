@@ -60,6 +60,8 @@ pub fn normalize(x: &Tensor) -> Result<Tensor> {
 pub struct Inputs<'a> {
     pub images: &'a Tensor,
     pub input_ids: &'a Tensor,
+    /// The same ids on the host, row-major: MLM masks from them without reading the device.
+    pub token_ids: &'a [u32],
     pub attention_mask: &'a Tensor,
     pub image_ids: &'a [i64],
     /// Equal values mark pairs with identical cleaned captions (no ITM negatives of each other).
@@ -69,7 +71,7 @@ pub struct Inputs<'a> {
 /// The forward's random choices, made injectable so a golden test can supply the reference's draws.
 pub trait Draws {
     fn negatives(
-        &mut self, sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], captions: &[usize],
+        &mut self, sim_i2t: &Tensor, sim_t2i: &Tensor, ids: &[i64], captions: &[usize],
     ) -> anyhow::Result<itm::ItmNegatives>;
     fn mlm_mask(&mut self, ids: &[u32]) -> mlm::MaskedTokens;
 }
@@ -86,7 +88,7 @@ pub struct SeededDraws {
 
 impl Draws for SeededDraws {
     fn negatives(
-        &mut self, sim_i2t: &[f32], sim_t2i: &[f32], ids: &[i64], captions: &[usize],
+        &mut self, sim_i2t: &Tensor, sim_t2i: &Tensor, ids: &[i64], captions: &[usize],
     ) -> anyhow::Result<itm::ItmNegatives> {
         itm::sample_negatives(sim_i2t, sim_t2i, ids, captions, self.hard_negatives, &mut self.rng)
     }
@@ -262,11 +264,10 @@ impl Albef {
         self.momentum.update()
     }
 
-    /// Clamps the stored temp in place to [0.001, 0.5] (so the gradient is taken at the clamped value and
-    /// never zeroed by a clamp in the graph) and returns it.
-    pub fn clamp_temp(&self) -> Result<f64> {
-        self.temp.set(&self.temp.as_tensor().clamp(0.001f32, 0.5f32)?)?;
-        Ok(self.temp.as_tensor().to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+    /// Clamps the stored temp in place to [0.001, 0.5], on the device (so the gradient is taken at the
+    /// clamped value and never zeroed by a clamp in the graph).
+    pub fn clamp_temp(&self) -> Result<()> {
+        self.temp.set(&self.temp.as_tensor().clamp(0.001f32, 0.5f32)?)
     }
 
     /// Writes a batch's momentum features into the ITC queue (after the ITC loss that read the queue).
@@ -282,7 +283,7 @@ impl Albef {
         &self, batch: &Inputs, alpha: f64, draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx,
     ) -> anyhow::Result<Output> {
         let obj = self.objectives.clone();
-        let temp_value = self.clamp_temp()?;
+        self.clamp_temp()?;
         let temp = self.temp.as_tensor().clone();
         let (image_embeds, image_feat) = self.online.image(batch.images, ctx)?;
         let (text_embeds, text_feat) = self.online.text(batch.input_ids, batch.attention_mask, ctx)?;
@@ -306,7 +307,7 @@ impl Albef {
             losses.insert("itc", loss);
         }
         if obj.itm {
-            let (loss, accuracy, same_caption) = self.itm(batch, &online, &teacher, temp_value, draws, ctx)?;
+            let (loss, accuracy, same_caption) = self.itm(batch, &online, &teacher, &temp, draws, ctx)?;
             losses.insert("itm", loss);
             metrics.insert("itm_acc", accuracy);
             metrics.insert("itm_same_caption", Tensor::new(same_caption as f32, self.device())?);
@@ -347,14 +348,16 @@ impl Albef {
     /// from the in-batch similarities (online queries against momentum keys, / temp), the 3B pairs scored
     /// by [`Albef::itm_logits`].
     fn itm(
-        &self, batch: &Inputs, online: &Online, teacher: &Teacher, temp: f64, draws: &mut dyn Draws, ctx: &Ctx,
+        &self, batch: &Inputs, online: &Online, teacher: &Teacher, temp: &Tensor, draws: &mut dyn Draws, ctx: &Ctx,
     ) -> anyhow::Result<(Tensor, Tensor, usize)> {
         let b = batch.image_ids.len();
         let (sim_i2t, sim_t2i) = match teacher.feats() {
             Some((image_feat_m, text_feat_m)) => {
                 itm::similarities(&online.image_feat, &online.text_feat, image_feat_m, text_feat_m, temp)?
             }
-            None => (vec![0.0; b * b], vec![0.0; b * b]),
+            None => {
+                (Tensor::zeros((b, b), DType::F32, self.device())?, Tensor::zeros((b, b), DType::F32, self.device())?)
+            }
         };
         let neg = draws.negatives(&sim_i2t, &sim_t2i, batch.image_ids, batch.caption_groups)?;
         let pairs = itm::pairs(&online.text_embeds, batch.attention_mask, &online.image_embeds, &neg)?;
@@ -371,7 +374,7 @@ impl Albef {
         draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx,
     ) -> anyhow::Result<Option<Tensor>> {
         let (ids, mask) = (batch.input_ids, batch.attention_mask);
-        let masked = draws.mlm_mask(&ids.flatten_all()?.to_vec1()?);
+        let masked = draws.mlm_mask(batch.token_ids);
         let masked_ids = Tensor::from_vec(masked.ids.clone(), ids.shape(), ids.device())?;
         let logits = self.online.text_encoder.mlm_logits(&masked_ids, mask, image_embeds, ctx)?;
         let logits_m = image_embeds_m

@@ -6,7 +6,7 @@ pub mod itc;
 pub mod itm;
 pub mod mlm;
 
-use candle_core::{Result, Tensor};
+use candle_core::Tensor;
 
 /// Scalar tensors by name, in the order they were added: a forward's losses, or its metrics. The
 /// training loop sums, checks, logs and accumulates losses by iterating this, so an objective is added in
@@ -25,10 +25,5 @@ impl Named {
 
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &Tensor)> {
         self.0.iter().map(|(n, t)| (*n, t))
-    }
-
-    /// Every value read back to the host as f64 (one device-to-host copy each).
-    pub fn values(&self) -> Result<Vec<(&'static str, f64)>> {
-        self.iter().map(|(n, t)| Ok((n, t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64))).collect()
     }
 }

@@ -195,8 +195,8 @@ impl Trainer {
         self.state.skipped_images += batch.skipped.len();
     }
 
-    /// Forward and backward of micro-batch number `micro` (counted from the start of training); its
-    /// gradients and queue update join the step's unless a loss is not finite (train.on_nonfinite).
+    /// Forward and backward of micro-batch number `micro` (counted from the start of training): its
+    /// gradients, losses and metrics (still on the device) and queue update join the step's.
     fn micro_batch(&mut self, batch: &Batch, micro: u64, step: &mut Accumulated) -> Result<()> {
         let cfg = &self.setup.cfg;
         let alpha = schedule::alpha(
@@ -206,28 +206,19 @@ impl Trainer {
             self.setup.steps_per_epoch,
         );
         let out = self.setup.forward(batch, micro, alpha)?;
-        let losses = out.losses.values()?;
-        if let Some((name, v)) = losses.iter().find(|(_, v)| !v.is_finite()) {
-            return self.non_finite(self.state.step + 1, &format!("loss `{name}` is {v}"), step);
-        }
-        if !step.poisoned {
-            let total = sum(&out.losses, self.setup.model.device())?;
-            let mut grads = total.backward()?;
-            poison_point(self.state.step + 1, &mut grads, &self.setup.model)?;
-            self.setup.opt.accumulate(&grads)?;
-            let metrics = out.metrics.values()?;
-            step.add(total.to_scalar::<f32>()? as f64, &losses, &metrics, alpha, batch.indices.len());
-            step.queue_updates.extend(out.queue_update);
-        }
+        let total = sum(&out.losses, self.setup.model.device())?;
+        let mut grads = total.backward()?;
+        poison_point(self.state.step + 1, &mut grads, &self.setup.model)?;
+        self.setup.opt.accumulate(&grads)?;
+        step.add(&total, &out, alpha, batch.image_ids.len())?;
+        step.queue_updates.extend(out.queue_update);
         Ok(())
     }
 
     /// A non-finite loss or gradient in `step`: stop, naming it and the last finite checkpoint
     /// (`train.on_nonfinite = "stop"`), or drop the step's gradients and queue updates (`"skip"`).
-    fn non_finite(&mut self, step: usize, what: &str, acc: &mut Accumulated) -> Result<()> {
+    fn non_finite(&mut self, step: usize, what: &str) -> Result<()> {
         self.setup.opt.discard();
-        acc.poisoned = true;
-        acc.queue_updates.clear();
         if self.setup.cfg.train.on_nonfinite == OnNonFinite::Stop {
             self.log.finish();
             bail!(
@@ -240,27 +231,33 @@ impl Trainer {
         Ok(())
     }
 
-    /// Applies the accumulated gradients when they are finite (then enqueues the step's momentum
-    /// features), or counts the step as skipped; logs it and moves the position to micro-batch
-    /// `batch_in_epoch` of the epoch.
-    fn optimizer_step(&mut self, mut step: Accumulated, batch_in_epoch: usize) -> Result<()> {
+    /// Reads the step's gradient norm, losses and metrics (the step's one device-to-host transfer), then
+    /// applies the accumulated gradients when all are finite (and enqueues the step's momentum features),
+    /// or counts the step as skipped; logs it and moves the position to micro-batch `batch_in_epoch`.
+    fn optimizer_step(&mut self, step: Accumulated, batch_in_epoch: usize) -> Result<()> {
         let lr = schedule::learning_rate(&self.setup.cfg.train, self.state.step, self.setup.steps_per_epoch);
         self.state.step += 1;
         self.state.batch_in_epoch = batch_in_epoch;
-        if !step.poisoned {
-            let grad_norm = self.setup.opt.step(lr, self.setup.cfg.train.grad_clip)?;
-            if grad_norm.is_finite() {
-                for update in &step.queue_updates {
-                    self.setup.model.enqueue(update)?;
-                }
-                self.skipped_in_a_row = 0;
-                let record = step.record(self.state.step, self.state.epoch, lr, grad_norm);
-                self.log.step(&record)?;
-                self.last = Some(record);
-                return Ok(());
+        let norm_squared = self.setup.opt.norm_squared()?.reshape(1)?;
+        let values = crate::readback::read(&Tensor::cat(&[&norm_squared, &step.values()?], 0)?)?;
+        let grad_norm = values[0].sqrt();
+        let (record, bad_loss) = step.record(&values[1..], self.state.step, self.state.epoch, lr, grad_norm);
+        let problem = match bad_loss {
+            Some((name, v)) => Some(format!("loss `{name}` is {v}")),
+            None if !grad_norm.is_finite() => Some(format!("the gradient norm is {grad_norm}")),
+            None => None,
+        };
+        let Some(problem) = problem else {
+            self.setup.opt.apply(lr, self.setup.cfg.train.grad_clip, grad_norm)?;
+            for update in &step.queue_updates {
+                self.setup.model.enqueue(update)?;
             }
-            self.non_finite(self.state.step, &format!("the gradient norm is {grad_norm}"), &mut step)?;
-        }
+            self.skipped_in_a_row = 0;
+            self.log.step(&record)?;
+            self.last = Some(record);
+            return Ok(());
+        };
+        self.non_finite(self.state.step, &problem)?;
         self.state.skipped_steps += 1;
         self.skipped_in_a_row += 1;
         let limit = self.setup.cfg.train.max_consecutive_skips;
@@ -363,50 +360,72 @@ pub fn sum(losses: &Named, device: &candle_core::Device) -> Result<Tensor> {
     })
 }
 
-/// Loss and metric sums over the micro-batches of one optimiser step.
+/// What the micro-batches of one optimiser step leave for it: their losses and metrics, still on the
+/// device, and their queue updates.
 #[derive(Default)]
 struct Accumulated {
-    n: usize,
+    /// Per micro-batch: the names of its losses and of its metrics, and `[total, losses.., metrics..]`.
+    micro: Vec<(Vec<&'static str>, Vec<&'static str>, Tensor)>,
     pairs: usize,
-    loss: f64,
-    losses: BTreeMap<String, f64>,
-    metrics: BTreeMap<String, f64>,
     alpha: f64,
-    /// A micro-batch was not finite: nothing of this step is applied.
-    poisoned: bool,
     started: Option<Instant>,
     /// The micro-batches' momentum features, enqueued once the update is applied.
     queue_updates: Vec<crate::model::albef::QueueUpdate>,
 }
 
 impl Accumulated {
-    fn add(&mut self, loss: f64, losses: &[(&str, f64)], metrics: &[(&str, f64)], alpha: f64, pairs: usize) {
-        for (sums, values) in [(&mut self.losses, losses), (&mut self.metrics, metrics)] {
-            for (name, v) in values {
-                *sums.entry(name.to_string()).or_default() += v;
-            }
-        }
-        self.loss += loss;
+    fn add(&mut self, total: &Tensor, out: &crate::model::albef::Output, alpha: f64, pairs: usize) -> Result<()> {
+        let scalars = std::iter::once(total)
+            .chain(out.losses.iter().chain(out.metrics.iter()).map(|(_, t)| t))
+            .map(|t| t.to_dtype(DType::F64)?.reshape(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let names = |n: &crate::objectives::Named| n.iter().map(|(name, _)| name).collect();
+        self.micro.push((names(&out.losses), names(&out.metrics), Tensor::cat(&scalars, 0)?));
         self.alpha = alpha;
-        self.n += 1;
         self.pairs += pairs;
+        Ok(())
     }
 
-    /// Means over the micro-batches.
-    fn record(&self, step: usize, epoch: usize, lr: f64, grad_norm: f64) -> StepRecord {
-        let n = self.n.max(1) as f64;
-        let mean = |m: &BTreeMap<String, f64>| m.iter().map(|(k, v)| (k.clone(), v / n)).collect();
+    /// Every micro-batch's values, concatenated: what [`Accumulated::record`] reads.
+    fn values(&self) -> Result<Tensor> {
+        let parts: Vec<&Tensor> = self.micro.iter().map(|(_, _, t)| t).collect();
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The step's record from the read `values` (means over the micro-batches), and the first loss that
+    /// is not finite.
+    fn record(
+        &self, values: &[f64], step: usize, epoch: usize, lr: f64, grad_norm: f64,
+    ) -> (StepRecord, Option<(&'static str, f64)>) {
+        let (mut loss, mut losses, mut metrics) = (0.0, BTreeMap::new(), BTreeMap::<String, f64>::new());
+        let mut bad = None;
+        let mut at = values.iter().copied();
+        for (loss_names, metric_names, _) in &self.micro {
+            loss += at.next().unwrap_or(f64::NAN);
+            for (name, v) in loss_names.iter().zip(at.by_ref()) {
+                if !v.is_finite() && bad.is_none() {
+                    bad = Some((*name, v));
+                }
+                *losses.entry(name.to_string()).or_default() += v;
+            }
+            for (name, v) in metric_names.iter().zip(at.by_ref()) {
+                *metrics.entry(name.to_string()).or_default() += v;
+            }
+        }
+        let n = self.micro.len().max(1) as f64;
+        let mean = |m: BTreeMap<String, f64>| m.into_iter().map(|(k, v)| (k, v / n)).collect();
         let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-        StepRecord {
+        let record = StepRecord {
             step,
             epoch,
-            loss: self.loss / n,
-            losses: mean(&self.losses),
+            loss: loss / n,
+            losses: mean(losses),
             lr,
             alpha: self.alpha,
-            metrics: mean(&self.metrics),
+            metrics: mean(metrics),
             grad_norm,
             pairs_per_s: if secs > 0.0 { self.pairs as f64 / secs } else { 0.0 },
-        }
+        };
+        (record, bad)
     }
 }

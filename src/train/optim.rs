@@ -98,11 +98,20 @@ impl AdamW {
         self.micro = 0;
     }
 
-    /// Averages the accumulated gradients over the micro-batches, clips them to `max_norm` (0 = off) and
-    /// applies one AdamW update at `lr`. Returns the global gradient norm before clipping, reduced on the
-    /// device and read once. A norm that is not finite (a NaN or infinite gradient) is returned without
-    /// touching any parameter or moment, and the gradients are dropped.
+    /// [`AdamW::norm_squared`], read, then [`AdamW::apply`] when the norm is finite; otherwise the
+    /// gradients are dropped and no parameter or moment changes. Returns the norm before clipping.
     pub fn step(&mut self, lr: f64, max_norm: f64) -> Result<f64> {
+        let norm = crate::readback::read(&self.norm_squared()?)?[0].sqrt();
+        match norm.is_finite() {
+            true => self.apply(lr, max_norm, norm)?,
+            false => self.discard(),
+        }
+        Ok(norm)
+    }
+
+    /// Averages the accumulated gradients over the micro-batches and returns the squared global norm as a
+    /// scalar f64 tensor, still on the device (the caller reads it with whatever else it reads).
+    pub fn norm_squared(&mut self) -> Result<Tensor> {
         if self.micro == 0 {
             bail!("optimizer step without accumulated gradients");
         }
@@ -115,14 +124,18 @@ impl AdamW {
                 s.acc = Some(g);
             }
         }
-        let norm = match squares.is_empty() {
-            true => 0.0,
-            false => Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt(),
-        };
-        if !norm.is_finite() {
-            self.discard();
-            return Ok(norm);
-        }
+        Ok(match squares.is_empty() {
+            true => {
+                let device = self.slots.first().map_or(candle_core::Device::Cpu, |s| s.var.device().clone());
+                Tensor::zeros((), DType::F64, &device)?
+            }
+            false => Tensor::stack(&squares, 0)?.sum_all()?,
+        })
+    }
+
+    /// Clips the averaged gradients to `max_norm` (0 = off) given their finite global `norm`, and applies
+    /// one AdamW update at `lr`.
+    pub fn apply(&mut self, lr: f64, max_norm: f64, norm: f64) -> Result<()> {
         let clip = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
         self.steps += 1;
         let t = self.steps as i32;
@@ -141,7 +154,7 @@ impl AdamW {
             s.var.set(&(p - (update * lr)?)?)?;
         }
         self.micro = 0;
-        Ok(norm)
+        Ok(())
     }
 
     /// Moments as named tensors (`m.<param>`, `v.<param>`) for the checkpoint.

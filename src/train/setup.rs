@@ -145,6 +145,7 @@ impl Setup {
         let inputs = Inputs {
             images: &batch.images,
             input_ids: &batch.input_ids,
+            token_ids: &batch.token_ids,
             attention_mask: &batch.attention_mask,
             image_ids: &image_ids,
             caption_groups: &batch.caption_groups,
