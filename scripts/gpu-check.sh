@@ -8,9 +8,11 @@
 #     is the same plumbing on the CPU with small sizes (what this repository's machine can try).
 # Checks: (a) bench kernels: every custom op against the plain composition, values and gradients, and GB/s next
 # to a measured device copy; (b) bench train on configs/albef-base.toml (ViT-B/16 at 256 px, batch 64), fused and
-# reference kernels; (d) the README main job (configs/tiny.toml) on the device, with its test table; (e) bench
-# rerank and a standalone eval of the main job's checkpoint. Not here yet (issue 14): the PyTorch eager baseline,
-# tf32/bf16, peak device memory.
+# reference kernels; (c) the PyTorch eager baseline of the same step (benches/torch_step.py: same model, batch and
+# caption length) in fp32, tf32 and bf16 autocast, and the alignfuse / PyTorch ratio; (d) the README main job
+# (configs/tiny.toml) on the device, with its test table; (e) bench rerank and a standalone eval of the main job's
+# checkpoint. Not here yet (issue 14): alignfuse in tf32/bf16, its peak device memory.
+# PYTHON names the interpreter with torch (default python3).
 set -euo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUTDIR}"
 mkdir -p "$out"
@@ -34,18 +36,25 @@ if [[ "$device" != cpu ]]; then
     export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
     steps=10
-    base=(--config configs/albef-base.toml --set device="$device")
+    cfg=configs/albef-base.toml
 else
     echo "dry run on the CPU (small sizes)" | tee "$out/gpu.txt"
     steps=2
-    base=(--config configs/tiny.toml --set device=cpu)
+    cfg=configs/tiny.toml
 fi
+base=(--config "$cfg" --set device="$device")
+py="${PYTHON:-python3}"
 tiny=(--config configs/tiny.toml --set device="$device")
 run() { echo "+ $*" >&2; "$@"; }
 
 run "$bin" bench kernels "${base[@]}" --steps "$steps" --json "$out/kernels.json"
 for kernels in fused reference; do
     run "$bin" bench train "${base[@]}" --set kernels=$kernels --steps "$steps" --json "$out/train-$kernels.json"
+done
+tokens=$("$py" -c "import json, sys; print(round(json.load(open(sys.argv[1]))['tokens']))" "$out/train-fused.json")
+for precision in fp32 tf32 bf16; do
+    run "$py" benches/torch_step.py --config "$cfg" --device "${device%%:*}" --precision $precision --steps "$steps" \
+        --tokens "$tokens" --threads "$(nproc)" --json "$out/torch-$precision.json"
 done
 main_job=("${tiny[@]}")
 [[ "$device" == cpu ]] && main_job+=(--set data.synth_n=200 --set train.epochs=1)
@@ -63,6 +72,12 @@ for kernels in ("fused", "reference"):
     ms = t["data_ms"] + t["forward_ms"] + t["ema_ms"] + t["backward_ms"] + t["optimizer_ms"]
     rows.append((f"bench train ({kernels}) b{t['batch_size']} on {t['device']}", f"{t['pairs_per_s']:.1f} pairs/s",
                  f"{ms:.1f} ms/step", f"peak RSS {t['peak_rss_mib'] or 0:.0f} MiB"))
+ours = json.loads((out / "train-fused.json").read_text())["compute_pairs_per_s"]
+for precision in ("fp32", "tf32", "bf16"):
+    t = json.loads((out / f"torch-{precision}.json").read_text())
+    rows.append((f"torch {t['torch']} eager {precision} b{t['batch_size']}", f"{t['pairs_per_s']:.1f} pairs/s",
+                 f"{t['ms_per_step']:.1f} ms/step", f"peak {t['peak_mib']:.0f} MiB"))
+    rows.append((f"  alignfuse fp32 fused / torch {precision}", f"{ours / t['pairs_per_s']:.2f}x", "", ""))
 k = json.loads((out / "kernels.json").read_text())
 for op in k["ops"]:
     err = max(e["fused_vs_reference"] for e in op["errors"])

@@ -12,7 +12,11 @@ use std::time::Instant;
 pub struct TrainBench {
     pub steps: usize,
     pub batch_size: usize,
+    /// Mean caption length of the timed batches (tokens, [CLS] and [SEP] included).
+    pub tokens: f64,
     pub pairs_per_s: f64,
+    /// Pairs/s without the data wait: what a baseline fed from memory compares with.
+    pub compute_pairs_per_s: f64,
     /// Mean milliseconds per step of each phase.
     pub data_ms: f64,
     pub forward_ms: f64,
@@ -29,8 +33,8 @@ impl std::fmt::Display for TrainBench {
         let total = self.data_ms + self.forward_ms + self.ema_ms + self.backward_ms + self.optimizer_ms;
         writeln!(
             f,
-            "{} steps of {} pairs on {}: {:.1} pairs/s, {:.1} ms/step",
-            self.steps, self.batch_size, self.device, self.pairs_per_s, total
+            "{} steps of {} pairs ({:.1} tokens) on {}: {:.1} pairs/s ({:.1} without the data wait), {:.1} ms/step",
+            self.steps, self.batch_size, self.tokens, self.device, self.pairs_per_s, self.compute_pairs_per_s, total
         )?;
         writeln!(f, "{:<10} {:>10} {:>7}", "phase", "ms/step", "share")?;
         for (name, ms) in [
@@ -68,14 +72,15 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         device.synchronize()?;
         Ok(t.elapsed().as_secs_f64())
     };
-    let (mut data, mut fwd, mut ema, mut bwd, mut opt) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    let (mut data, mut fwd, mut ema, mut bwd, mut opt, mut tokens) = (0.0, 0.0, 0.0, 0.0, 0.0, 0);
     for i in 0..=steps {
         if i == 1 {
-            (data, fwd, ema, bwd, opt) = (0.0, 0.0, 0.0, 0.0, 0.0);
+            (data, fwd, ema, bwd, opt, tokens) = (0.0, 0.0, 0.0, 0.0, 0.0, 0);
         }
         let t = Instant::now();
         let batch = batches.next().expect("checked above")?;
         data += lap(t)?;
+        tokens += batch.input_ids.dim(1)?;
         let t = Instant::now();
         run.model.update_momentum()?;
         ema += lap(t)?;
@@ -97,10 +102,13 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
     }
     let ms = |s: f64| 1000.0 * s / steps as f64;
     let total = data + fwd + ema + bwd + opt;
+    let pairs = (steps * cfg.train.batch_size) as f64;
     Ok(TrainBench {
         steps,
         batch_size: cfg.train.batch_size,
-        pairs_per_s: (steps * cfg.train.batch_size) as f64 / total,
+        tokens: tokens as f64 / steps as f64,
+        pairs_per_s: pairs / total,
+        compute_pairs_per_s: pairs / (total - data),
         data_ms: ms(data),
         forward_ms: ms(fwd),
         ema_ms: ms(ema),
