@@ -2,16 +2,17 @@
 # The GPU checks in one call, for a machine lent with an NVIDIA GPU, a CUDA 13 driver and a PyTorch install (whose
 # nvidia-* packages provide libcublas, libcurand, libcudart, libnvrtc) and no network or Rust toolchain. Carry the
 # binary built here by scripts/build-cuda.sh (dist/alignfuse-cuda.xz). Prints the GPU and driver, runs every
-# check, writes each one's JSON into OUTDIR and ends with one table. About 5 minutes on an H200.
+# check, writes each one's JSON into OUTDIR and ends with one table. Sized for under 8 minutes on an H200.
 #   scripts/gpu-check.sh OUTDIR
 #   ALIGNFUSE_GPU_CHECK_DEVICE=cpu ALIGNFUSE_BIN=target/release/alignfuse scripts/gpu-check.sh OUTDIR
 #     is the same plumbing on the CPU with small sizes (what this repository's machine can try).
 # Checks: (a) bench kernels: every custom op against the plain composition, values and gradients, and GB/s next
-# to a measured device copy; (b) bench train on configs/albef-base.toml (ViT-B/16 at 256 px, batch 64), fused and
-# reference kernels; (c) the PyTorch eager baseline of the same step (benches/torch_step.py: same model, batch and
+# to a measured device copy; (b) bench train on configs/albef-base.toml (ViT-B/16 at 256 px, batch 64) in fp32,
+# tf32 and bf16 with the fused kernels, and fp32 with the reference ones; (c) the PyTorch eager baseline of the same step (benches/torch_step.py: same model, batch and
 # caption length) in fp32, tf32 and bf16 autocast, and the alignfuse / PyTorch ratio; (d) the README main job
 # (configs/tiny.toml) on the device, with its test table; (e) bench rerank and a standalone eval of the main job's
-# checkpoint. Not here yet (issue 14): alignfuse in tf32/bf16, its peak device memory.
+# checkpoint; (f) the same seed twice gives the same 10 steps. Not here yet (issue 14): alignfuse's peak device
+# memory.
 # PYTHON names the interpreter with torch (default python3).
 set -euo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUTDIR}"
@@ -48,10 +49,11 @@ tiny=(--config configs/tiny.toml --set device="$device")
 run() { echo "+ $*" >&2; "$@"; }
 
 run "$bin" bench kernels "${base[@]}" --steps "$steps" --json "$out/kernels.json"
-for kernels in fused reference; do
-    run "$bin" bench train "${base[@]}" --set kernels=$kernels --steps "$steps" --json "$out/train-$kernels.json"
+for precision in fp32 tf32 bf16; do
+    run "$bin" bench train "${base[@]}" --set train.precision=$precision --steps "$steps" --json "$out/train-$precision.json"
 done
-tokens=$("$py" -c "import json, sys; print(round(json.load(open(sys.argv[1]))['tokens']))" "$out/train-fused.json")
+run "$bin" bench train "${base[@]}" --set kernels=reference --steps "$steps" --json "$out/train-reference.json"
+tokens=$("$py" -c "import json, sys; print(round(json.load(open(sys.argv[1]))['tokens']))" "$out/train-fp32.json")
 for precision in fp32 tf32 bf16; do
     run "$py" benches/torch_step.py --config "$cfg" --device "${device%%:*}" --precision $precision --steps "$steps" \
         --tokens "$tokens" --threads "$(nproc)" --json "$out/torch-$precision.json"
@@ -62,22 +64,29 @@ run "$bin" train "${main_job[@]}" --out "$work/tiny" | tee "$out/main-job.txt"
 test_ann=$(ls "$work"/tiny/data/*/test.json)
 run "$bin" eval "${main_job[@]}" --checkpoint "$work/tiny/checkpoints/latest" --ann "$test_ann" --json "$out/eval.json"
 run "$bin" bench rerank "${tiny[@]}" --json "$out/rerank.json"
+# (f) a seed reproduces a run on the same device (dropout and ITM noise from the device's generator).
+for r in 1 2; do
+    run "$bin" train "${tiny[@]}" --set data.synth_n=500 --set train.epochs=1 --max-steps 10 --out "$work/repro-$r" \
+        > "$out/repro-$r.txt"
+    cp "$work/repro-$r/log.jsonl" "$out/repro-$r.jsonl"
+done
 
 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 rows = []
-for kernels in ("fused", "reference"):
-    t = json.loads((out / f"train-{kernels}.json").read_text())
+for name in ("fp32", "tf32", "bf16", "reference"):
+    t = json.loads((out / f"train-{name}.json").read_text())
     ms = t["data_ms"] + t["forward_ms"] + t["ema_ms"] + t["backward_ms"] + t["optimizer_ms"]
-    rows.append((f"bench train ({kernels}) b{t['batch_size']} on {t['device']}", f"{t['pairs_per_s']:.1f} pairs/s",
-                 f"{ms:.1f} ms/step", f"peak RSS {t['peak_rss_mib'] or 0:.0f} MiB"))
-ours = json.loads((out / "train-fused.json").read_text())["compute_pairs_per_s"]
+    what = "fp32, reference kernels" if name == "reference" else f"{name}, fused kernels"
+    rows.append((f"alignfuse bench train ({what}) b{t['batch_size']} on {t['device']}",
+                 f"{t['compute_pairs_per_s']:.1f} pairs/s", f"{ms:.1f} ms/step", f"peak RSS {t['peak_rss_mib'] or 0:.0f} MiB"))
 for precision in ("fp32", "tf32", "bf16"):
     t = json.loads((out / f"torch-{precision}.json").read_text())
+    ours = json.loads((out / f"train-{precision}.json").read_text())["compute_pairs_per_s"]
     rows.append((f"torch {t['torch']} eager {precision} b{t['batch_size']}", f"{t['pairs_per_s']:.1f} pairs/s",
                  f"{t['ms_per_step']:.1f} ms/step", f"peak {t['peak_mib']:.0f} MiB"))
-    rows.append((f"  alignfuse fp32 fused / torch {precision}", f"{ours / t['pairs_per_s']:.2f}x", "", ""))
+    rows.append((f"  alignfuse / torch, {precision}", f"{ours / t['pairs_per_s']:.2f}x", "", ""))
 k = json.loads((out / "kernels.json").read_text())
 for op in k["ops"]:
     err = max(e["fused_vs_reference"] for e in op["errors"])
@@ -86,6 +95,12 @@ for op in k["ops"]:
 rows.append(("device copy", f"{k['copy']['gbps']:.0f} GB/s", "", ""))
 e = json.loads((out / "eval.json").read_text())
 rows.append(("main job test r_mean", f"ITC {e['itc']['r_mean']:.2f}", f"re-ranked {e['rerank']['r_mean']:.2f}", ""))
+def steps(f):
+    keys = ("step", "loss", "losses", "metrics", "grad_norm")
+    return [tuple(json.dumps(r[k], sort_keys=True) for k in keys)
+            for r in map(json.loads, (out / f).read_text().splitlines()) if r["kind"] == "step"]
+a, b = steps("repro-1.jsonl"), steps("repro-2.jsonl")
+rows.append(("same seed twice (10 steps)", "identical" if a == b and a else "DIFFERENT", f"{len(a)} steps", ""))
 r = json.loads((out / "rerank.json").read_text())
 rows.append((f"bench rerank ({r['pairs']} pairs)", f"K/V reuse {r['pairs'] / r['reuse_kv_s']:.0f} pairs/s",
              f"plain {r['pairs'] / r['plain_s']:.0f} pairs/s", ""))

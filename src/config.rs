@@ -193,6 +193,15 @@ pub struct DataConfig {
     pub normalize: Normalize,
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Tf32,
+    Bf16,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Normalize {
@@ -263,6 +272,10 @@ pub struct TrainConfig {
     pub max_consecutive_skips: usize,
     /// `"rerank"` (ALBEF) or `"itc"`: the validation r_mean that marks a checkpoint `best`.
     pub select: Select,
+    /// `"fp32"`, `"tf32"` (fp32 storage, TF32 tensor-core matmuls on CUDA; the same as fp32 on the CPU) or
+    /// `"bf16"` (as torch.autocast: matmuls and attention products in bf16, everything else, the weights,
+    /// the optimiser state and checkpoints in fp32).
+    pub precision: Precision,
     /// Also write the logged scalars (losses, lr, temp, alpha, ITM accuracy, grad norm, pairs/s,
     /// validation R@K) to a TensorBoard event file in the run folder.
     pub tensorboard: bool,
@@ -442,6 +455,7 @@ impl Default for TrainConfig {
             head_lr_scale: 1.0,
             max_consecutive_skips: 10,
             select: Select::Rerank,
+            precision: Precision::Fp32,
             tensorboard: true,
         }
     }

@@ -167,16 +167,16 @@ fn fusion_with_precomputed_image_kv_equals_plain_fusion() {
     assert_close("[CLS] of the last layer alone", &plain, &full.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(), ROUNDING);
 
     // One image per text: the same ops as the plain path, bit for bit.
-    let kv = bert.image_kv(&per_text).unwrap();
+    let kv = bert.image_kv(&per_text, &ctx).unwrap();
     assert_eq!(max_abs_diff(&bert.fusion_cls(&text, &mask, Kv(&kv), &ctx).unwrap(), &plain), 0.0);
 
     // Each image's K/V shared by its three texts: equal up to float rounding.
-    let shared = bert.image_kv(&images).unwrap();
+    let shared = bert.image_kv(&images, &ctx).unwrap();
     assert_close("shared image K/V", &bert.fusion_cls(&text, &mask, Kv(&shared), &ctx).unwrap(), &plain, ROUNDING);
-    let itm = model.itm_logits(&text, &mask, Kv(&model.image_kv(&images).unwrap()), &ctx).unwrap();
-    assert_close("Albef::itm_logits", &itm, &itm_head.forward(&plain).unwrap(), ROUNDING);
+    let itm = model.itm_logits(&text, &mask, Kv(&model.image_kv(&images, &ctx).unwrap()), &ctx).unwrap();
+    assert_close("Albef::itm_logits", &itm, &itm_head.forward(&plain, &ctx).unwrap(), ROUNDING);
 
-    let four = bert.image_kv(&wavy(&[4, 5, 32], 0.0)).unwrap();
+    let four = bert.image_kv(&wavy(&[4, 5, 32], 0.0), &ctx).unwrap();
     let err = bert.fusion_cls(&text, &mask, Kv(&four), &ctx).unwrap_err().to_string();
     assert!(err.contains("6 query rows cannot share 4 key sets"), "{err}");
 }
@@ -304,7 +304,7 @@ impl Direct {
         let mask = Tensor::ones((1, text.dim(1).unwrap()), DType::F32, &Device::Cpu).unwrap();
         let fused = bert.forward_fusion(text, &mask, &self.image_embeds[i], &ctx).unwrap();
         let cls = fused.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
-        itm_head.forward(&cls).unwrap().to_vec2::<f32>().unwrap()[0][1]
+        itm_head.forward(&cls, &ctx).unwrap().to_vec2::<f32>().unwrap()[0][1]
     }
 }
 

@@ -70,7 +70,7 @@ pub fn rerank(model: &Albef, tokens: &TokenFeatures, i2t: &TopK, t2i: &TopK, opt
         let image = group[0].0 as usize;
         let texts: Vec<u32> = group.chunk_by(|a, b| a.1 == b.1).map(|same| same[0].1).collect();
         let image_embeds = tokens.image_embeds(image)?;
-        let kv = if opts.reuse_kv { Some(model.image_kv(&image_embeds)?) } else { None };
+        let kv = if opts.reuse_kv { Some(model.image_kv(&image_embeds, &ctx)?) } else { None };
         let mut logits = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(opts.pairs_per_forward) {
             let ids = Tensor::from_slice(chunk, chunk.len(), model.device())?;

@@ -35,13 +35,13 @@ impl Encoders {
 
     fn image(&self, images: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
         let embeds = self.visual_encoder.forward(images, ctx)?;
-        let feat = normalize(&self.vision_proj.forward(&cls(&embeds)?)?)?;
+        let feat = normalize(&self.vision_proj.forward(&cls(&embeds)?, ctx)?)?;
         Ok((embeds, feat))
     }
 
     fn text(&self, ids: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
         let embeds = self.text_encoder.bert.forward_text(ids, mask, ctx)?;
-        let feat = normalize(&self.text_proj.forward(&cls(&embeds)?)?)?;
+        let feat = normalize(&self.text_proj.forward(&cls(&embeds)?, ctx)?)?;
         Ok((embeds, feat))
     }
 }
@@ -248,15 +248,15 @@ impl Albef {
 
     /// The fusion layers' cross-attention keys and values of image_embeds [G, N, W], for scoring many
     /// texts against the same images with [`Albef::itm_logits`].
-    pub fn image_kv(&self, image_embeds: &Tensor) -> Result<ImageKv> {
-        self.online.text_encoder.bert.image_kv(image_embeds)
+    pub fn image_kv(&self, image_embeds: &Tensor, ctx: &Ctx) -> Result<ImageKv> {
+        self.online.text_encoder.bert.image_kv(image_embeds, ctx)
     }
 
     /// ITM logits [B, 2] (column 1: match) of text_embeds [B, L, H] with padding mask [B, L] against
     /// their images: the fusion encoder's [CLS] through `itm_head`. Training and re-ranking both score
     /// pairs here.
     pub fn itm_logits(&self, text_embeds: &Tensor, mask: &Tensor, image: ImageSide, ctx: &Ctx) -> Result<Tensor> {
-        self.itm_head.forward(&self.online.text_encoder.bert.fusion_cls(text_embeds, mask, image, ctx)?)
+        self.itm_head.forward(&self.online.text_encoder.bert.fusion_cls(text_embeds, mask, image, ctx)?, ctx)
     }
 
     /// One EMA step of the momentum twin towards the online weights.

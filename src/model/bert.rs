@@ -35,8 +35,8 @@ impl Attention {
     }
 
     /// The key and value projections of the tokens attended to.
-    fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.key.forward(kv)?, self.value.forward(kv)?))
+    fn project_kv(&self, kv: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
+        Ok((self.key.forward(kv, ctx)?, self.value.forward(kv, ctx)?))
     }
 
     /// `x` [B, L, H] attends to projected keys and values [G, N, H] with B = G * n: rows g*n..(g+1)*n
@@ -52,9 +52,9 @@ impl Attention {
                 if mask.is_some() { " under a per-row mask" } else { "" }
             )
         }
-        let q = self.query.forward(x)?.reshape((g, b / g * l, h))?;
+        let q = self.query.forward(x, ctx)?.reshape((g, b / g * l, h))?;
         let a = attend(&q, k, v, self.heads, mask, self.p_attn, ctx)?.reshape((b, l, h))?;
-        let a = ctx.dropout(&self.dense.forward(&a)?, self.p_hidden)?;
+        let a = ctx.dropout(&self.dense.forward(&a, ctx)?, self.p_hidden)?;
         self.norm.forward(&(a + x)?)
     }
 }
@@ -86,14 +86,14 @@ impl Layer {
     fn forward(
         &self, x: &Tensor, mask: &Tensor, image_kv: Option<&(Tensor, Tensor)>, cls_only: bool, ctx: &Ctx,
     ) -> Result<Tensor> {
-        let (k, v) = self.attention.project_kv(x)?;
+        let (k, v) = self.attention.project_kv(x, ctx)?;
         let queries = if cls_only { x.narrow(1, 0, 1)? } else { x.clone() };
         let mut x = self.attention.attend_to(&queries, &k, &v, Some(mask), ctx)?;
         if let (Some(cross), Some((k, v))) = (&self.crossattention, image_kv) {
             x = cross.attend_to(&x, k, v, None, ctx)?;
         }
-        let h = self.intermediate.forward(&x)?.gelu_erf()?;
-        let h = ctx.dropout(&self.output.forward(&h)?, self.p_hidden)?;
+        let h = self.intermediate.forward(&x, ctx)?.gelu_erf()?;
+        let h = ctx.dropout(&self.output.forward(&h, ctx)?, self.p_hidden)?;
         self.output_norm.forward(&(h + x)?)
     }
 }
@@ -168,7 +168,7 @@ impl Bert {
         for i in layers {
             let layer = &self.layers[i];
             let kv = match (image, &layer.crossattention) {
-                (Some(ImageSide::Tokens(img)), Some(cross)) => Some(cross.project_kv(img)?),
+                (Some(ImageSide::Tokens(img)), Some(cross)) => Some(cross.project_kv(img, ctx)?),
                 (Some(ImageSide::Kv(kv)), Some(_)) => match kv.layers.get(i - self.fusion_layer) {
                     Some(layer_kv) => Some(layer_kv.clone()),
                     None => candle_core::bail!(
@@ -204,11 +204,11 @@ impl Bert {
 
     /// The cross-attention keys and values of image_embeds [G, N, W] in every fusion layer. They depend
     /// only on the image, so re-ranking computes them once per image instead of once per candidate text.
-    pub fn image_kv(&self, image_embeds: &Tensor) -> Result<ImageKv> {
+    pub fn image_kv(&self, image_embeds: &Tensor, ctx: &Ctx) -> Result<ImageKv> {
         let layers = self.layers[self.fusion_layer..]
             .iter()
             .map(|layer| match &layer.crossattention {
-                Some(cross) => cross.project_kv(image_embeds),
+                Some(cross) => cross.project_kv(image_embeds, ctx),
                 None => candle_core::bail!("fusion layers have cross-attention"),
             })
             .collect::<Result<_>>()?;
@@ -244,10 +244,10 @@ impl MlmHead {
     }
 
     /// hidden [B, L, H] -> logits [B, L, V] with `word_embeddings` [V, H] as the decoder.
-    pub fn forward(&self, hidden: &Tensor, word_embeddings: &Tensor) -> Result<Tensor> {
-        let x = self.norm.forward(&self.dense.forward(hidden)?.gelu_erf()?)?;
+    pub fn forward(&self, hidden: &Tensor, word_embeddings: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let x = self.norm.forward(&self.dense.forward(hidden, ctx)?.gelu_erf()?)?;
         let (b, l, h) = x.dims3()?;
-        x.reshape((b * l, h))?.matmul(&word_embeddings.t()?)?.broadcast_add(&self.bias)?.reshape((b, l, ()))
+        ctx.matmul(&x.reshape((b * l, h))?, &word_embeddings.t()?)?.broadcast_add(&self.bias)?.reshape((b, l, ()))
     }
 }
 
@@ -268,6 +268,6 @@ impl TextEncoder {
     /// MLM logits of (masked) ids conditioned on the image: all layers, then the head.
     pub fn mlm_logits(&self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let hidden = self.bert.forward_multimodal(ids, mask, image_embeds, ctx)?;
-        self.cls.forward(&hidden, self.bert.word_embeddings())
+        self.cls.forward(&hidden, self.bert.word_embeddings(), ctx)
     }
 }

@@ -2,23 +2,38 @@
 //! (CANDLE-NOTES.md), so LayerNorm is composed here and softmax goes through `ops`.
 
 use super::params::{Init, Pb};
-use crate::config::Kernels;
-use candle_core::{Result, Tensor, D};
+use crate::config::{Kernels, Precision};
+use candle_core::{DType, Result, Tensor, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
 
 /// What a forward pass needs besides its inputs: training mode (dropout on), the seeded dropout stream,
-/// and which kernels run the custom ops.
+/// which kernels run the custom ops and in which precision the matmuls run.
 pub struct Ctx {
     pub train: bool,
     pub kernels: Kernels,
+    pub precision: Precision,
     rng: RefCell<ChaCha8Rng>,
 }
 
 impl Ctx {
     pub fn new(train: bool, kernels: Kernels, rng: ChaCha8Rng) -> Self {
-        Ctx { train, kernels, rng: RefCell::new(rng) }
+        Ctx { train, kernels, precision: Precision::Fp32, rng: RefCell::new(rng) }
+    }
+
+    /// The same context with matmuls in `precision` (`train.precision`).
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Ctx { precision, ..self }
+    }
+
+    /// `a @ b`: in bf16 under `precision = "bf16"`, the inputs cast down and the product back up to f32
+    /// (torch.autocast's rule for matmuls; the gradients flow back through both casts), otherwise as is.
+    pub fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        match self.precision {
+            Precision::Bf16 => a.to_dtype(DType::BF16)?.matmul(&b.to_dtype(DType::BF16)?)?.to_dtype(DType::F32),
+            Precision::Fp32 | Precision::Tf32 => a.matmul(b),
+        }
     }
 
     /// Evaluation mode: no dropout.
@@ -26,18 +41,24 @@ impl Ctx {
         Self::new(false, kernels, crate::rng::stream(0, "eval", "", 0))
     }
 
-    /// Inverted dropout with a mask from the seeded stream (identity outside training or for p = 0).
+    /// Inverted dropout (identity outside training or for p = 0). The mask comes from the seeded ChaCha
+    /// stream on the CPU, and on a GPU from the device's generator (seeded per micro-batch by the trainer),
+    /// so no mask is drawn on the host and uploaded.
     pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
         let keep = 1.0 - p as f32;
         let scale = 1.0 / keep;
-        let mut rng = self.rng.borrow_mut();
-        let mask: Vec<f32> =
-            (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { scale } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        let mask = if x.device().is_cpu() {
+            let mut rng = self.rng.borrow_mut();
+            let mask: Vec<f32> =
+                (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { scale } else { 0.0 }).collect();
+            Tensor::from_vec(mask, x.shape(), x.device())?
+        } else {
+            (Tensor::rand(0f32, 1f32, x.shape(), x.device())?.lt(keep as f64)?.to_dtype(DType::F32)? * scale as f64)?
+        };
+        x * mask.to_dtype(x.dtype())?
     }
 }
 
@@ -62,11 +83,11 @@ impl Linear {
         &self.weight
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let w = self.weight.t()?;
         let y = match x.dims() {
-            [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
-            _ => x.matmul(&w)?,
+            [b, l, d] => ctx.matmul(&x.reshape((b * l, *d))?, &w)?.reshape((*b, *l, ()))?,
+            _ => ctx.matmul(x, &w)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -133,10 +154,10 @@ pub fn attend(
     let dh = d / heads;
     let split = |x: &Tensor, l: usize| x.reshape((b, l, heads, dh))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
-    let scores = q.matmul(&k.t()?)?;
+    let scores = ctx.matmul(&q, &k.t()?)?;
     let probs = crate::ops::attention_softmax(&scores, 1.0 / (dh as f64).sqrt(), mask, ctx.kernels)?;
     let probs = ctx.dropout(&probs, p)?;
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))
+    ctx.matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, lq, d))
 }
 
 /// Additive attention mask [B, 1, 1, L] from a 0/1 padding mask [B, L]: 0 where attended, -10000

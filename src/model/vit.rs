@@ -40,11 +40,11 @@ impl Block {
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let d = x.dim(2)?;
-        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?, ctx)?;
         let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
-        let a = self.proj.forward(&attend(&q, &k, &v, self.heads, None, 0.0, ctx)?)?;
+        let a = self.proj.forward(&attend(&q, &k, &v, self.heads, None, 0.0, ctx)?, ctx)?;
         let x = (x + scale(a, &self.ls1)?)?;
-        let m = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        let m = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?, ctx)?.gelu_erf()?, ctx)?;
         x + scale(m, &self.ls2)?
     }
 }
@@ -98,7 +98,7 @@ impl Vit {
             images.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b * gh * gw, c * p * p))?;
         let d = self.patch_weight.dim(0)?;
         let w_flat = self.patch_weight.reshape((d, c * p * p))?;
-        let x = patches.matmul(&w_flat.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))?;
+        let x = ctx.matmul(&patches, &w_flat.t()?)?.broadcast_add(&self.patch_bias)?.reshape((b, gh * gw, d))?;
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
         for blk in &self.blocks {

@@ -45,18 +45,29 @@ pub fn allowed(ids: &[i64], captions: &[usize]) -> anyhow::Result<(Vec<bool>, us
 
 /// One negative per row of `sims` ([B, B] logits) among the `allowed` columns, drawn on the device
 /// without reading it: the argmax of the row's logits (zeros for a row not in `hard_rows`) plus the
-/// Gumbel noise `gumbel` [B * B], which samples the softmax over the allowed columns (uniformly for a
+/// Gumbel noise `gumbel` [B, B], which samples the softmax over the allowed columns (uniformly for a
 /// random row), as the reference's `torch.multinomial` over its softmax weights. The reference masks after
 /// the softmax, which crashes on small batches; masking the logits here cannot. NaN logits (a diverged
 /// step, which the trainer drops) count as 0.
-pub fn draw(sims: &Tensor, allowed: &[bool], hard_rows: &[bool], gumbel: &[f32]) -> Result<Tensor> {
+pub fn draw(sims: &Tensor, allowed: &[bool], hard_rows: &[bool], gumbel: &Tensor) -> Result<Tensor> {
     let (b, dev) = (hard_rows.len(), sims.device());
     let sims = sims.detach().to_dtype(DType::F32)?;
     let sims = sims.eq(&sims)?.where_cond(&sims, &sims.zeros_like()?)?;
     let hard: Vec<f32> = hard_rows.iter().map(|&h| if h { 1.0 } else { 0.0 }).collect();
-    let noise: Vec<f32> = allowed.iter().zip(gumbel).map(|(&a, &g)| if a { g } else { f32::NEG_INFINITY }).collect();
+    let allowed = Tensor::from_vec(allowed.iter().map(|&a| u8::from(a)).collect::<Vec<_>>(), (b, b), dev)?;
+    let noise = allowed.where_cond(gumbel, &Tensor::full(f32::NEG_INFINITY, (b, b), dev)?)?;
     let logits = sims.broadcast_mul(&Tensor::from_vec(hard, (b, 1), dev)?)?;
-    (logits + Tensor::from_vec(noise, (b, b), dev)?)?.argmax(D::Minus1)
+    (logits + noise)?.argmax(D::Minus1)
+}
+
+/// Gumbel(0, 1) noise [B, B]: from `rng` on the CPU (bit-reproducible there), from the device's generator
+/// on a GPU (nothing drawn on the host and uploaded).
+fn gumbel(b: usize, rng: &mut impl Rng, device: &candle_core::Device) -> Result<Tensor> {
+    if device.is_cpu() {
+        let g: Vec<f32> = (0..b * b).map(|_| -(-rng.random::<f64>().max(f64::MIN_POSITIVE).ln()).ln() as f32).collect();
+        return Tensor::from_vec(g, (b, b), device);
+    }
+    Tensor::rand(0f32, 1f32, (b, b), device)?.clamp(f32::MIN_POSITIVE, 1f32)?.log()?.neg()?.log()?.neg()
 }
 
 /// Draws one negative image per text (from rows of `sim_t2i`) and then one negative text per image (rows
@@ -75,9 +86,7 @@ pub fn sample_negatives(
     }
     let mut negatives = |sims: &Tensor| -> Result<Tensor> {
         let hard_rows: Vec<bool> = (0..b).map(|_| hard >= 1.0 || (hard > 0.0 && rng.random::<f64>() < hard)).collect();
-        let gumbel: Vec<f32> =
-            (0..b * b).map(|_| -(-rng.random::<f64>().max(f64::MIN_POSITIVE).ln()).ln() as f32).collect();
-        draw(sims, &allowed, &hard_rows, &gumbel)
+        draw(sims, &allowed, &hard_rows, &gumbel(b, rng, sims.device())?)
     };
     let image_for_text = negatives(sim_t2i)?;
     let text_for_image = negatives(sim_i2t)?;

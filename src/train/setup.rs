@@ -5,7 +5,7 @@
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
 use crate::config::Config;
-use crate::config::{differing_keys, Negatives};
+use crate::config::{differing_keys, Negatives, Precision};
 use crate::data::loader::{Batch, TrainLoader};
 use crate::data::tokenizer::TextTokenizer;
 use crate::model::albef::{Albef, Inputs, Output, SeededDraws};
@@ -55,6 +55,8 @@ impl Setup {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         crate::data::resolve(&mut cfg, out)?;
         let device = crate::device(&cfg.device)?;
+        // TF32 tensor-core matmuls for f32 (a process-wide cuBLAS setting; nothing on the CPU).
+        candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.precision == Precision::Tf32);
         let tok = Arc::new(crate::data::train_tokenizer(&cfg)?);
         let loader = TrainLoader::new(crate::data::train_data(&cfg)?, Arc::clone(&tok), &cfg, device.clone())?;
         let accum = cfg.train.grad_accum;
@@ -139,8 +141,14 @@ impl Setup {
             special: self.special,
             mlm_probability: cfg.objectives.mlm_probability,
         };
-        let ctx = Ctx::new(true, cfg.kernels, crate::rng::stream(seed, "dropout", "online", micro));
-        let ctx_m = Ctx::new(true, cfg.kernels, crate::rng::stream(seed, "dropout", "momentum", micro));
+        if !self.device.is_cpu() {
+            // The GPU's generator (dropout, ITM noise) restarts from (seed, micro) for every micro-batch.
+            self.device.set_seed(crate::rng::splitmix(seed ^ micro))?;
+        }
+        let ctx = Ctx::new(true, cfg.kernels, crate::rng::stream(seed, "dropout", "online", micro))
+            .with_precision(cfg.train.precision);
+        let ctx_m = Ctx::new(true, cfg.kernels, crate::rng::stream(seed, "dropout", "momentum", micro))
+            .with_precision(cfg.train.precision);
         let image_ids: Vec<i64> = batch.image_ids.iter().map(|&i| i as i64).collect();
         let inputs = Inputs {
             images: &batch.images,
