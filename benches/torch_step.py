@@ -241,8 +241,13 @@ def main():
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    used = 0.0
     for _ in range(args.steps):
         step()
+        if dev.type == "cuda":  # measured as alignfuse measures its own: total minus free, after the step
+            sync()
+            free, total = torch.cuda.mem_get_info()
+            used = max(used, (total - free) / 2**20)
     sync()
     secs = time.perf_counter() - start
     if dev.type == "cuda":
@@ -251,7 +256,7 @@ def main():
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"pairs_per_s": args.steps * b / secs, "ms_per_step": 1000 * secs / args.steps, "peak_mib": peak,
            "device": str(dev), "precision": args.precision, "threads": args.threads, "batch_size": b,
-           "tokens": L, "torch": torch.__version__}
+           "tokens": L, "torch": torch.__version__, "device_used_mib": used if dev.type == "cuda" else None}
     print(f"torch {torch.__version__} eager, {args.steps} steps of {b} pairs ({L} tokens) on {dev} "
           f"({args.precision}, {args.threads} threads): {out['pairs_per_s']:.1f} pairs/s, "
           f"{out['ms_per_step']:.1f} ms/step, peak {'GPU memory' if dev.type == 'cuda' else 'RSS'} {peak:.0f} MiB")

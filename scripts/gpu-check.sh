@@ -11,8 +11,8 @@
 # tf32 and bf16 with the fused kernels, and fp32 with the reference ones; (c) the PyTorch eager baseline of the same step (benches/torch_step.py: same model, batch and
 # caption length) in fp32, tf32 and bf16 autocast, and the alignfuse / PyTorch ratio; (d) the README main job
 # (configs/tiny.toml) on the device, with its test table; (e) bench rerank and a standalone eval of the main job's
-# checkpoint; (f) the same seed twice gives the same 10 steps. Not here yet (issue 14): alignfuse's peak device
-# memory.
+# checkpoint; (f) the same seed twice gives the same 10 steps. GPU memory is total minus free (nvidia-smi's
+# count), sampled the same way for both implementations.
 # PYTHON names the interpreter with torch (default python3).
 set -euo pipefail
 out="${1:?usage: scripts/gpu-check.sh OUTDIR}"
@@ -79,13 +79,15 @@ for name in ("fp32", "tf32", "bf16", "reference"):
     t = json.loads((out / f"train-{name}.json").read_text())
     ms = t["data_ms"] + t["forward_ms"] + t["ema_ms"] + t["backward_ms"] + t["optimizer_ms"]
     what = "fp32, reference kernels" if name == "reference" else f"{name}, fused kernels"
+    mem = f"GPU in use {t['peak_device_mib']:.0f} MiB" if t.get("peak_device_mib") else f"peak RSS {t['peak_rss_mib'] or 0:.0f} MiB"
     rows.append((f"alignfuse bench train ({what}) b{t['batch_size']} on {t['device']}",
-                 f"{t['compute_pairs_per_s']:.1f} pairs/s", f"{ms:.1f} ms/step", f"peak RSS {t['peak_rss_mib'] or 0:.0f} MiB"))
+                 f"{t['compute_pairs_per_s']:.1f} pairs/s", f"{ms:.1f} ms/step", mem))
 for precision in ("fp32", "tf32", "bf16"):
     t = json.loads((out / f"torch-{precision}.json").read_text())
     ours = json.loads((out / f"train-{precision}.json").read_text())["compute_pairs_per_s"]
+    mem = f"GPU in use {t['device_used_mib']:.0f} MiB" if t.get("device_used_mib") else f"peak {t['peak_mib']:.0f} MiB"
     rows.append((f"torch {t['torch']} eager {precision} b{t['batch_size']}", f"{t['pairs_per_s']:.1f} pairs/s",
-                 f"{t['ms_per_step']:.1f} ms/step", f"peak {t['peak_mib']:.0f} MiB"))
+                 f"{t['ms_per_step']:.1f} ms/step", mem))
     rows.append((f"  alignfuse / torch, {precision}", f"{ours / t['pairs_per_s']:.2f}x", "", ""))
 k = json.loads((out / "kernels.json").read_text())
 for op in k["ops"]:

@@ -25,6 +25,18 @@ use std::path::Path;
 
 /// The device named by the config: `cpu`, `cuda` (GPU 0), `cuda:N` or `auto` (GPU 0 when this build has
 /// CUDA and a GPU opens, else the CPU, saying why). Prints the device it picked.
+/// MiB of memory in use on the GPU that `device` is (total minus free, as nvidia-smi counts it: the CUDA
+/// context, the allocator's pool and every process on it); `None` on the CPU.
+pub fn device_memory_used_mib(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as f64 / 1048576.0);
+    }
+    let _ = device;
+    None
+}
+
 pub fn device(spec: &str) -> Result<Device> {
     let device = match spec {
         "cpu" => Device::Cpu,

@@ -25,6 +25,9 @@ pub struct TrainBench {
     pub optimizer_ms: f64,
     /// Peak resident memory of the process (VmHWM), MiB.
     pub peak_rss_mib: Option<f64>,
+    /// GPU memory in use (total minus free), MiB: the largest value seen at the end of a phase, so a lower
+    /// bound of the true peak. `None` on the CPU.
+    pub peak_device_mib: Option<f64>,
     pub device: String,
 }
 
@@ -47,8 +50,12 @@ impl std::fmt::Display for TrainBench {
             writeln!(f, "{name:<10} {ms:>10.1} {:>6.1}%", 100.0 * ms / total.max(1e-9))?;
         }
         match self.peak_rss_mib {
-            Some(m) => write!(f, "peak RSS {m:.0} MiB"),
-            None => write!(f, "peak RSS unavailable"),
+            Some(m) => write!(f, "peak RSS {m:.0} MiB")?,
+            None => write!(f, "peak RSS unavailable")?,
+        }
+        match self.peak_device_mib {
+            Some(m) => write!(f, ", GPU memory in use {m:.0} MiB (largest seen at a phase end)"),
+            None => Ok(()),
         }
     }
 }
@@ -68,9 +75,14 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
     let mut batches = run.loader.epoch(0, 0, None)?;
     // A GPU runs ahead of the host: each phase ends when the device has finished its work.
     let device = run.device.clone();
+    let peak_device = std::cell::Cell::new(None::<f64>);
     let lap = |t: Instant| -> Result<f64> {
         device.synchronize()?;
-        Ok(t.elapsed().as_secs_f64())
+        let secs = t.elapsed().as_secs_f64();
+        if let Some(used) = crate::device_memory_used_mib(&device) {
+            peak_device.set(Some(peak_device.get().map_or(used, |p| p.max(used))));
+        }
+        Ok(secs)
     };
     let (mut data, mut fwd, mut ema, mut bwd, mut opt, mut tokens) = (0.0, 0.0, 0.0, 0.0, 0.0, 0);
     for i in 0..=steps {
@@ -115,6 +127,7 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         backward_ms: ms(bwd),
         optimizer_ms: ms(opt),
         peak_rss_mib: peak_rss_mib(),
+        peak_device_mib: peak_device.get(),
         device: format!("{:?}", run.device),
     })
 }
