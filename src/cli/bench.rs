@@ -25,7 +25,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             serde_json::to_value(&r)?
         }
         "data" if args.shards => {
-            let r = crate::data::shards::bench(cfg()?, &work_dir)?;
+            let r = crate::data::shards::bench(cfg()?, &work_dir, args.cold)?;
             println!("{r}");
             serde_json::to_value(&r)?
         }

@@ -226,6 +226,9 @@ pub struct BenchArgs {
     /// shards (the ratio is shards / loose).
     #[arg(long)]
     pub shards: bool,
+    /// `data --shards`: drop the OS page cache before every timed run (Linux, root), so both read from disk.
+    #[arg(long)]
+    pub cold: bool,
     /// Images in the synthetic retrieval set (`rerank`; five captions each).
     #[arg(long, default_value_t = 200)]
     pub images: usize,

@@ -497,7 +497,7 @@ pub fn write(anns: &[PathBuf], image_root: Option<&Path>, out: &Path, per_shard:
 
 /// `bench data --shards`: the configured training images (the synthetic set when none) decoded and
 /// train-transformed from loose files and from tar shards of the same pairs, on `data.num_workers`
-/// threads, two rounds each, best of three alternating runs.
+/// threads, one pass each, best of three alternating runs.
 #[derive(Debug, Serialize)]
 pub struct ShardBench {
     pub loose: super::image::BenchReport,
@@ -514,7 +514,9 @@ impl std::fmt::Display for ShardBench {
     }
 }
 
-pub fn bench(mut cfg: crate::config::Config, work_dir: &Path) -> Result<ShardBench> {
+/// With `cold`, the OS page cache is dropped before every timed run (Linux, as root), so both read from
+/// the disk as a first epoch over data larger than memory does.
+pub fn bench(mut cfg: crate::config::Config, work_dir: &Path, cold: bool) -> Result<ShardBench> {
     ensure!(cfg.data.train_shards.is_empty(), "bench data --shards writes its own shards from data.train_ann");
     super::resolve(&mut cfg, work_dir)?;
     let set = super::train_set(&cfg)?;
@@ -527,7 +529,7 @@ pub fn bench(mut cfg: crate::config::Config, work_dir: &Path) -> Result<ShardBen
     let paths: Vec<PathBuf> = set.entries.iter().map(|e| e.image.clone()).collect();
     let text = super::text_options(&cfg);
     let from_shards = || {
-        super::image::timed(threads, 2, |t, round| {
+        super::image::timed(threads, 1, |t, round| {
             let src = Source { set: Arc::clone(&shards), text, on_bad: OnBadImage::Fail, seed: 0, capacity: 1 };
             let mut stream = Stream::new(src, round, (t, threads), None)?;
             let mut out = vec![0f32; 3 * transform.res * transform.res];
@@ -542,8 +544,18 @@ pub fn bench(mut cfg: crate::config::Config, work_dir: &Path) -> Result<ShardBen
     };
     // Alternating, best of three each: the page cache and the machine's state treat both alike.
     let (mut loose, mut from_tar) = (vec![], vec![]);
+    let drop_caches = || -> Result<()> {
+        if cold {
+            std::process::Command::new("sync").status().context("cannot run sync")?;
+            std::fs::write("/proc/sys/vm/drop_caches", "3")
+                .context("--cold drops the page cache through /proc/sys/vm/drop_caches, which needs root on Linux")?;
+        }
+        Ok(())
+    };
     for _ in 0..3 {
-        loose.push(super::image::bench_transforms(&paths, &transform, threads, 2)?);
+        drop_caches()?;
+        loose.push(super::image::bench_transforms(&paths, &transform, threads, 1)?);
+        drop_caches()?;
         from_tar.push(from_shards()?);
     }
     let best = |v: Vec<super::image::BenchReport>| {

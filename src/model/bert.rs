@@ -55,7 +55,7 @@ impl Attention {
         let q = self.query.forward(x, ctx)?.reshape((g, b / g * l, h))?;
         let a = attend(&q, k, v, self.heads, mask, self.p_attn, ctx)?.reshape((b, l, h))?;
         let a = ctx.dropout(&self.dense.forward(&a, ctx)?, self.p_hidden)?;
-        self.norm.forward(&(a + x)?)
+        self.norm.forward(&(a + x)?, ctx)
     }
 }
 
@@ -94,7 +94,7 @@ impl Layer {
         }
         let h = self.intermediate.forward(&x, ctx)?.gelu_erf()?;
         let h = ctx.dropout(&self.output.forward(&h, ctx)?, self.p_hidden)?;
-        self.output_norm.forward(&(h + x)?)
+        self.output_norm.forward(&(h + x)?, ctx)
     }
 }
 
@@ -155,7 +155,7 @@ impl Bert {
         let x = self.word_embeddings.forward(ids)?;
         let x = (x + self.position_embeddings.forward(&pos)?)?;
         let x = (x + self.token_type_embeddings.forward(&types)?)?;
-        ctx.dropout(&self.embed_norm.forward(&x)?, self.p_hidden)
+        ctx.dropout(&self.embed_norm.forward(&x, ctx)?, self.p_hidden)
     }
 
     /// Runs `layers` on hidden states `x`; with `cls_only`, the last of them computes [CLS] only.
@@ -245,7 +245,7 @@ impl MlmHead {
 
     /// hidden [B, L, H] -> logits [B, L, V] with `word_embeddings` [V, H] as the decoder.
     pub fn forward(&self, hidden: &Tensor, word_embeddings: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let x = self.norm.forward(&self.dense.forward(hidden, ctx)?.gelu_erf()?)?;
+        let x = self.norm.forward(&self.dense.forward(hidden, ctx)?.gelu_erf()?, ctx)?;
         let (b, l, h) = x.dims3()?;
         ctx.matmul(&x.reshape((b * l, h))?, &word_embeddings.t()?)?.broadcast_add(&self.bias)?.reshape((b, l, ()))
     }

@@ -1,9 +1,9 @@
 //! Building blocks that keep the autograd graph: candle's fused LayerNorm and softmax have no backward
-//! (CANDLE-NOTES.md), so LayerNorm is composed here and softmax goes through `ops`.
+//! (CANDLE-NOTES.md), so both go through `ops` (fused with their own backward, or composed).
 
 use super::params::{Init, Pb};
 use crate::config::{Kernels, Precision};
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
@@ -90,13 +90,13 @@ impl Linear {
             _ => ctx.matmul(x, &w)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => crate::ops::add_bias(&y, b, ctx.kernels),
             None => Ok(y),
         }
     }
 }
 
-/// LayerNorm over the last dimension, composed from differentiable ops.
+/// LayerNorm over the last dimension ([`crate::ops::layer_norm`]).
 #[derive(Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -113,12 +113,8 @@ impl LayerNorm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps, ctx.kernels)
     }
 }
 

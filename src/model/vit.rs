@@ -40,11 +40,11 @@ impl Block {
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let d = x.dim(2)?;
-        let qkv = self.qkv.forward(&self.norm1.forward(x)?, ctx)?;
+        let qkv = self.qkv.forward(&self.norm1.forward(x, ctx)?, ctx)?;
         let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         let a = self.proj.forward(&attend(&q, &k, &v, self.heads, None, 0.0, ctx)?, ctx)?;
         let x = (x + scale(a, &self.ls1)?)?;
-        let m = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?, ctx)?.gelu_erf()?, ctx)?;
+        let m = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x, ctx)?, ctx)?.gelu_erf()?, ctx)?;
         x + scale(m, &self.ls2)?
     }
 }
@@ -104,7 +104,7 @@ impl Vit {
         for blk in &self.blocks {
             x = blk.forward(&x, ctx)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x, ctx)
     }
 }
 

@@ -3,7 +3,7 @@
 //! measures the device's copy bandwidth to put the times in scale. Backs `alignfuse bench kernels`.
 
 use super::testing::{max_err, rng, uniform};
-use super::{attention_softmax, itc_loss, Positives};
+use super::{add_bias, attention_softmax, itc_loss, layer_norm, Positives};
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -113,11 +113,13 @@ impl fmt::Display for BenchReport {
 enum Case {
     Attention { dims: [usize; 4], mask: bool, scale: f64, dtype: DType },
     Itc { b: usize, n: usize, multi_positive: bool, dtype: DType },
+    LayerNorm { rows: usize, d: usize },
+    Bias { rows: usize, d: usize },
 }
 
 /// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
 /// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
-/// ITC against the batch plus a 65536 queue.
+/// ITC against the batch plus a 65536 queue; LayerNorm and a bias add over the ViT's 64 x 257 tokens.
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
     vec![
@@ -128,6 +130,8 @@ fn cases() -> Vec<Case> {
         Case::Itc { b, n: b + q, multi_positive: true, dtype: DType::F32 },
         Case::Attention { dims: [64, 12, 25, 25], mask: true, scale: 0.125, dtype: DType::BF16 },
         Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::BF16 },
+        Case::LayerNorm { rows: 64 * 257, d: 768 },
+        Case::Bias { rows: 64 * 257, d: 768 },
     ]
 }
 
@@ -215,6 +219,40 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
                 };
                 let name = format!("itc_loss [{b}, {n}] {}", if multi_positive { "mask" } else { "diagonal" });
                 compare(device, reps, name, dtype, &["loss", "d sim", "d temp"], run)?
+            }
+            Case::LayerNorm { rows, d } | Case::Bias { rows, d } => {
+                let layer_norm_case = matches!(case, Case::LayerNorm { .. });
+                let x = Inputs::<Var>::new(uniform(&mut r, &[rows, d], 4.0, device)?, DType::F32)?;
+                let w = Inputs::<Var>::new((uniform(&mut r, &[d], 0.5, device)? + 1.0)?, DType::F32)?;
+                let b = Inputs::<Var>::new(uniform(&mut r, &[d], 0.5, device)?, DType::F32)?;
+                let probe = Inputs::<Tensor>::new(uniform(&mut r, &[rows, d], 1.0, device)?, DType::F32)?;
+                let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
+                    let (x, w, b) = (x.get(exact).as_tensor(), w.get(exact).as_tensor(), b.get(exact).as_tensor());
+                    let y = if layer_norm_case { layer_norm(x, w, b, 1e-6, k)? } else { add_bias(x, b, k)? };
+                    if !backward {
+                        return Ok(vec![y]);
+                    }
+                    let grads = (&y * probe.get(exact))?.sum_all()?.backward()?;
+                    let mut out = vec![y, grad(&grads, x)?];
+                    if layer_norm_case {
+                        out.push(grad(&grads, w)?);
+                    }
+                    out.push(grad(&grads, b)?);
+                    Ok(out)
+                };
+                match layer_norm_case {
+                    true => compare(
+                        device,
+                        reps,
+                        format!("layer_norm [{rows}, {d}]"),
+                        DType::F32,
+                        &["y", "dx", "dw", "db"],
+                        run,
+                    )?,
+                    false => {
+                        compare(device, reps, format!("add_bias [{rows}, {d}]"), DType::F32, &["y", "dx", "db"], run)?
+                    }
+                }
             }
         });
     }

@@ -14,6 +14,10 @@ pub(super) struct Module {
 
 pub(super) const SOFTMAX: Module =
     Module { name: "alignfuse_softmax", ptx: include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")) };
+pub(super) const BIAS: Module =
+    Module { name: "alignfuse_bias", ptx: include_str!(concat!(env!("OUT_DIR"), "/bias.ptx")) };
+pub(super) const LAYERNORM: Module =
+    Module { name: "alignfuse_layernorm", ptx: include_str!(concat!(env!("OUT_DIR"), "/layernorm.ptx")) };
 pub(super) const ITC: Module =
     Module { name: "alignfuse_itc", ptx: include_str!(concat!(env!("OUT_DIR"), "/itc.ptx")) };
 

@@ -7,10 +7,12 @@
 //! float dtypes go through an f32 copy; f64 keeps the Reference composition, which is exact in f64.
 
 mod bench;
+mod bias;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod itc;
+mod layernorm;
 mod softmax;
 
 pub use bench::{bench_ops, BenchReport, CopyBench, OpBench, OutputError};
@@ -38,6 +40,33 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>, ker
                 x = x.broadcast_add(m)?;
             }
             candle_nn::ops::softmax(&x, D::Minus1)
+        }
+    }
+}
+
+/// `x + bias` with `bias` [D] broadcast over the rows of `x` [.., D]. Fused for f32 (its backward sums the
+/// gradient's rows in one contiguous pass); other dtypes use candle's broadcast add.
+pub fn add_bias(x: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match (kernels, x.dtype(), bias.dtype()) {
+        (Kernels::Fused, DType::F32, DType::F32) => bias::add_bias_fused(x, bias),
+        _ => x.broadcast_add(bias),
+    }
+}
+
+/// LayerNorm over the last dimension with `weight` and `bias` [D]: `(x - mean) / sqrt(var + eps) * weight +
+/// bias`, the biased variance as torch. Fused for f32 (others go through f32); f64 keeps the composition.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, kernels: Kernels) -> Result<Tensor> {
+    match (kernels, fused_dtype(x)) {
+        (Kernels::Fused, Some(_)) => {
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+            layernorm::layer_norm_fused(&f32s(x)?, &f32s(weight)?, &f32s(bias)?, eps)?.to_dtype(x.dtype())
+        }
+        _ => {
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+            xn.broadcast_mul(weight)?.broadcast_add(bias)
         }
     }
 }

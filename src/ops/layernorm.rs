@@ -1,0 +1,269 @@
+//! Fused LayerNorm over the last dimension, `y = (x - mean) * rstd * w + b` with `rstd = 1 / sqrt(var +
+//! eps)` (biased variance, as torch), and its backward in one op: per row, with `xhat = (x - mean) * rstd`
+//! and `gw = g * w`, `dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat))`; over rows, `dw = sum(g * xhat)`
+//! and `db = sum(g)`. The composed version runs nine ops forward and about twenty backward, two of them
+//! strided reductions over rows for `dw` and `db`. The backward returns dx, dw and db packed in one flat
+//! tensor (a custom op has one output). CUDA kernels: kernels/layernorm.cu. f32 only: LayerNorm runs in
+//! f32 under bf16 autocast too.
+
+use super::cpu;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// The fused path of [`super::layer_norm`], for f32 `x`.
+pub(super) fn layer_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = *x.dims().last().unwrap_or(&0);
+    if weight.dims() != [d] || bias.dims() != [d] {
+        bail!("layer_norm: weight {:?} and bias {:?} must be [{d}]", weight.dims(), bias.dims());
+    }
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps: eps as f32 })
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        (CpuStorage::F32(_), None) => bail!("layer_norm: {what} must be contiguous"),
+        _ => bail!("layer_norm: the fused CPU op takes f32 {what}, got {:?}", s.dtype()),
+    }
+}
+
+/// Writes `x - mean` into `out` and returns (mean, rstd) of the row.
+fn center(x: &[f32], out: &mut [f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = cpu::sum(x) / n;
+    out.iter_mut().zip(x).for_each(|(o, &v)| *o = v - mean);
+    let var = cpu::dot(out, out) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "alignfuse-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "bias")?);
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        cpu::map_rows(
+            &mut y,
+            d,
+            || (),
+            |_, r, yr| {
+                let (_, rstd) = center(&x[r * d..(r + 1) * d], yr, self.eps);
+                yr.iter_mut().zip(w).zip(b).for_each(|((v, &wv), &bv)| *v = *v * rstd * wv + bv);
+            },
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
+        s3: &candle_core::CudaStorage, l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        gpu::forward(self.eps, (s1, l1), (s2, l2), (s3, l3))
+    }
+
+    fn bwd(
+        &self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, d) = (x.elem_count(), w.elem_count());
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        Ok((Some(dx), Some(packed.narrow(0, n, d)?), Some(packed.narrow(0, n + d, d)?)))
+    }
+}
+
+/// (x, w, g) -> [dx (flat), dw, db].
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "alignfuse-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "gradient")?);
+        if x.len() != g.len() {
+            bail!("layer_norm backward: gradient {:?} for input {:?}", l3.dims(), l1.dims());
+        }
+        let (n, d) = (x.len(), w.len());
+        let mut out = vec![0f32; n + 2 * d];
+        let (dx, dwb) = out.split_at_mut(n);
+        let stats = cpu::map_rows(dx, d, Vec::new, |gw: &mut Vec<f32>, r, dr| {
+            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+            let (mean, rstd) = center(xr, dr, self.eps);
+            dr.iter_mut().for_each(|v| *v *= rstd);
+            gw.clear();
+            gw.extend(gr.iter().zip(w).map(|(&gv, &wv)| gv * wv));
+            let (c1, c2) = (cpu::sum(gw) / d as f32, cpu::dot(gw, dr) / d as f32);
+            dr.iter_mut().zip(gw.iter()).for_each(|(v, &gwv)| *v = rstd * (gwv - c1 - *v * c2));
+            (mean, rstd)
+        });
+        // dw, db: column sums over the rows, accumulated row by row (contiguous, vectorised), in f64.
+        let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+        for (r, &(mean, rstd)) in stats.iter().enumerate() {
+            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+            for j in 0..d {
+                dw[j] += (gr[j] * (xr[j] - mean) * rstd) as f64;
+                db[j] += gr[j] as f64;
+            }
+        }
+        let (dwo, dbo) = dwb.split_at_mut(d);
+        dwo.iter_mut().zip(&dw).for_each(|(o, &v)| *o = v as f32);
+        dbo.iter_mut().zip(&db).for_each(|(o, &v)| *o = v as f32);
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
+        s3: &candle_core::CudaStorage, l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        gpu::backward(self.eps, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use crate::ops::cuda::{contiguous, int, unsupported, LAYERNORM};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::{bail, CudaStorage, Layout, Result, Shape};
+
+    /// Eight rows (warps) per block for the row kernels; 256 columns per block for the column sums.
+    const BLOCK: u32 = 256;
+    /// Rows per partial column sum (ROWS_PER_CHUNK in kernels/layernorm.cu).
+    const ROWS_PER_CHUNK: usize = 128;
+
+    fn rows_config(rows: usize) -> LaunchConfig {
+        let blocks = rows.div_ceil((BLOCK / 32) as usize).max(1) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+    fn f32s<'a>((s, l): Arg<'a>, what: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
+        match &s.slice {
+            S::F32(v) => contiguous(v, l, what),
+            other => Err(unsupported(other, "layer_norm")),
+        }
+    }
+
+    pub(super) fn forward(eps: f32, x: Arg, w: Arg, b: Arg) -> Result<(CudaStorage, Shape)> {
+        let dev = &x.0.device;
+        let (xs, ws, bs) = (f32s(x, "x")?, f32s(w, "weight")?, f32s(b, "bias")?);
+        let (n, d) = (x.1.shape().elem_count(), w.1.shape().elem_count());
+        let rows = n.checked_div(d).unwrap_or(0);
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { dev.alloc::<f32>(n)? };
+        if n > 0 {
+            let (func, stream) = LAYERNORM.func::<f32>(dev, "layer_norm_fwd")?;
+            let mut l = stream.launch_builder(&func);
+            l.arg(&xs);
+            l.arg(&ws);
+            l.arg(&bs);
+            l.arg(&y);
+            candle_core::builder_arg!(l, int(rows, "rows")?, int(d, "cols")?, eps);
+            // SAFETY: argument types and order match layer_norm_fwd in kernels/layernorm.cu.
+            unsafe { l.launch(rows_config(rows)) }.w()?;
+        }
+        Ok((CudaStorage { slice: S::F32(y), device: dev.clone() }, x.1.shape().clone()))
+    }
+
+    pub(super) fn backward(eps: f32, x: Arg, w: Arg, g: Arg) -> Result<(CudaStorage, Shape)> {
+        if x.1.shape() != g.1.shape() {
+            bail!("layer_norm backward: gradient {:?} for input {:?}", g.1.dims(), x.1.dims());
+        }
+        let dev = &x.0.device;
+        let (xs, ws, gs) = (f32s(x, "x")?, f32s(w, "weight")?, f32s(g, "gradient")?);
+        let (n, d) = (x.1.shape().elem_count(), w.1.shape().elem_count());
+        let rows = n.checked_div(d).unwrap_or(0);
+        // SAFETY: the kernels write every element: dx by rows, then dw and db by columns.
+        let mut out = unsafe { dev.alloc::<f32>(n + 2 * d)? };
+        let stats = unsafe { dev.alloc::<f32>(2 * rows.max(1))? };
+        if n > 0 {
+            {
+                let (func, stream) = LAYERNORM.func::<f32>(dev, "layer_norm_bwd_dx")?;
+                let mut l = stream.launch_builder(&func);
+                l.arg(&xs);
+                l.arg(&ws);
+                l.arg(&gs);
+                l.arg(&out);
+                l.arg(&stats);
+                candle_core::builder_arg!(l, int(rows, "rows")?, int(d, "cols")?, eps);
+                // SAFETY: argument types and order match layer_norm_bwd_dx in kernels/layernorm.cu.
+                unsafe { l.launch(rows_config(rows)) }.w()?;
+            }
+            let chunks = rows.div_ceil(ROWS_PER_CHUNK);
+            // SAFETY: the partial kernel writes every element.
+            let partial = unsafe { dev.alloc::<f32>(2 * chunks * d)? };
+            let col_blocks = d.div_ceil(BLOCK as usize) as u32;
+            let (func, stream) = LAYERNORM.func::<f32>(dev, "layer_norm_bwd_wb_partial")?;
+            let mut l = stream.launch_builder(&func);
+            l.arg(&xs);
+            l.arg(&gs);
+            l.arg(&stats);
+            l.arg(&partial);
+            candle_core::builder_arg!(l, int(rows, "rows")?, int(d, "cols")?);
+            let grid = (col_blocks, int(chunks, "row chunks")? as u32, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: argument types and order match layer_norm_bwd_wb_partial in kernels/layernorm.cu.
+            unsafe { l.launch(cfg) }.w()?;
+            let (func, stream) = LAYERNORM.func::<f32>(dev, "layer_norm_bwd_wb_final")?;
+            let mut wb = out.slice_mut(n..);
+            let mut l = stream.launch_builder(&func);
+            l.arg(&partial);
+            l.arg(&mut wb);
+            candle_core::builder_arg!(l, int(chunks, "row chunks")?, int(d, "cols")?);
+            let cfg = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: argument types and order match layer_norm_bwd_wb_final in kernels/layernorm.cu.
+            unsafe { l.launch(cfg) }.w()?;
+        }
+        Ok((CudaStorage { slice: S::F32(out), device: dev.clone() }, Shape::from(n + 2 * d)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{layer_norm, testing::*};
+    use crate::config::Kernels;
+    use candle_core::{Device, Result, Tensor, Var};
+
+    /// Values and gradients (x, weight, bias) of the fused op against the composition, on rows that
+    /// straddle the thread-pool threshold and with a large mean (where a one-pass variance would cancel).
+    #[test]
+    fn fused_matches_composition_values_and_gradients() -> Result<()> {
+        let mut r = rng(5);
+        for dims in [vec![3usize, 7], vec![4, 33, 96], vec![2, 1024, 64]] {
+            let d = *dims.last().unwrap();
+            let x = Var::from_tensor(&(uniform(&mut r, &dims, 2.0, &Device::Cpu)? + 50.0)?)?;
+            let w = Var::from_tensor(&(uniform(&mut r, &[d], 0.5, &Device::Cpu)? + 1.0)?)?;
+            let b = Var::from_tensor(&uniform(&mut r, &[d], 0.5, &Device::Cpu)?)?;
+            let probe = uniform(&mut r, &dims, 1.0, &Device::Cpu)?;
+            let run = |k: Kernels| -> Result<Vec<Tensor>> {
+                let y = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6, k)?;
+                let g = (&y * &probe)?.sum_all()?.backward()?;
+                let grad = |v: &Var| g.get(v.as_tensor()).cloned().expect("a gradient");
+                Ok(vec![y.clone(), grad(&x), grad(&w), grad(&b)])
+            };
+            let (fused, reference) = (run(Kernels::Fused)?, run(Kernels::Reference)?);
+            for (what, (f, rf)) in ["y", "dx", "dw", "db"].iter().zip(fused.iter().zip(&reference)) {
+                let (_, err) = max_err(f, rf)?;
+                assert!(err < 1e-5, "{dims:?} {what}: relative error {err:.2e}");
+            }
+        }
+        Ok(())
+    }
+}
