@@ -220,43 +220,39 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
                 let name = format!("itc_loss [{b}, {n}] {}", if multi_positive { "mask" } else { "diagonal" });
                 compare(device, reps, name, dtype, &["loss", "d sim", "d temp"], run)?
             }
-            Case::LayerNorm { rows, d } | Case::Bias { rows, d } => {
-                let layer_norm_case = matches!(case, Case::LayerNorm { .. });
-                let x = Inputs::<Var>::new(uniform(&mut r, &[rows, d], 4.0, device)?, DType::F32)?;
-                let w = Inputs::<Var>::new((uniform(&mut r, &[d], 0.5, device)? + 1.0)?, DType::F32)?;
-                let b = Inputs::<Var>::new(uniform(&mut r, &[d], 0.5, device)?, DType::F32)?;
-                let probe = Inputs::<Tensor>::new(uniform(&mut r, &[rows, d], 1.0, device)?, DType::F32)?;
-                let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
-                    let (x, w, b) = (x.get(exact).as_tensor(), w.get(exact).as_tensor(), b.get(exact).as_tensor());
-                    let y = if layer_norm_case { layer_norm(x, w, b, 1e-6, k)? } else { add_bias(x, b, k)? };
-                    if !backward {
-                        return Ok(vec![y]);
-                    }
-                    let grads = (&y * probe.get(exact))?.sum_all()?.backward()?;
-                    let mut out = vec![y, grad(&grads, x)?];
-                    if layer_norm_case {
-                        out.push(grad(&grads, w)?);
-                    }
-                    out.push(grad(&grads, b)?);
-                    Ok(out)
-                };
-                match layer_norm_case {
-                    true => compare(
-                        device,
-                        reps,
-                        format!("layer_norm [{rows}, {d}]"),
-                        DType::F32,
-                        &["y", "dx", "dw", "db"],
-                        run,
-                    )?,
-                    false => {
-                        compare(device, reps, format!("add_bias [{rows}, {d}]"), DType::F32, &["y", "dx", "db"], run)?
-                    }
-                }
-            }
+            Case::LayerNorm { rows, d } => bench_rows(device, reps, &mut r, true, rows, d)?,
+            Case::Bias { rows, d } => bench_rows(device, reps, &mut r, false, rows, d)?,
         });
     }
     Ok(BenchReport { device: format!("{device:?}"), reps, ops, copy: copy_bandwidth(device, reps)? })
+}
+
+/// LayerNorm (`layer_norm`) or the bias add over [rows, d], with a random probe as the upstream gradient.
+fn bench_rows(
+    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, layer_norm_case: bool, rows: usize, d: usize,
+) -> Result<OpBench> {
+    let x = Inputs::<Var>::new(uniform(r, &[rows, d], 4.0, device)?, DType::F32)?;
+    let w = Inputs::<Var>::new((uniform(r, &[d], 0.5, device)? + 1.0)?, DType::F32)?;
+    let b = Inputs::<Var>::new(uniform(r, &[d], 0.5, device)?, DType::F32)?;
+    let probe = Inputs::<Tensor>::new(uniform(r, &[rows, d], 1.0, device)?, DType::F32)?;
+    let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
+        let (x, w, b) = (x.get(exact).as_tensor(), w.get(exact).as_tensor(), b.get(exact).as_tensor());
+        let y = if layer_norm_case { layer_norm(x, w, b, 1e-6, k)? } else { add_bias(x, b, k)? };
+        if !backward {
+            return Ok(vec![y]);
+        }
+        let grads = (&y * probe.get(exact))?.sum_all()?.backward()?;
+        let mut out = vec![y, grad(&grads, x)?];
+        if layer_norm_case {
+            out.push(grad(&grads, w)?);
+        }
+        out.push(grad(&grads, b)?);
+        Ok(out)
+    };
+    match layer_norm_case {
+        true => compare(device, reps, format!("layer_norm [{rows}, {d}]"), DType::F32, &["y", "dx", "dw", "db"], run),
+        false => compare(device, reps, format!("add_bias [{rows}, {d}]"), DType::F32, &["y", "dx", "db"], run),
+    }
 }
 
 fn grad(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Result<Tensor> {

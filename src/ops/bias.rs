@@ -3,7 +3,7 @@
 //! the leading dimensions, which took a tenth of the CPU training step. CUDA kernels: kernels/bias.cu
 //! (the column sums in two deterministic stages). f32 only.
 
-use candle_core::backend::BackendStorage;
+use super::cpu;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// The fused path of [`super::add_bias`], for f32 `x`.
@@ -17,21 +17,13 @@ pub(super) fn add_bias_fused(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 struct AddBias;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        (CpuStorage::F32(_), None) => bail!("add_bias: {what} must be contiguous"),
-        _ => bail!("add_bias: the fused CPU op takes f32 {what}, got {:?}", s.dtype()),
-    }
-}
-
 impl CustomOp2 for AddBias {
     fn name(&self) -> &'static str {
         "alignfuse-add-bias"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, b) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "bias")?);
+        let (x, b) = (cpu::f32_slice(s1, l1, "add_bias x")?, cpu::f32_slice(s2, l2, "add_bias bias")?);
         // One pass that writes each output once (no zero-fill, no copy first): memory-bound either way.
         let mut y = Vec::with_capacity(x.len());
         for row in x.chunks_exact(b.len().max(1)) {
@@ -64,7 +56,7 @@ impl CustomOp1 for ColumnSum {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = f32_slice(s, l, "gradient")?;
+        let g = cpu::f32_slice(s, l, "add_bias gradient")?;
         let mut acc = vec![0f64; self.cols];
         for row in g.chunks_exact(self.cols.max(1)) {
             acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);

@@ -2,7 +2,18 @@
 //! vectorises them (reductions keep `LANES` independent accumulators, `exp` is branch-free), with rows
 //! spread over candle's own CPU thread pool (CANDLE_NUM_THREADS / RAYON_NUM_THREADS set its size).
 
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result};
 use std::sync::{Mutex, PoisonError};
+
+/// The f32 elements a contiguous CPU storage holds for `layout`; `what` names the tensor in errors.
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        (CpuStorage::F32(_), None) => bail!("{what} must be contiguous"),
+        _ => bail!("{what}: the fused CPU op takes f32, got {:?}", s.dtype()),
+    }
+}
 
 /// Independent accumulators per reduction: enough for 8-wide vectors, and a fixed summation order so
 /// results do not depend on the thread count.

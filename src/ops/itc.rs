@@ -12,7 +12,6 @@
 //! B x (B + 65536) for ALBEF's queue. CUDA kernel: kernels/itc.cu.
 
 use super::{cpu, Positives};
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
@@ -158,14 +157,6 @@ fn itc_span(c: &RowConsts, sim: &[f32], q: &[f32], pos: &[f32], e: &mut [f32]) -
     (loss as f32, dtemp as f32)
 }
 
-fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        (CpuStorage::F32(_), None) => bail!("itc_loss: {what} must be contiguous"),
-        _ => bail!("itc_loss: the fused CPU op takes f32 {what}, got {:?}", s.dtype()),
-    }
-}
-
 impl CustomOp3 for Itc {
     fn name(&self) -> &'static str {
         "alignfuse-itc"
@@ -175,8 +166,8 @@ impl CustomOp3 for Itc {
         &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, n) = l1.shape().dims2()?;
-        let sim = f32_contiguous(s1, l1, "sim")?;
-        let sim_m = f32_contiguous(s2, l2, "sim_m")?;
+        let sim = cpu::f32_slice(s1, l1, "itc_loss sim")?;
+        let sim_m = cpu::f32_slice(s2, l2, "itc_loss sim_m")?;
         let temp = match (s3, l3.shape().elem_count()) {
             (CpuStorage::F32(v), 1) => v[l3.start_offset()],
             _ => bail!("itc_loss: temp must be one f32 element"),
@@ -184,7 +175,7 @@ impl CustomOp3 for Itc {
         let pos_guard = self.pos.as_ref().map(|p| p.storage_and_layout());
         let pos = match &pos_guard {
             Some((storage, layout)) => match &**storage {
-                Storage::Cpu(s) => Some(f32_contiguous(s, layout, "positives")?),
+                Storage::Cpu(s) => Some(cpu::f32_slice(s, layout, "itc_loss positives")?),
                 _ => bail!("itc_loss: positives mask is not on the CPU"),
             },
             None => None,

@@ -7,7 +7,6 @@
 //! f32 under bf16 autocast too.
 
 use super::cpu;
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// The fused path of [`super::layer_norm`], for f32 `x`.
@@ -21,14 +20,6 @@ pub(super) fn layer_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: 
 
 struct LayerNorm {
     eps: f32,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        (CpuStorage::F32(_), None) => bail!("layer_norm: {what} must be contiguous"),
-        _ => bail!("layer_norm: the fused CPU op takes f32 {what}, got {:?}", s.dtype()),
-    }
 }
 
 /// Writes `x - mean` into `out` and returns (mean, rstd) of the row.
@@ -48,7 +39,11 @@ impl CustomOp3 for LayerNorm {
     fn cpu_fwd(
         &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "bias")?);
+        let (x, w, b) = (
+            cpu::f32_slice(s1, l1, "layer_norm x")?,
+            cpu::f32_slice(s2, l2, "layer_norm weight")?,
+            cpu::f32_slice(s3, l3, "layer_norm bias")?,
+        );
         let d = w.len();
         let mut y = vec![0f32; x.len()];
         cpu::map_rows(
@@ -94,7 +89,11 @@ impl CustomOp3 for LayerNormBwd {
     fn cpu_fwd(
         &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, g) = (f32_slice(s1, l1, "x")?, f32_slice(s2, l2, "weight")?, f32_slice(s3, l3, "gradient")?);
+        let (x, w, g) = (
+            cpu::f32_slice(s1, l1, "layer_norm x")?,
+            cpu::f32_slice(s2, l2, "layer_norm weight")?,
+            cpu::f32_slice(s3, l3, "layer_norm gradient")?,
+        );
         if x.len() != g.len() {
             bail!("layer_norm backward: gradient {:?} for input {:?}", l3.dims(), l1.dims());
         }

@@ -68,14 +68,6 @@ fn cols(shape: &Shape) -> Result<usize> {
     }
 }
 
-fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        (CpuStorage::F32(_), None) => bail!("{what} must be contiguous"),
-        _ => bail!("{what}: the fused CPU op takes f32, got {:?}", s.dtype()),
-    }
-}
-
 /// Softmax of one row of logits in place; a row that is all -inf becomes zeros.
 fn softmax_row(y: &mut [f32]) {
     let max = cpu::max(y);
@@ -132,7 +124,7 @@ impl CustomOp1 for AttnSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu(f32_contiguous(s, l, "attention_softmax scores")?, l.shape(), None)
+        self.cpu(cpu::f32_slice(s, l, "attention_softmax scores")?, l.shape(), None)
     }
 
     #[cfg(feature = "cuda")]
@@ -151,7 +143,7 @@ impl CustomOp2 for AttnSoftmax {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_contiguous(s1, l1, "attention_softmax scores")?;
+        let x = cpu::f32_slice(s1, l1, "attention_softmax scores")?;
         let CpuStorage::F32(m) = s2 else { bail!("attention_softmax mask: expected f32, got {:?}", s2.dtype()) };
         self.cpu(x, l1.shape(), Some((m, MaskGeom::new(l1.shape(), l2)?)))
     }
@@ -181,8 +173,8 @@ impl CustomOp2 for AttnSoftmaxBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = f32_contiguous(s1, l1, "attention_softmax output")?;
-        let g = f32_contiguous(s2, l2, "attention_softmax gradient")?;
+        let y = cpu::f32_slice(s1, l1, "attention_softmax output")?;
+        let g = cpu::f32_slice(s2, l2, "attention_softmax gradient")?;
         if l1.shape() != l2.shape() {
             bail!("attention_softmax backward: gradient {:?} for output {:?}", l2.dims(), l1.dims());
         }
