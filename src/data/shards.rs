@@ -423,7 +423,7 @@ impl Stream {
         if self.open.as_ref().is_none_or(|(s, _)| *s != at.shard) {
             let path = &self.src.set.paths[at.shard];
             let file = File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
-            self.open = Some((at.shard, BufReader::with_capacity(1 << 20, file)));
+            self.open = Some((at.shard, BufReader::with_capacity(1 << 18, file)));
         }
         let (_, file) = self.open.as_mut().expect("opened above");
         Ok(read_members(file, at.offset)?)
