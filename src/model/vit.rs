@@ -44,7 +44,8 @@ impl Block {
         let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         let a = self.proj.forward(&attend(&q, &k, &v, self.heads, None, 0.0, ctx)?, ctx)?;
         let x = (x + scale(a, &self.ls1)?)?;
-        let m = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x, ctx)?, ctx)?.gelu_erf()?, ctx)?;
+        let h = crate::ops::gelu(&self.fc1.forward(&self.norm2.forward(&x, ctx)?, ctx)?, ctx.kernels)?;
+        let m = self.fc2.forward(&h, ctx)?;
         x + scale(m, &self.ls2)?
     }
 }

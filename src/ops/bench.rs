@@ -3,7 +3,7 @@
 //! measures the device's copy bandwidth to put the times in scale. Backs `alignfuse bench kernels`.
 
 use super::testing::{max_err, rng, uniform};
-use super::{add_bias, attention_softmax, itc_loss, layer_norm, Positives};
+use super::{add_bias, attention_softmax, gelu, itc_loss, layer_norm, Positives};
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -113,13 +113,21 @@ impl fmt::Display for BenchReport {
 enum Case {
     Attention { dims: [usize; 4], mask: bool, scale: f64, dtype: DType },
     Itc { b: usize, n: usize, multi_positive: bool, dtype: DType },
-    LayerNorm { rows: usize, d: usize },
-    Bias { rows: usize, d: usize },
+    Rows { op: RowOp, rows: usize, d: usize },
+}
+
+/// The row-wise ops, benchmarked on [rows, d].
+#[derive(Clone, Copy, PartialEq)]
+enum RowOp {
+    LayerNorm,
+    Bias,
+    Gelu,
 }
 
 /// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
 /// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
-/// ITC against the batch plus a 65536 queue; LayerNorm and a bias add over the ViT's 64 x 257 tokens.
+/// ITC against the batch plus a 65536 queue; LayerNorm, a bias add and the MLP's GELU over the ViT's 64 x 257
+/// tokens.
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
     vec![
@@ -130,8 +138,9 @@ fn cases() -> Vec<Case> {
         Case::Itc { b, n: b + q, multi_positive: true, dtype: DType::F32 },
         Case::Attention { dims: [64, 12, 25, 25], mask: true, scale: 0.125, dtype: DType::BF16 },
         Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::BF16 },
-        Case::LayerNorm { rows: 64 * 257, d: 768 },
-        Case::Bias { rows: 64 * 257, d: 768 },
+        Case::Rows { op: RowOp::LayerNorm, rows: 64 * 257, d: 768 },
+        Case::Rows { op: RowOp::Bias, rows: 64 * 257, d: 768 },
+        Case::Rows { op: RowOp::Gelu, rows: 64 * 257, d: 3072 },
     ]
 }
 
@@ -220,16 +229,15 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
                 let name = format!("itc_loss [{b}, {n}] {}", if multi_positive { "mask" } else { "diagonal" });
                 compare(device, reps, name, dtype, &["loss", "d sim", "d temp"], run)?
             }
-            Case::LayerNorm { rows, d } => bench_rows(device, reps, &mut r, true, rows, d)?,
-            Case::Bias { rows, d } => bench_rows(device, reps, &mut r, false, rows, d)?,
+            Case::Rows { op, rows, d } => bench_rows(device, reps, &mut r, op, rows, d)?,
         });
     }
     Ok(BenchReport { device: format!("{device:?}"), reps, ops, copy: copy_bandwidth(device, reps)? })
 }
 
-/// LayerNorm (`layer_norm`) or the bias add over [rows, d], with a random probe as the upstream gradient.
+/// A row-wise op over [rows, d], with a random probe as the upstream gradient.
 fn bench_rows(
-    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, layer_norm_case: bool, rows: usize, d: usize,
+    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, op: RowOp, rows: usize, d: usize,
 ) -> Result<OpBench> {
     let x = Inputs::<Var>::new(uniform(r, &[rows, d], 4.0, device)?, DType::F32)?;
     let w = Inputs::<Var>::new((uniform(r, &[d], 0.5, device)? + 1.0)?, DType::F32)?;
@@ -237,22 +245,30 @@ fn bench_rows(
     let probe = Inputs::<Tensor>::new(uniform(r, &[rows, d], 1.0, device)?, DType::F32)?;
     let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
         let (x, w, b) = (x.get(exact).as_tensor(), w.get(exact).as_tensor(), b.get(exact).as_tensor());
-        let y = if layer_norm_case { layer_norm(x, w, b, 1e-6, k)? } else { add_bias(x, b, k)? };
+        let y = match op {
+            RowOp::LayerNorm => layer_norm(x, w, b, 1e-6, k)?,
+            RowOp::Bias => add_bias(x, b, k)?,
+            RowOp::Gelu => gelu(x, k)?,
+        };
         if !backward {
             return Ok(vec![y]);
         }
         let grads = (&y * probe.get(exact))?.sum_all()?.backward()?;
         let mut out = vec![y, grad(&grads, x)?];
-        if layer_norm_case {
+        if op == RowOp::LayerNorm {
             out.push(grad(&grads, w)?);
         }
-        out.push(grad(&grads, b)?);
+        if op != RowOp::Gelu {
+            out.push(grad(&grads, b)?);
+        }
         Ok(out)
     };
-    match layer_norm_case {
-        true => compare(device, reps, format!("layer_norm [{rows}, {d}]"), DType::F32, &["y", "dx", "dw", "db"], run),
-        false => compare(device, reps, format!("add_bias [{rows}, {d}]"), DType::F32, &["y", "dx", "db"], run),
-    }
+    let (name, outputs): (&str, &[&'static str]) = match op {
+        RowOp::LayerNorm => ("layer_norm", &["y", "dx", "dw", "db"]),
+        RowOp::Bias => ("add_bias", &["y", "dx", "db"]),
+        RowOp::Gelu => ("gelu", &["y", "dx"]),
+    };
+    compare(device, reps, format!("{name} [{rows}, {d}]"), DType::F32, outputs, run)
 }
 
 fn grad(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Result<Tensor> {

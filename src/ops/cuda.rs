@@ -14,6 +14,8 @@ pub(super) struct Module {
 
 pub(super) const SOFTMAX: Module =
     Module { name: "alignfuse_softmax", ptx: include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")) };
+pub(super) const GELU: Module =
+    Module { name: "alignfuse_gelu", ptx: include_str!(concat!(env!("OUT_DIR"), "/gelu.ptx")) };
 pub(super) const BIAS: Module =
     Module { name: "alignfuse_bias", ptx: include_str!(concat!(env!("OUT_DIR"), "/bias.ptx")) };
 pub(super) const LAYERNORM: Module =

@@ -11,6 +11,7 @@ mod bias;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod gelu;
 mod itc;
 mod layernorm;
 mod softmax;
@@ -50,6 +51,14 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match (kernels, x.dtype(), bias.dtype()) {
         (Kernels::Fused, DType::F32, DType::F32) => bias::add_bias_fused(x, bias),
         _ => x.broadcast_add(bias),
+    }
+}
+
+/// The exact (erf) GELU, as BERT and timm's ViT use. Fused for f32; other dtypes use candle's `gelu_erf`.
+pub fn gelu(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match (kernels, x.dtype()) {
+        (Kernels::Fused, DType::F32) => gelu::gelu_fused(x),
+        _ => x.gelu_erf(),
     }
 }
 
