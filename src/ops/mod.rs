@@ -6,6 +6,7 @@
 //! Fused computes in f32 whatever the storage: f32 and (on CUDA) bf16 tensors are read in place, other
 //! float dtypes go through an f32 copy; f64 keeps the Reference composition, which is exact in f64.
 
+mod adamw;
 mod bench;
 mod bias;
 mod cpu;
@@ -16,6 +17,7 @@ mod itc;
 mod layernorm;
 mod softmax;
 
+pub use adamw::{adamw_step, AdamWStep};
 pub use bench::{bench_ops, BenchReport, CopyBench, OpBench, OutputError};
 
 use crate::config::Kernels;

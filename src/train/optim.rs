@@ -55,16 +55,9 @@ impl AdamW {
         let slots = params
             .into_iter()
             .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?;
-                Ok(Slot {
-                    decay: decays(&var),
-                    lr_scale: lr_scale(&name, cfg),
-                    name,
-                    var,
-                    m: zeros.clone(),
-                    v: zeros,
-                    acc: None,
-                })
+                // Separate storage each: the update writes the moments in place.
+                let (m, v) = (var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?);
+                Ok(Slot { decay: decays(&var), lr_scale: lr_scale(&name, cfg), name, var, m, v, acc: None })
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
@@ -115,43 +108,48 @@ impl AdamW {
         if self.micro == 0 {
             bail!("optimizer step without accumulated gradients");
         }
+        // The sums stay as accumulated; the average's 1/micro joins the update's gradient scale.
         let inv = 1.0 / self.micro as f64;
-        let mut squares = vec![];
-        for s in &mut self.slots {
-            if let Some(a) = s.acc.take() {
-                let g = (a * inv)?;
-                squares.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?);
-                s.acc = Some(g);
-            }
-        }
+        let squares: Vec<Tensor> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.acc.as_ref())
+            .map(|a| a.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<candle_core::Result<_>>()?;
         Ok(match squares.is_empty() {
             true => {
                 let device = self.slots.first().map_or(candle_core::Device::Cpu, |s| s.var.device().clone());
                 Tensor::zeros((), DType::F64, &device)?
             }
-            false => Tensor::stack(&squares, 0)?.sum_all()?,
+            false => (Tensor::stack(&squares, 0)?.sum_all()? * (inv * inv))?,
         })
     }
 
     /// Clips the averaged gradients to `max_norm` (0 = off) given their finite global `norm`, and applies
     /// one AdamW update at `lr`.
     pub fn apply(&mut self, lr: f64, max_norm: f64, norm: f64) -> Result<()> {
+        if self.micro == 0 {
+            bail!("optimizer step without accumulated gradients");
+        }
         let clip = if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
         self.steps += 1;
         let t = self.steps as i32;
         let (bc1, bc2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
         for s in &mut self.slots {
             let Some(g) = s.acc.take() else { continue };
-            let g = if clip < 1.0 { (g * clip)? } else { g };
-            s.m = ((&s.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            s.v = ((&s.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let update = ((&s.m / bc1)? / ((&s.v / bc2)?.sqrt()? + self.eps)?)?;
             let lr = lr * s.lr_scale;
-            let mut p = s.var.as_tensor().detach();
-            if s.decay && self.weight_decay > 0.0 {
-                p = (p * (1.0 - lr * self.weight_decay))?;
-            }
-            s.var.set(&(p - (update * lr)?)?)?;
+            let decay = if s.decay && self.weight_decay > 0.0 { 1.0 - lr * self.weight_decay } else { 1.0 };
+            let step = crate::ops::AdamWStep {
+                beta1: self.beta1 as f32,
+                beta2: self.beta2 as f32,
+                eps: self.eps as f32,
+                lr: lr as f32,
+                decay: decay as f32,
+                bc1: bc1 as f32,
+                bc2: bc2 as f32,
+                scale: (clip / self.micro as f64) as f32,
+            };
+            crate::ops::adamw_step(s.var.as_tensor(), &s.m, &s.v, &g, step)?;
         }
         self.micro = 0;
         Ok(())
@@ -173,7 +171,8 @@ impl AdamW {
                 if t.dims() != slot.dims() {
                     bail!("optimizer state `{key}` has shape {:?}, the parameter {:?}", t.dims(), slot.dims());
                 }
-                *slot = t.to_device(slot.device())?.to_dtype(slot.dtype())?;
+                // A copy of its own: the update writes the moments in place.
+                *slot = t.to_device(slot.device())?.to_dtype(slot.dtype())?.copy()?;
             }
         }
         self.steps = steps;
