@@ -30,13 +30,6 @@ pub fn adamw_step(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, h: AdamWStep) 
     p.inplace_op3(m, v, &Update(h))
 }
 
-fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&mut v[start..end]),
-        _ => bail!("{what}: the in-place AdamW takes contiguous f32"),
-    }
-}
-
 /// `x = beta x + (1 - beta) (scale g)` or its square.
 struct Moment {
     beta: f32,
@@ -51,7 +44,7 @@ impl InplaceOp2 for Moment {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let g = cpu::f32_slice(s2, l2, "adamw gradient")?;
-        let x = f32_mut(s1, l1, "adamw moment")?;
+        let x = cpu::f32_slice_mut(s1, l1, "adamw moment")?;
         if x.len() != g.len() {
             bail!("adamw: moment {:?} for gradient {:?}", l1.dims(), l2.dims());
         }
@@ -83,7 +76,7 @@ impl InplaceOp3 for Update {
         &self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
     ) -> Result<()> {
         let (m, v) = (cpu::f32_slice(s2, l2, "adamw m")?, cpu::f32_slice(s3, l3, "adamw v")?);
-        let p = f32_mut(s1, l1, "adamw parameter")?;
+        let p = cpu::f32_slice_mut(s1, l1, "adamw parameter")?;
         if p.len() != m.len() || p.len() != v.len() {
             bail!("adamw: parameter {:?} with moments {:?} and {:?}", l1.dims(), l2.dims(), l3.dims());
         }

@@ -15,6 +15,16 @@ pub(super) fn f32_slice<'a>(s: &'a CpuStorage, layout: &Layout, what: &str) -> R
     }
 }
 
+/// [`f32_slice`], writable (in-place ops).
+pub(super) fn f32_slice_mut<'a>(s: &'a mut CpuStorage, layout: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    let dtype = s.dtype();
+    match (s, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&mut v[start..end]),
+        (CpuStorage::F32(_), None) => bail!("{what} must be contiguous"),
+        _ => bail!("{what}: the fused CPU op takes f32, got {dtype:?}"),
+    }
+}
+
 /// Independent accumulators per reduction: enough for 8-wide vectors, and a fixed summation order so
 /// results do not depend on the thread count.
 pub(super) const LANES: usize = 8;

@@ -152,12 +152,12 @@ impl Trainer {
         let mut batches = self.setup.loader.epoch(epoch, self.state.batch_in_epoch, self.state.stream.as_ref())?;
         let mut step = Accumulated::default();
         for bi in self.state.batch_in_epoch..micro_per_epoch {
-            let batch = batches.next().context("the loader ended before the epoch did")??;
+            let mut batch = batches.next().context("the loader ended before the epoch did")??;
             self.note_skipped_images(&batch);
-            if let Some((w, at)) = &batch.stream {
-                let workers = &mut self.state.stream.get_or_insert_with(|| StreamPosition { workers: vec![] }).workers;
-                workers.resize(workers.len().max(w + 1).max(self.setup.cfg.data.num_workers), None);
-                workers[*w] = Some(at.clone());
+            if let Some((w, at)) = batch.stream.take() {
+                let workers = self.setup.cfg.data.num_workers;
+                self.state.stream.get_or_insert_with(|| StreamPosition { workers: vec![None; workers] }).workers[w] =
+                    Some(at);
             }
             if step.started.is_none() {
                 // Once per optimiser step, before its first forward: the EMA reads only applied updates.

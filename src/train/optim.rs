@@ -125,8 +125,8 @@ impl AdamW {
         })
     }
 
-    /// Clips the averaged gradients to `max_norm` (0 = off) given their finite global `norm`, and applies
-    /// one AdamW update at `lr`.
+    /// Averages the accumulated gradients, clips them to `max_norm` (0 = off) given their finite global
+    /// `norm`, and applies one AdamW update at `lr` (both scales enter the in-place update as one factor).
     pub fn apply(&mut self, lr: f64, max_norm: f64, norm: f64) -> Result<()> {
         if self.micro == 0 {
             bail!("optimizer step without accumulated gradients");
