@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Type-checks the CUDA build on a machine without a GPU: candle's CUDA backend and this crate's
+# Type-checks the CUDA build on a machine without a GPU: candle's CUDA backend, the NCCL engine and this crate's
 # kernels/*.cu (build.rs runs nvcc --ptx under `cargo check` too, so a kernel that does not compile
 # fails here). The CUDA 13.0 toolkit comes from PyPI wheels (scripts/cuda-env.sh); the check below enforces
 # PTX ISA <= 9.0, what the lent GPUs' driver 580 loads.
@@ -19,7 +19,7 @@ export CARGO_TARGET_DIR="${ALIGNFUSE_CUDA_TARGET:-$cuda_cache/target}"
 
 cd "$crate"
 start=$SECONDS
-cargo check --features cuda --all-targets "$@"
+cargo check --features cuda,nccl --all-targets "$@"
 
 # PTX ISA of our kernels (the newest build of each): the lent machines' driver loads at most 9.0.
 for ptx in $(ls -t "$CARGO_TARGET_DIR"/debug/build/*/out/*.ptx 2>/dev/null | awk -F/ '!seen[$NF]++'); do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds `alignfuse --features cuda --release` on this GPU-less machine and packs it for a GPU machine that has
+# Builds `alignfuse --features cuda,nccl --release` on this GPU-less machine and packs it for a GPU machine that has
 # no Rust toolchain: dist/alignfuse-cuda.xz (about 8 MB; `xz -dc dist/alignfuse-cuda.xz > alignfuse` there).
 # The toolkit comes from PyPI wheels (scripts/cuda-env.sh). cudarc links libcuda, libcublas, libcublasLt,
 # libcurand, libcudart and libnvrtc by their unversioned names: the wheels ship versioned ones, so this adds
@@ -13,8 +13,16 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/scripts/cuda-env.sh"
 lib="$CUDA_HOME/lib"
 
+# NCCL (the data-parallel engine) from its own wheel, beside the toolkit's libraries.
+nccl_lib=("$cuda_venv"/lib/python3.*/site-packages/nvidia/nccl/lib)
+if ! ls "${nccl_lib[0]}"/libnccl.so.* >/dev/null 2>&1; then
+    "$cuda_venv/bin/pip" install --quiet 'nvidia-nccl-cu13'
+    nccl_lib=("$cuda_venv"/lib/python3.*/site-packages/nvidia/nccl/lib)
+fi
+cp -f "$(ls "${nccl_lib[0]}"/libnccl.so.* | sort | head -n 1)" "$lib/"
+
 # Unversioned names for the linker.
-for name in cublas cublasLt cudart nvrtc curand; do
+for name in cublas cublasLt cudart nvrtc curand nccl; do
     versioned=$(ls "$lib"/lib$name.so.* 2>/dev/null | sort | head -n 1)
     [[ -n "$versioned" ]] || { echo "build-cuda: no lib$name.so.* in $lib" >&2; exit 1; }
     ln -sf "$(basename "$versioned")" "$lib/lib$name.so"
@@ -34,7 +42,7 @@ gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/libcuda.so" "$stub"
 export CARGO_TARGET_DIR="${ALIGNFUSE_CUDA_BUILD_TARGET:-$cuda_cache/target-build}"
 cd "$repo"
 start=$SECONDS
-cargo build --release --features cuda
+cargo build --release --features cuda,nccl
 mkdir -p dist
 xz -T0 -6 -c "$CARGO_TARGET_DIR/release/alignfuse" > dist/alignfuse-cuda.xz.tmp
 mv dist/alignfuse-cuda.xz.tmp dist/alignfuse-cuda.xz

@@ -11,7 +11,9 @@
 # tf32 and bf16 with the fused kernels, and fp32 with the reference ones; (c) the PyTorch eager baseline of the same step (benches/torch_step.py: same model, batch and
 # caption length) in fp32, tf32 and bf16 autocast, and the alignfuse / PyTorch ratio; (d) the README main job
 # (configs/tiny.toml) on the device, with its test table; (e) bench rerank and a standalone eval of the main job's
-# checkpoint; (f) the same seed twice gives the same 10 steps. GPU memory is total minus free (nvidia-smi's
+# checkpoint; (f) the same seed twice gives the same 10 steps; (g) the NCCL engine with a world of one
+# (`alignfuse launch --nproc-per-node 1`: gradient buckets and feature gathers run through NCCL on the one card)
+# against (b)'s fp32 step time. GPU memory is total minus free (nvidia-smi's
 # count), sampled the same way for both implementations.
 # PYTHON names the interpreter with torch (default python3).
 set -euo pipefail
@@ -33,7 +35,7 @@ if [[ "$device" != cpu ]]; then
     # torch's CUDA libraries and the driver's libcuda.
     libs=$(find / -xdev \( -path '*/site-packages/nvidia/*' -o -path /usr/local/nvidia/lib64 \) \
         \( -name 'libcublas*.so*' -o -name 'libcurand.so*' -o -name 'libcudart.so*' -o -name 'libnvrtc.so*' \
-        -o -name 'libcuda.so*' \) -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
+        -o -name 'libcuda.so*' -o -name 'libnccl.so*' \) -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
     export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
     steps=10
@@ -70,6 +72,11 @@ for r in 1 2; do
         > "$out/repro-$r.txt"
     cp "$work/repro-$r/log.jsonl" "$out/repro-$r.jsonl"
 done
+# (g) NCCL with one rank (one card cannot hold two NCCL ranks): the collectives' cost inside a step.
+if [[ "$device" != cpu ]]; then
+    run "$bin" launch --nproc-per-node 1 --master-port 29517 bench train "${base[@]}" --set train.precision=fp32 \
+        --steps "$steps" --json "$out/train-nccl.json"
+fi
 
 python3 - "$out" <<'PY'
 import json, sys, pathlib
@@ -89,6 +96,11 @@ for precision in ("fp32", "tf32", "bf16"):
     rows.append((f"torch {t['torch']} eager {precision} b{t['batch_size']}", f"{t['pairs_per_s']:.1f} pairs/s",
                  f"{t['ms_per_step']:.1f} ms/step", mem))
     rows.append((f"  alignfuse / torch, {precision}", f"{ours / t['pairs_per_s']:.2f}x", "", ""))
+if (out / "train-nccl.json").exists():
+    n = json.loads((out / "train-nccl.json").read_text())
+    f = json.loads((out / "train-fp32.json").read_text())
+    rows.append(("NCCL engine, world 1, fp32", f"{n['compute_pairs_per_s']:.1f} pairs/s",
+                 f"{n['compute_pairs_per_s'] / f['compute_pairs_per_s']:.3f}x of one process", f"optimizer {n['optimizer_ms']:.1f} vs {f['optimizer_ms']:.1f} ms"))
 k = json.loads((out / "kernels.json").read_text())
 for op in k["ops"]:
     err = max(e["fused_vs_reference"] for e in op["errors"])

@@ -125,10 +125,22 @@ pub struct ObjectivesConfig {
     /// Multi-positive ITC targets: captions of the same image id (in the batch and the idx queue) all count
     /// as positives (ALBEF/BLIP retrieval fine-tuning).
     pub itc_multi_positive: bool,
+    /// ITC keys with several ranks: `"local"` (this rank's batch plus the queue, ALBEF) or `"global"`
+    /// (every rank's batch plus the queue). The keys are momentum features, so gathering them carries no
+    /// gradient; one rank at a global batch of N pairs equals N / B ranks with `"global"`.
+    pub itc_keys: ItcKeys,
     /// MLM masking probability (0.15).
     pub mlm_probability: f64,
     /// Epochs over which alpha ramps linearly from 0 (ALBEF: 1, BLIP: 2; 0 = no ramp).
     pub alpha_ramp_epochs: f64,
+}
+
+/// Which batches' momentum features are ITC keys beside the queue (data parallel).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ItcKeys {
+    Local,
+    Global,
 }
 
 /// How ITM negatives are sampled.
@@ -400,6 +412,7 @@ impl Default for ObjectivesConfig {
             itm_negatives: Negatives::Hard,
             itm_hard_fraction: 1.0,
             itc_multi_positive: false,
+            itc_keys: ItcKeys::Local,
             mlm_probability: 0.15,
             alpha_ramp_epochs: 1.0,
         }

@@ -10,6 +10,7 @@ pub mod ablate;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod import;
 pub mod model;

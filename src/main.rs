@@ -9,16 +9,25 @@ fn main() {
     // candle's CPU pool spins at barriers: with as many compute threads as cores, any other busy thread
     // (data workers, the OS) stalls every op. Leave one core free unless the user chose.
     // CANDLE_NUM_THREADS alone would leave rayon's pool (gemm, evaluation) at every core: 30% slower on 2.
+    // Data-parallel ranks on one machine share its cores.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads =
-            std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| cores.saturating_sub(1).max(1).to_string());
+        let threads = match alignfuse::dist::env::local_ranks() {
+            1 => cores.saturating_sub(1),
+            ranks => cores / ranks,
+        };
+        let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| threads.max(1).to_string());
         std::env::set_var("RAYON_NUM_THREADS", threads);
     }
-    if let Err(e) = alignfuse::cli::run(alignfuse::cli::Cli::parse()) {
-        eprintln!("error: {e:#}");
+    let result = alignfuse::cli::run(alignfuse::cli::Cli::parse()).and_then(|()| alignfuse::dist::finish());
+    if let Err(e) = result {
         // A run stopped by SIGINT / SIGTERM (with its checkpoint written) exits 130 / 143, as shells expect.
         let interrupted = e.chain().find_map(|c| c.downcast_ref::<alignfuse::train::Interrupted>());
-        std::process::exit(interrupted.map_or(1, |i| i.exit_code()));
+        let code = interrupted.map_or(1, |i| i.exit_code());
+        // With several ranks, a failure ends them all (a lone exit would leave the others waiting).
+        if alignfuse::dist::on_error(&e, code) {
+            eprintln!("error: {e:#}");
+        }
+        std::process::exit(code);
     }
 }

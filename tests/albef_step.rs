@@ -72,7 +72,7 @@ fn run_step(kernels: Kernels) -> (Albef, Output, HashMap<String, Tensor>) {
     };
     let ctx = Ctx::eval(kernels);
     model.update_momentum().unwrap();
-    let out = model.forward(&batch, cfg.model.alpha, &mut draws, &ctx, &ctx).unwrap();
+    let out = model.forward(&batch, cfg.model.alpha, &mut draws, &ctx, &ctx, &alignfuse::dist::Dist::single()).unwrap();
     model.enqueue(out.queue_update.as_ref().unwrap()).unwrap();
     (model, out, fx)
 }

@@ -147,7 +147,7 @@ fn a_diverging_run_stops_after_consecutive_skips_without_writing_nan() {
 fn a_non_finite_tensor_is_never_checkpointed() {
     let dir = scratch("rel-ckpt-nan");
     let ckpts = Checkpoints::new(&dir);
-    let mut state = TrainState::fresh(&micro_config(&[]));
+    let mut state = TrainState::fresh(&micro_config(&[]), 1);
     let finite = vec![("w".to_string(), Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap())];
     state.step = 1;
     ckpts.save(&state, finite.clone(), vec![], false).unwrap();
@@ -350,4 +350,25 @@ fn checkpoints_that_do_not_fit_the_config_or_are_damaged_are_refused() {
         let err = load(&["model.text.num_hidden_layers=3"], &damaged).unwrap_err();
         assert!(err.contains(&format!("{} is damaged", damaged.display())), "{name}: {err}");
     }
+}
+
+/// `alignfuse launch` gives each rank torchrun's environment and stops the job when a rank fails: here
+/// every rank of a CPU config refuses NCCL ranks (which need GPUs), naming its RANK and WORLD_SIZE.
+#[test]
+fn launch_starts_ranks_with_their_environment_and_fails_with_them() {
+    let case = Case::new("launch", &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_alignfuse"))
+        .args(["launch", "--nproc-per-node", "2", "--master-port", "29533", "train", "--config"])
+        .arg(&case.config)
+        .arg("--out")
+        .arg(&case.out)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("launch: started ranks [0, 1] of 2"), "{err}");
+    assert!(err.contains("launch: rank ") && err.contains("failed"), "{err}");
+    assert!(err.contains("RANK=0 WORLD_SIZE=2") || err.contains("RANK=1 WORLD_SIZE=2"), "{err}");
+    assert!(err.contains("device = \"cpu\"") && err.contains("mpirun -np N"), "{err}");
+    assert!(!case.out.join("checkpoints").exists());
 }

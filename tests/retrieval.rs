@@ -9,6 +9,7 @@ use alignfuse::config::{CaptionStyle, Config, RerankScore};
 use alignfuse::data::annotations::{RetrievalSet, TextOptions};
 use alignfuse::data::image::{load_rgb, test_transform};
 use alignfuse::data::tokenizer::TextTokenizer;
+use alignfuse::dist::Dist;
 use alignfuse::eval::bench::bench_rerank;
 use alignfuse::eval::embed::embed_set;
 use alignfuse::eval::metrics::{standing, GroundTruth, Metrics, Standing};
@@ -243,7 +244,7 @@ fn a_collapsed_model_evaluates_at_chance() {
     }
     let set = RetrievalSet::load(&ann, None, TextOptions { max_words: 30, style: CaptionStyle::Albef }).unwrap();
     let tok = TextTokenizer::from_file(&cfg.vocab_path(&ann).unwrap()).unwrap();
-    let report = evaluate(&model, &set, &tok, &cfg).unwrap();
+    let report = evaluate(&model, &set, &tok, &cfg, &Dist::single()).unwrap();
     let (n_images, n_texts) = (set.images.len(), set.texts.len());
     let choose =
         |n: usize, k: usize| if k > n { 0.0 } else { (0..k).map(|i| (n - i) as f64 / (k - i) as f64).product::<f64>() };
@@ -348,9 +349,11 @@ fn evaluation_agrees_with_the_models_own_forward() {
     // Re-ranking: each slot holds the ITM logit of a direct fusion pass + itm_head (plus the cosine
     // for itm+itc); K/V reuse on or off, any number of pairs per forward.
     let opts = |score, reuse_kv, pairs_per_forward| RerankOptions { score, reuse_kv, pairs_per_forward };
-    let itm = rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::Itm, true, 2)).unwrap();
-    let plain = rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::Itm, false, 5)).unwrap();
-    let itm_itc = rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::ItmItc, true, 3)).unwrap();
+    let itm = rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::Itm, true, 2), &Dist::single()).unwrap();
+    let plain =
+        rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::Itm, false, 5), &Dist::single()).unwrap();
+    let itm_itc =
+        rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::ItmItc, true, 3), &Dist::single()).unwrap();
     assert!(itm.pairs < 6 * 3 + 11 * 3, "pairs asked by both directions are scored once ({})", itm.pairs);
     for (name, pass, scores, plain, both) in
         [("i2t", &i2t, &itm.i2t, &plain.i2t, &itm_itc.i2t), ("t2i", &t2i, &itm.t2i, &plain.t2i, &itm_itc.t2i)]
@@ -366,9 +369,9 @@ fn evaluation_agrees_with_the_models_own_forward() {
     }
 
     // The report is the metrics of exactly these ranks.
-    let report = evaluate(&model, &set, &tok, &cfg).unwrap();
+    let report = evaluate(&model, &set, &tok, &cfg, &Dist::single()).unwrap();
     let k = cfg.eval.k_test;
-    let itm = rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::Itm, true, k)).unwrap();
+    let itm = rerank(&model, tokens, &i2t.topk, &t2i.topk, &opts(RerankScore::Itm, true, k), &Dist::single()).unwrap();
     let tr = reranked_standings(&i2t.topk, &itm.i2t, set.texts.len(), &gt.texts_of_image);
     let ir = reranked_standings(&t2i.topk, &itm.t2i, set.images.len(), &gt.images_of_text);
     assert_eq!(report.itc, Metrics::from_standings(&i2t.standings, &t2i.standings));
@@ -387,7 +390,7 @@ fn evaluation_agrees_with_the_models_own_forward() {
 
     // Matching by caption text can only turn misses into hits.
     cfg.eval.match_text = true;
-    let matched = evaluate(&model, &set, &tok, &cfg).unwrap();
+    let matched = evaluate(&model, &set, &tok, &cfg, &Dist::single()).unwrap();
     assert!(matched.to_string().contains("match_text = true"));
     for (a, b) in [
         (matched.rerank.tr_r1, report.rerank.tr_r1),
@@ -453,7 +456,7 @@ fn eval_and_embed_commands() {
     let mut want_cfg = cfg.clone();
     want_cfg.eval.k_test = 2;
     want_cfg.eval.score = RerankScore::ItmItc;
-    let want: RetrievalReport = evaluate(&model, &set, &tok, &want_cfg).unwrap();
+    let want: RetrievalReport = evaluate(&model, &set, &tok, &want_cfg, &Dist::single()).unwrap();
     // serde_json parses floats to within an ulp (without its float_roundtrip feature).
     for (section, m) in [("itc", want.itc), ("rerank", want.rerank)] {
         for (key, value) in serde_json::to_value(m).unwrap().as_object().unwrap() {

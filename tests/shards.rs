@@ -159,7 +159,8 @@ fn bad_samples_are_named_and_skipped_or_fatal() {
         cfg.data.on_bad_image = on_bad;
         let set = ShardSet::open(&[format!("{}/{{a,b}}.tar", dir.display())], Some(16)).unwrap();
         let tok = Arc::new(alignfuse::data::tokenizer::TextTokenizer::from_file(&paths.vocab).unwrap());
-        TrainLoader::new(TrainData::Shards(Arc::new(set)), tok, &cfg, Device::Cpu).unwrap()
+        TrainLoader::new(TrainData::Shards(Arc::new(set)), tok, &cfg, Device::Cpu, alignfuse::dist::Place::SINGLE)
+            .unwrap()
     };
     let fail = loader(OnBadImage::Fail);
     let err = fail.epoch(0, 0, None).unwrap().find_map(|b| b.err()).expect("an error");

@@ -13,7 +13,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let work_dir = std::env::temp_dir().join("alignfuse-bench");
     let json = match args.what.as_str() {
         "train" => {
-            let r = crate::train::bench::bench_train(cfg()?, &work_dir, args.steps)?;
+            let cfg = cfg()?;
+            let dist = crate::dist::current(&cfg.device)?;
+            let r = crate::train::bench::bench_train(cfg, &work_dir, args.steps)?;
+            if !dist.is_main() {
+                return Ok(()); // rank 0 reports for the job
+            }
             println!("{r}");
             serde_json::to_value(&r)?
         }

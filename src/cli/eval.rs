@@ -19,9 +19,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .map_err(|e: serde::de::value::Error| anyhow!("--score {score:?}: {e}"))?;
     }
     cfg.validate().context("with --k-test / --score applied")?;
+    // Under mpirun / launch, every rank re-ranks a share of the images.
+    let dist = crate::dist::current(&cfg.device)?;
     let report = EvalInputs::load(cfg, &args.checkpoint, &args.ann)?
         .evaluate()
         .with_context(|| format!("evaluating {} on {}", args.checkpoint.display(), args.ann.display()))?;
+    if !dist.is_main() {
+        return Ok(()); // rank 0 reports for the job
+    }
     println!("{report}");
     if let Some(path) = &args.json {
         #[derive(Serialize)]

@@ -8,6 +8,7 @@ use anyhow::Result;
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = Config::load(&args.cfg.config, &args.cfg.set)?;
+    let dist = crate::dist::current(&cfg.device)?;
     let opts = TrainOptions {
         out: args.out.clone(),
         resume: args.resume.clone(),
@@ -18,12 +19,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let s = match train(cfg, &opts) {
         Ok(s) => s,
         Err(e) => {
-            if e.downcast_ref::<Interrupted>().is_some() {
-                eprintln!("resume with: {}", resume_command(&args));
+            if e.downcast_ref::<Interrupted>().is_some() && dist.is_main() {
+                let launcher = match dist.engine() {
+                    "mpi" => format!("mpirun -np {} ", dist.world()),
+                    "nccl" => format!("(every rank, as launched, {} in all) ", dist.world()),
+                    _ => String::new(),
+                };
+                eprintln!("resume with: {launcher}{}", resume_command(&args));
             }
             return Err(e);
         }
     };
+    if !dist.is_main() {
+        // Rank 0 reports and writes the summary for the job.
+        return Ok(());
+    }
     println!("trained {} steps in {:.1} s; checkpoint {}", s.steps, s.wall_s, s.checkpoint.display());
     if let Some(r) = &s.last {
         println!("last step: loss {:.4} ({}), {:.1} pairs/s", r.loss, named(&r.losses), r.pairs_per_s);

@@ -13,6 +13,7 @@ use super::image::{decode_rgb, load_rgb, test_transform, TrainTransform};
 use super::shards::{Drawn, ShardSet, Source, Stream, StreamPosition, WorkerPosition};
 use super::tokenizer::{to_tensors, Encoded, TextTokenizer};
 use crate::config::{Config, Normalize, OnBadImage};
+use crate::dist::Place;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
@@ -80,6 +81,8 @@ struct Builder {
     two_images_per_batch: bool,
     text: TextOptions,
     shuffle_buffer: usize,
+    /// Data parallel: this rank builds its share of every global batch of `batch_size * world` pairs.
+    place: Place,
 }
 
 /// The training data loader: shuffled each epoch, `drop_last`, prefetched by `num_workers` threads.
@@ -93,8 +96,11 @@ pub struct TrainLoader {
 
 impl TrainLoader {
     /// A loader over `data` with the batch size, resolution, seed and `[data]` settings of `cfg`.
-    pub fn new(data: TrainData, tokenizer: Arc<TextTokenizer>, cfg: &Config, device: Device) -> Result<Self> {
+    pub fn new(
+        data: TrainData, tokenizer: Arc<TextTokenizer>, cfg: &Config, device: Device, place: Place,
+    ) -> Result<Self> {
         let batch_size = cfg.train.batch_size;
+        let global = batch_size * place.world;
         ensure!(batch_size >= 1, "batch size must be at least 1");
         let two_images_per_batch = cfg.objectives.itm;
         let num_workers = cfg.data.num_workers.max(1);
@@ -104,22 +110,25 @@ impl TrainLoader {
                     check_two_images_per_batch(set, batch_size, &cfg.data.train_ann)?;
                 }
                 ensure!(
-                    set.len() >= batch_size,
-                    "the training set has {} pairs, fewer than one batch of {batch_size} (batches are full: \
-                     drop_last)",
-                    set.len()
+                    set.len() >= global,
+                    "the training set has {} pairs, fewer than one batch of {global} ({batch_size} on each of {} \
+                     ranks; batches are full: drop_last)",
+                    set.len(),
+                    place.world
                 );
             }
             TrainData::Shards(set) => {
+                let streams = num_workers * place.world;
                 ensure!(
-                    set.paths.len() >= num_workers,
-                    "data.train_shards names {} shards but {num_workers} loader workers each stream their own: \
-                     lower data.num_workers to at most {0} or write more shards",
-                    set.paths.len()
+                    set.paths.len() >= streams,
+                    "data.train_shards names {} shards but {num_workers} loader workers on each of {} ranks each \
+                     stream their own: lower data.num_workers, use fewer ranks, or write more shards",
+                    set.paths.len(),
+                    place.world
                 );
                 ensure!(
-                    set.num_samples >= batch_size,
-                    "an epoch of {} samples (data.train_num_samples) is less than one batch of {batch_size}",
+                    set.num_samples >= global,
+                    "an epoch of {} samples (data.train_num_samples) is less than one batch of {global}",
                     set.num_samples
                 );
             }
@@ -134,17 +143,19 @@ impl TrainLoader {
             two_images_per_batch,
             text: super::text_options(cfg),
             shuffle_buffer: cfg.data.shuffle_buffer,
+            place,
         };
         Ok(TrainLoader { data, builder: Arc::new(builder), num_workers, prefetch: cfg.data.prefetch.max(1), device })
     }
 
-    /// Full batches per epoch; the last `len % batch_size` pairs of each epoch are dropped.
+    /// Full global batches per epoch (this rank builds its share of each); the last
+    /// `len % (batch_size * ranks)` pairs of each epoch are dropped.
     pub fn batches_per_epoch(&self) -> usize {
         let samples = match &self.data {
             TrainData::Pairs(set) => set.len(),
             TrainData::Shards(set) => set.num_samples,
         };
-        samples / self.builder.batch_size
+        samples / (self.builder.batch_size * self.builder.place.world)
     }
 
     /// The batches of `epoch` from `start_batch` on (0 for a fresh epoch, the checkpoint's next batch to
@@ -269,13 +280,16 @@ fn separate_images(order: &mut [usize], image_id: impl Fn(usize) -> u64, bs: usi
 }
 
 impl Builder {
-    /// Batch `b` of the epoch from annotation files: the pairs at positions `b*B .. (b+1)*B` of `order`.
+    /// This rank's part of batch `b` of the epoch from annotation files: with R ranks, rank r takes the
+    /// pairs at positions `(b*R + r)*B ..` (B of them) of `order`, so one rank at a batch of R*B pairs
+    /// sees the same pairs in the same order.
     /// An unreadable image (with `skip`) is replaced by the next readable pairs after that slice,
     /// wrapping around, so the batch stays full and no other batch changes (resuming by batch index
     /// stays exact); a pair used as a replacement also appears in its own batch.
     fn pairs_batch(&self, set: &TrainSet, order: &[usize], epoch: usize, b: usize) -> Result<RawBatch> {
-        let (n, bs) = (order.len(), self.batch_size);
-        let own = b * bs..(b + 1) * bs;
+        let (n, bs, place) = (order.len(), self.batch_size, self.place);
+        let chunk = b * place.world + place.rank;
+        let own = chunk * bs..(chunk + 1) * bs;
         let mut images = vec![0f32; bs * self.plane()];
         let (mut indices, mut image_ids, mut captions, mut skipped) = (vec![], vec![], vec![], vec![]);
         for pos in (own.start..own.start + n).map(|p| p % n) {
@@ -333,7 +347,8 @@ impl Builder {
     }
 
     /// Worker `w`'s part of a shard epoch: its stream from `at` (or the epoch's start), batches
-    /// `batches` (every W-th) sent in order until one fails or the receiver is gone.
+    /// `batches` (every W-th) sent in order until one fails or the receiver is gone. Every rank's workers
+    /// stream disjoint shards: worker w of rank r is stream r * W + w of all ranks' workers.
     fn shard_worker(
         &self, set: &Arc<ShardSet>, epoch: usize, (w, workers): (usize, usize), at: Option<WorkerPosition>,
         batches: Vec<usize>, tx: mpsc::SyncSender<Result<RawBatch>>,
@@ -345,7 +360,8 @@ impl Builder {
             seed: self.seed,
             capacity: self.shuffle_buffer,
         };
-        let stream = Stream::new(src, epoch, (w, workers), at.as_ref());
+        let place = self.place;
+        let stream = Stream::new(src, epoch, (place.rank * workers + w, workers * place.world), at.as_ref());
         let mut stream = match stream {
             Ok(s) => s,
             Err(e) => {
@@ -647,7 +663,14 @@ mod tests {
             cfg.data.num_workers = workers;
             cfg.data.prefetch = 2;
             cfg.data.on_bad_image = on_bad;
-            TrainLoader::new(TrainData::Pairs(Arc::clone(set)), Arc::clone(&self.tokenizer), &cfg, Device::Cpu).unwrap()
+            TrainLoader::new(
+                TrainData::Pairs(Arc::clone(set)),
+                Arc::clone(&self.tokenizer),
+                &cfg,
+                Device::Cpu,
+                Place::SINGLE,
+            )
+            .unwrap()
         }
     }
 

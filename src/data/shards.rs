@@ -15,7 +15,9 @@
 
 use super::annotations::{pre_caption, read_entries, resolve, TextOptions};
 use crate::config::OnBadImage;
+use crate::dist::{Dist, Place};
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::Device;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -236,6 +238,37 @@ pub struct WorkerPosition {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamPosition {
     pub workers: Vec<Option<WorkerPosition>>,
+}
+
+impl StreamPosition {
+    /// Every rank's workers in rank order (what a checkpoint keeps), from each rank's own `local`.
+    pub fn gather(local: Option<&StreamPosition>, dist: &Dist, device: &Device) -> Result<Option<StreamPosition>> {
+        if dist.solo() {
+            return Ok(local.cloned());
+        }
+        let all = dist.all_gather_bytes(&serde_json::to_vec(&local)?, device)?;
+        let mut workers = vec![];
+        for bytes in all {
+            match serde_json::from_slice::<Option<StreamPosition>>(&bytes)? {
+                Some(p) => workers.extend(p.workers),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(StreamPosition { workers }))
+    }
+
+    /// The part of a checkpoint's position that rank `place.rank` streams, `workers` per rank.
+    pub fn of_rank(self, place: Place, workers: usize) -> Result<StreamPosition> {
+        ensure!(
+            self.workers.len() == workers * place.world,
+            "the checkpoint's shard stream was read by {} loader workers in all, and each streams its own \
+             shards: resume with data.num_workers = {} on each of the {} ranks",
+            self.workers.len(),
+            self.workers.len() / place.world,
+            place.world
+        );
+        Ok(StreamPosition { workers: self.workers[place.rank * workers..(place.rank + 1) * workers].to_vec() })
+    }
 }
 
 /// A sample drawn from the stream with its draw number.

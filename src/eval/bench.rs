@@ -76,7 +76,7 @@ pub fn bench_rerank(cfg: &Config, n_images: usize, k: usize, device: &Device) ->
     let run = |reuse_kv: bool| -> Result<(f64, Vec<f32>, usize)> {
         let opts = RerankOptions { score: RerankScore::Itm, reuse_kv, pairs_per_forward: k };
         let start = Instant::now();
-        let out = rerank(&model, tokens, &i2t, &t2i, &opts)?;
+        let out = rerank(&model, tokens, &i2t, &t2i, &opts, &crate::dist::Dist::single())?;
         Ok((start.elapsed().as_secs_f64(), [out.i2t, out.t2i].concat(), out.pairs))
     };
     let (reuse_a, reused, pairs) = run(true)?;

@@ -13,6 +13,7 @@ pub mod sims;
 use crate::config::{Config, RerankScore};
 use crate::data::annotations::RetrievalSet;
 use crate::data::tokenizer::TextTokenizer;
+use crate::dist::Dist;
 use crate::model::albef::Albef;
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,13 +38,13 @@ impl EvalInputs {
     pub fn load(cfg: Config, checkpoint: &Path, ann: &Path) -> Result<Self> {
         let tokenizer = crate::data::tokenizer(&cfg, ann)?;
         let set = crate::data::retrieval_set(&cfg, ann)?;
-        let model = Albef::from_checkpoint(&cfg, checkpoint, &crate::device(&cfg.device)?)?;
+        let model = Albef::from_checkpoint(&cfg, checkpoint, &crate::dist::device(&cfg.device)?)?;
         Ok(EvalInputs { cfg, model, set, tokenizer })
     }
 
     /// [`evaluate`] on these inputs.
     pub fn evaluate(&self) -> Result<RetrievalReport> {
-        evaluate(&self.model, &self.set, &self.tokenizer, &self.cfg)
+        evaluate(&self.model, &self.set, &self.tokenizer, &self.cfg, &*crate::dist::current(&self.cfg.device)?)
     }
 }
 
@@ -82,7 +83,10 @@ pub struct Timings {
 
 /// Runs the retrieval protocol on `set` with the online encoders of `model` in eval mode, following
 /// `cfg.eval` (k_test, score, batch_size, match_text); captions are tokenised to `data.max_tokens`.
-pub fn evaluate(model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cfg: &Config) -> Result<RetrievalReport> {
+/// With several ranks, every rank embeds the whole set (as ALBEF) and re-ranks a share of the images.
+pub fn evaluate(
+    model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cfg: &Config, dist: &Dist,
+) -> Result<RetrievalReport> {
     ensure!(!set.images.is_empty(), "the retrieval set has no images");
     ensure!(cfg.eval.k_test >= 1, "eval.k_test must be at least 1");
     let start = Instant::now();
@@ -97,7 +101,7 @@ pub fn evaluate(model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cf
 
     // One image with its k_test candidates per forward, the reference's batch.
     let opts = RerankOptions { score: cfg.eval.score, reuse_kv: true, pairs_per_forward: cfg.eval.k_test };
-    let scores = rerank(model, tokens, &i2t.topk, &t2i.topk, &opts)?;
+    let scores = rerank(model, tokens, &i2t.topk, &t2i.topk, &opts, dist)?;
     let tr = reranked_standings(&i2t.topk, &scores.i2t, set.texts.len(), &gt.texts_of_image);
     let ir = reranked_standings(&t2i.topk, &scores.t2i, set.images.len(), &gt.images_of_text);
     let total_s = start.elapsed().as_secs_f64();

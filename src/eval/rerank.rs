@@ -14,6 +14,7 @@ use super::metrics::{standing, Standing, FLOOR};
 use super::progress;
 use super::sims::TopK;
 use crate::config::RerankScore;
+use crate::dist::{Dist, Place};
 use crate::model::albef::Albef;
 use crate::model::bert::ImageSide;
 use crate::model::layers::Ctx;
@@ -43,8 +44,12 @@ pub struct Reranked {
 }
 
 /// Scores the candidates of both directions. `i2t` holds the top texts of every image, `t2i` the top
-/// images of every text; `tokens` the token features of the same set.
-pub fn rerank(model: &Albef, tokens: &TokenFeatures, i2t: &TopK, t2i: &TopK, opts: &RerankOptions) -> Result<Reranked> {
+/// images of every text; `tokens` the token features of the same set. With several ranks, each scores
+/// the pairs of every R-th image and the scores are summed over the ranks (every slot is scored by one
+/// rank, zero on the others), so every rank ends with the one-process scores exactly.
+pub fn rerank(
+    model: &Albef, tokens: &TokenFeatures, i2t: &TopK, t2i: &TopK, opts: &RerankOptions, dist: &Dist,
+) -> Result<Reranked> {
     ensure!(opts.pairs_per_forward >= 1, "at least one pair per fusion forward");
     let (n_images, n_texts) = (tokens.images()?, tokens.text_len.len());
     ensure!(
@@ -65,8 +70,13 @@ pub fn rerank(model: &Albef, tokens: &TokenFeatures, i2t: &TopK, t2i: &TopK, opt
 
     let ctx = Ctx::eval(model.kernels());
     let mut scores = vec![0f32; pairs.len()];
-    let bar = progress(unique, "re-rank");
-    for group in pairs.chunk_by(|a, b| a.0 == b.0) {
+    let Place { rank, world } = dist.place();
+    let mine = |group: &&[(u32, u32, usize)]| group[0].0 as usize % world == rank;
+    let bar = progress(
+        pairs.chunk_by(|a, b| a.0 == b.0).filter(mine).map(|g| g.chunk_by(|a, b| a.1 == b.1).count()).sum(),
+        "re-rank",
+    );
+    for group in pairs.chunk_by(|a, b| a.0 == b.0).filter(mine) {
         let image = group[0].0 as usize;
         let texts: Vec<u32> = group.chunk_by(|a, b| a.1 == b.1).map(|same| same[0].1).collect();
         let image_embeds = tokens.image_embeds(image)?;
@@ -99,6 +109,10 @@ pub fn rerank(model: &Albef, tokens: &TokenFeatures, i2t: &TopK, t2i: &TopK, opt
         }
     }
     bar.finish_and_clear();
+    if !dist.solo() {
+        let shape = scores.len();
+        scores = dist.all_reduce_sum(&Tensor::from_vec(scores, shape, model.device())?)?.to_vec1()?;
+    }
     let mut t2i_scores = scores.split_off(n_i2t);
     if opts.score == RerankScore::ItmItc {
         for (score, sim) in scores.iter_mut().zip(&i2t.sim).chain(t2i_scores.iter_mut().zip(&t2i.sim)) {

@@ -6,7 +6,9 @@ use super::layers::{Ctx, Linear};
 use super::momentum::{FeatureQueue, Momentum};
 use super::params::{Init, ParamStore, Pb};
 use super::vit::Vit;
-use crate::config::{Config, Kernels, ModelConfig, Negatives, ObjectivesConfig};
+use crate::config::{Config, ItcKeys, Kernels, ModelConfig, Negatives, ObjectivesConfig};
+use crate::dist::Dist;
+use crate::objectives::itc::Keys;
 use crate::objectives::{itc, itm, mlm, Named};
 use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -109,11 +111,29 @@ pub struct Output {
     pub queue_update: Option<QueueUpdate>,
 }
 
-/// A batch's momentum features (no gradient) and image ids, for the ITC queue.
+/// Every rank's momentum features (no gradient) and image ids of a micro-batch, in rank order: the
+/// ITC queue's update, and the ITC keys with `objectives.itc_keys = "global"`.
 pub struct QueueUpdate {
-    image_feat_m: Tensor,
-    text_feat_m: Tensor,
-    image_ids: Vec<i64>,
+    pub image_feat_m: Tensor,
+    pub text_feat_m: Tensor,
+    pub image_ids: Vec<i64>,
+    /// Where this rank's pairs start among them.
+    pub offset: usize,
+}
+
+/// [`QueueUpdate`] of this micro-batch: gathered from every rank (one process: its own features).
+fn gather_keys(dist: &Dist, image_feat_m: &Tensor, text_feat_m: &Tensor, ids: &[i64]) -> anyhow::Result<QueueUpdate> {
+    if dist.solo() {
+        let (image_feat_m, text_feat_m) = (image_feat_m.clone(), text_feat_m.clone());
+        return Ok(QueueUpdate { image_feat_m, text_feat_m, image_ids: ids.to_vec(), offset: 0 });
+    }
+    let id_tensor = Tensor::new(ids, image_feat_m.device())?;
+    Ok(QueueUpdate {
+        image_feat_m: dist.all_gather(image_feat_m)?,
+        text_feat_m: dist.all_gather(text_feat_m)?,
+        image_ids: dist.all_gather(&id_tensor)?.to_vec1()?,
+        offset: dist.rank() * ids.len(),
+    })
 }
 
 /// The online encoders' outputs for a batch.
@@ -280,7 +300,7 @@ impl Albef {
     /// distillation weight; `ctx` drives the online model, `ctx_m` the momentum model (dropout is on in
     /// both, as in ALBEF). Call [`Albef::update_momentum`] first and [`Albef::enqueue`] after.
     pub fn forward(
-        &self, batch: &Inputs, alpha: f64, draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx,
+        &self, batch: &Inputs, alpha: f64, draws: &mut dyn Draws, ctx: &Ctx, ctx_m: &Ctx, dist: &Dist,
     ) -> anyhow::Result<Output> {
         let obj = self.objectives.clone();
         self.clamp_temp()?;
@@ -291,17 +311,31 @@ impl Albef {
         let teacher = self.teacher(batch, alpha, ctx_m)?;
         let (mut losses, mut metrics) = (Named::default(), Named::default());
         metrics.insert("temp", temp.copy()?);
-        if let (true, Some((image_feat_m, text_feat_m))) = (obj.itc, teacher.feats()) {
-            let ids = obj.itc_multi_positive.then_some(batch.image_ids);
+        // Every rank's momentum features (and image ids), in rank order: the queue takes them all
+        // (ALBEF's concat_all_gather), and global ITC keys are them.
+        let gathered = match (obj.itc, teacher.feats()) {
+            (true, Some((image_feat_m, text_feat_m))) => {
+                Some(gather_keys(dist, image_feat_m, text_feat_m, batch.image_ids)?)
+            }
+            _ => None,
+        };
+        if let (Some(all), Some((image_feat_m, text_feat_m))) = (&gathered, teacher.feats()) {
+            let keys = match obj.itc_keys {
+                ItcKeys::Global => {
+                    Keys { image: &all.image_feat_m, text: &all.text_feat_m, ids: &all.image_ids, offset: all.offset }
+                }
+                ItcKeys::Local => Keys { image: image_feat_m, text: text_feat_m, ids: batch.image_ids, offset: 0 },
+            };
             let loss = itc::itc(
                 &online.image_feat,
                 &online.text_feat,
                 image_feat_m,
                 text_feat_m,
+                &keys,
                 &self.queue.keys(),
                 &temp,
                 alpha,
-                ids,
+                obj.itc_multi_positive,
                 self.kernels,
             )?;
             losses.insert("itc", loss);
@@ -314,19 +348,12 @@ impl Albef {
         }
         if obj.mlm {
             let image_embeds_m = teacher.image.as_ref().map(|(embeds, _)| embeds).filter(|_| alpha > 0.0);
-            if let Some(loss) = self.mlm(batch, &online.image_embeds, image_embeds_m, alpha, draws, ctx, ctx_m)? {
-                losses.insert("mlm", loss);
-            }
+            // A micro-batch without a masked token adds zero, and still names the loss: every data-parallel
+            // rank must report the same losses (the log's mean over micro-batches is unchanged).
+            let loss = self.mlm(batch, &online.image_embeds, image_embeds_m, alpha, draws, ctx, ctx_m)?;
+            losses.insert("mlm", loss.map_or_else(|| Tensor::zeros((), DType::F32, self.device()), Ok)?);
         }
-        let queue_update = match (obj.itc, teacher.feats()) {
-            (true, Some((image_feat_m, text_feat_m))) => Some(QueueUpdate {
-                image_feat_m: image_feat_m.clone(),
-                text_feat_m: text_feat_m.clone(),
-                image_ids: batch.image_ids.to_vec(),
-            }),
-            _ => None,
-        };
-        Ok(Output { losses, metrics, queue_update })
+        Ok(Output { losses, metrics, queue_update: gathered })
     }
 
     /// The momentum encoders on the batch: features for ITC and hard negatives, image tokens for MLM

@@ -12,23 +12,45 @@ pub struct Queued<'a> {
     pub ids: &'a [i64],
 }
 
-/// `sim_i2t = image_feat @ [text_feat_m ; text_queue] / temp` and the symmetric `sim_t2i`, soft targets
-/// `alpha * softmax(sim_m) + (1 - alpha) * positives`, `itc = (loss_i2t + loss_t2i) / 2`.
+/// The batch's momentum features as ITC keys: this rank's own (`local`), or every rank's in rank order
+/// (`global` with data parallelism). `image` and `text` are [N, embed_dim], `ids` their image ids, and
+/// this rank's pairs are rows `offset .. offset + B`.
+pub struct Keys<'a> {
+    pub image: &'a Tensor,
+    pub text: &'a Tensor,
+    pub ids: &'a [i64],
+    pub offset: usize,
+}
+
+/// `sim_i2t = image_feat @ [keys.text ; text_queue] / temp` and the symmetric `sim_t2i`, soft targets
+/// `alpha * softmax(sim_m) + (1 - alpha) * positives` (`sim_m` from the momentum features of the same
+/// B pairs), `itc = (loss_i2t + loss_t2i) / 2`.
 ///
-/// `ids`: with multi-positive targets, the batch's image ids; every key with the same image id (in the
-/// batch or the queue) counts as a positive (`pos / pos.sum()`). None: the diagonal is the positive.
+/// `multi_positive`: every key with the same image id (in the batch keys or the queue) counts as a
+/// positive (`pos / pos.sum()`). Otherwise the pair's own key (row `offset + i`) is the positive.
 #[allow(clippy::too_many_arguments)]
 pub fn itc(
-    image_feat: &Tensor, text_feat: &Tensor, image_feat_m: &Tensor, text_feat_m: &Tensor, queue: &Queued,
-    temp: &Tensor, alpha: f64, ids: Option<&[i64]>, kernels: Kernels,
+    image_feat: &Tensor, text_feat: &Tensor, image_feat_m: &Tensor, text_feat_m: &Tensor, keys: &Keys, queue: &Queued,
+    temp: &Tensor, alpha: f64, multi_positive: bool, kernels: Kernels,
 ) -> Result<Tensor> {
-    let image_feat_all = Tensor::cat(&[&image_feat_m.t()?, queue.image], 1)?;
-    let text_feat_all = Tensor::cat(&[&text_feat_m.t()?, queue.text], 1)?;
+    let image_feat_all = Tensor::cat(&[&keys.image.t()?, queue.image], 1)?;
+    let text_feat_all = Tensor::cat(&[&keys.text.t()?, queue.text], 1)?;
     let sim_i2t = image_feat.matmul(&text_feat_all)?;
     let sim_t2i = text_feat.matmul(&image_feat_all)?;
     let sim_i2t_m = image_feat_m.matmul(&text_feat_all)?;
     let sim_t2i_m = text_feat_m.matmul(&image_feat_all)?;
-    let pos_mask = ids.map(|ids| positive_mask(ids, queue.ids, image_feat.device())).transpose()?;
+    let b = image_feat.dim(0)?;
+    let device = image_feat.device();
+    let pos_mask = if multi_positive {
+        Some(positive_mask(&keys.ids[keys.offset..keys.offset + b], &[keys.ids, queue.ids].concat(), device)?)
+    } else if keys.image.dim(0)? != b {
+        // The own key of row i is column offset + i: marked by position, not by image id.
+        let rows: Vec<i64> = (keys.offset..keys.offset + b).map(|r| r as i64).collect();
+        let cols: Vec<i64> = (0..keys.ids.len() as i64).chain(queue.ids.iter().map(|_| -1)).collect();
+        Some(positive_mask(&rows, &cols, device)?)
+    } else {
+        None
+    };
     let positives = || match &pos_mask {
         Some(m) => Positives::Mask(m),
         None => Positives::Diagonal,
@@ -38,11 +60,10 @@ pub fn itc(
     (i2t + t2i)? / 2.0
 }
 
-/// [B, B + Q] 0/1 mask: key j is a positive of row i when it shows the same image.
-fn positive_mask(ids: &[i64], idx_queue: &[i64], device: &candle_core::Device) -> Result<Tensor> {
-    let all: Vec<i64> = ids.iter().chain(idx_queue).copied().collect();
-    let mask: Vec<f32> = ids.iter().flat_map(|i| all.iter().map(move |j| if i == j { 1.0 } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (ids.len(), all.len()), device)
+/// [B, N] 0/1 mask: key j is a positive of row i when their ids are equal.
+fn positive_mask(rows: &[i64], keys: &[i64], device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = rows.iter().flat_map(|i| keys.iter().map(move |j| if i == j { 1.0 } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (rows.len(), keys.len()), device)
 }
 
 #[cfg(test)]
@@ -52,7 +73,7 @@ mod tests {
 
     #[test]
     fn positive_mask_marks_same_image_ids_in_batch_and_queue() -> Result<()> {
-        let m: Vec<Vec<f32>> = positive_mask(&[0, 1, 0], &[-100, 1, 0], &Device::Cpu)?.to_vec2()?;
+        let m: Vec<Vec<f32>> = positive_mask(&[0, 1, 0], &[0, 1, 0, -100, 1, 0], &Device::Cpu)?.to_vec2()?;
         assert_eq!(m[0], vec![1., 0., 1., 0., 0., 1.]);
         assert_eq!(m[1], vec![0., 1., 0., 0., 1., 0.]);
         assert_eq!(m[2], m[0]);
@@ -75,7 +96,8 @@ mod tests {
         let ids = [0i64, 1, 0];
         let temp = Tensor::new(0.5f32, &dev)?;
         for kernels in [Kernels::Reference, Kernels::Fused] {
-            let got = itc(&img, &txt, &img, &txt, &queue, &temp, 0.0, Some(&ids), kernels)?.to_scalar::<f32>()? as f64;
+            let keys = Keys { image: &img, text: &txt, ids: &ids, offset: 0 };
+            let got = itc(&img, &txt, &img, &txt, &keys, &queue, &temp, 0.0, true, kernels)?.to_scalar::<f32>()? as f64;
             let all_ids: Vec<i64> = ids.iter().chain(queue.ids).copied().collect();
             let loss_dir = |q: &Tensor, keys: &Tensor, qdata: &Tensor| -> Result<f64> {
                 let k_all = Tensor::cat(&[&keys.t()?, qdata], 1)?;

@@ -11,6 +11,8 @@ use std::time::Instant;
 #[derive(Debug, Serialize)]
 pub struct TrainBench {
     pub steps: usize,
+    /// Trainable parameters: the f32 gradients a data-parallel step all-reduces.
+    pub parameters: usize,
     pub batch_size: usize,
     /// Mean caption length of the timed batches (tokens, [CLS] and [SEP] included).
     pub tokens: f64,
@@ -39,6 +41,12 @@ impl std::fmt::Display for TrainBench {
             "{} steps of {} pairs ({:.1} tokens) on {}: {:.1} pairs/s ({:.1} without the data wait), {:.1} ms/step",
             self.steps, self.batch_size, self.tokens, self.device, self.pairs_per_s, self.compute_pairs_per_s, total
         )?;
+        writeln!(
+            f,
+            "{} trainable parameters ({:.1} MiB of f32 gradients)",
+            self.parameters,
+            self.parameters as f64 / 262144.0
+        )?;
         writeln!(f, "{:<10} {:>10} {:>7}", "phase", "ms/step", "share")?;
         for (name, ms) in [
             ("data", self.data_ms),
@@ -60,7 +68,8 @@ impl std::fmt::Display for TrainBench {
     }
 }
 
-/// Runs one warm-up step, then `steps` timed steps (one micro-batch each) from the start of epoch 0.
+/// Runs one warm-up step, then `steps` timed steps (one micro-batch each) from the start of epoch 0;
+/// under `mpirun`, data parallel like training (pairs/s then counts the global batch).
 pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBench> {
     ensure!(steps >= 1, "--steps must be at least 1");
     let mut cfg = cfg;
@@ -106,6 +115,7 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         bwd += lap(t)?;
         let t = Instant::now();
         run.opt.accumulate(&grads)?;
+        run.opt.all_reduce(&run.dist)?;
         run.opt.step(cfg.train.lr, cfg.train.grad_clip)?;
         if let Some(update) = &out.queue_update {
             run.model.enqueue(update)?;
@@ -114,10 +124,13 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
     }
     let ms = |s: f64| 1000.0 * s / steps as f64;
     let total = data + fwd + ema + bwd + opt;
-    let pairs = (steps * cfg.train.batch_size) as f64;
+    // With several ranks: every rank's pairs (the optimiser phase includes the gradient all-reduce).
+    let batch_size = cfg.train.batch_size * run.dist.world();
+    let pairs = (steps * batch_size) as f64;
     Ok(TrainBench {
         steps,
-        batch_size: cfg.train.batch_size,
+        parameters: run.model.params().vars().iter().map(|(_, v)| v.elem_count()).sum(),
+        batch_size,
         tokens: tokens as f64 / steps as f64,
         pairs_per_s: pairs / total,
         compute_pairs_per_s: pairs / (total - data),

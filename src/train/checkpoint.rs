@@ -30,14 +30,22 @@ pub struct TrainState {
     pub skipped_steps: usize,
     pub skipped_images: usize,
     /// Training from shards: where each loader worker stands in this epoch's stream.
+    /// (Every rank's workers, in rank order.)
     #[serde(default)]
     pub stream: Option<crate::data::shards::StreamPosition>,
+    /// Data-parallel ranks that trained this run (a global batch is `train.batch_size` times this).
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub config: Config,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainState {
     /// The position of a run that has not trained yet.
-    pub fn fresh(cfg: &Config) -> Self {
+    pub fn fresh(cfg: &Config, world_size: usize) -> Self {
         TrainState {
             format: FORMAT.into(),
             step: 0,
@@ -48,6 +56,7 @@ impl TrainState {
             skipped_steps: 0,
             skipped_images: 0,
             stream: None,
+            world_size,
             config: cfg.clone(),
         }
     }

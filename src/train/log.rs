@@ -49,7 +49,8 @@ impl Record {
 
 pub struct RunLog {
     path: PathBuf,
-    file: BufWriter<std::fs::File>,
+    /// None on data-parallel ranks other than 0, which write and print nothing.
+    file: Option<BufWriter<std::fs::File>>,
     /// `train.tensorboard`: the same scalars as TensorBoard events.
     events: Option<EventWriter>,
     bar: Option<ProgressBar>,
@@ -87,7 +88,12 @@ impl RunLog {
             bar
         });
         let events = train.tensorboard.then(|| EventWriter::create(out, resume_step)).transpose()?;
-        Ok(RunLog { path, file, events, bar, log_every: train.log_every.max(1), prefix })
+        Ok(RunLog { path, file: Some(file), events, bar, log_every: train.log_every.max(1), prefix })
+    }
+
+    /// The log of a data-parallel rank other than 0: rank 0 reports for every rank.
+    pub fn quiet(out: &Path) -> Self {
+        RunLog { path: out.join("log.jsonl"), file: None, events: None, bar: None, log_every: 1, prefix: String::new() }
     }
 
     pub fn path(&self) -> &Path {
@@ -95,6 +101,9 @@ impl RunLog {
     }
 
     pub fn step(&mut self, r: &StepRecord) -> Result<()> {
+        if self.file.is_none() {
+            return Ok(());
+        }
         self.write(&Record::Step(r.clone()))?;
         if let Some(events) = &mut self.events {
             let losses = r.losses.iter().map(|(k, v)| (format!("loss/{k}"), *v));
@@ -137,6 +146,9 @@ impl RunLog {
 
     /// A line for the user that must not be overwritten by the progress bar.
     pub fn say(&self, msg: &str) {
+        if self.file.is_none() {
+            return;
+        }
         let line = format!("{}{msg}", self.prefix);
         match &self.bar {
             Some(bar) => bar.println(line),
@@ -145,8 +157,10 @@ impl RunLog {
     }
 
     fn write(&mut self, r: &Record) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(r)?)?;
-        self.file.flush()?;
+        if let Some(file) = &mut self.file {
+            writeln!(file, "{}", serde_json::to_string(r)?)?;
+            file.flush()?;
+        }
         Ok(())
     }
 

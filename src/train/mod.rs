@@ -80,7 +80,12 @@ impl TrainSummary {
 pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
     anyhow::ensure!(opts.max_steps != Some(0), "--max-steps 0: there is nothing to train");
-    let _lock = run_dir::RunDir::claim(&opts.out, opts.resume.is_some(), opts.overwrite)?;
+    let dist = crate::dist::current(&cfg.device)?;
+    // Rank 0 owns the run folder; the others start once it is claimed (and an old run moved aside).
+    let _lock = dist.main_first(|| match dist.is_main() {
+        true => run_dir::RunDir::claim(&opts.out, opts.resume.is_some(), opts.overwrite).map(Some),
+        false => Ok(None),
+    })?;
     signals::install()?;
     let setup = Setup::new(cfg, &opts.out)?;
     let cfg = setup.cfg.clone();
@@ -126,6 +131,8 @@ struct Trainer {
     last: Option<StepRecord>,
     /// Optimiser steps skipped in a row (non-finite loss or gradient).
     skipped_in_a_row: usize,
+    /// A stop signal some rank received, agreed on by all at the last optimiser step.
+    stop: Option<i32>,
 }
 
 impl Trainer {
@@ -133,15 +140,20 @@ impl Trainer {
     fn start(mut setup: Setup, opts: &TrainOptions) -> Result<Self> {
         let cfg = setup.cfg.clone();
         let ckpts = Checkpoints::new(&opts.out);
-        let state = match &opts.resume {
+        let dist = std::rc::Rc::clone(&setup.dist);
+        let mut state = match &opts.resume {
             Some(r) => setup.resume(&if r == "latest" { ckpts.latest() } else { PathBuf::from(r) })?,
-            None => TrainState::fresh(&cfg),
+            None => TrainState::fresh(&cfg, dist.world()),
         };
+        state.stream = state.stream.take().map(|s| s.of_rank(dist.place(), cfg.data.num_workers.max(1))).transpose()?;
         let total_steps = setup.steps_per_epoch * cfg.train.epochs;
         let stop_at = opts.max_steps.unwrap_or(total_steps).min(total_steps);
         let resumed = opts.resume.as_ref().map(|_| state.step);
-        let log = RunLog::open(&opts.out, resumed, stop_at, &cfg.train, opts.label.as_deref())?;
-        Ok(Trainer { setup, state, log, ckpts, stop_at, last: None, skipped_in_a_row: 0 })
+        let log = match dist.is_main() {
+            true => RunLog::open(&opts.out, resumed, stop_at, &cfg.train, opts.label.as_deref())?,
+            false => RunLog::quiet(&opts.out),
+        };
+        Ok(Trainer { setup, state, log, ckpts, stop_at, last: None, skipped_in_a_row: 0, stop: None })
     }
 
     /// Trains the current epoch from where the state stands. False when it stopped mid-epoch at the
@@ -170,7 +182,7 @@ impl Trainer {
             }
             self.optimizer_step(std::mem::take(&mut step), bi + 1)?;
             let mid_epoch = self.state.batch_in_epoch < micro_per_epoch;
-            if signals::requested().is_some() {
+            if self.stop_signal().is_some() {
                 // At an epoch's last step too: the resumed run validates that epoch first.
                 drop(batches);
                 return self.stop_if_interrupted(true).map(|_| false);
@@ -210,7 +222,7 @@ impl Trainer {
         let mut grads = total.backward()?;
         poison_point(self.state.step + 1, &mut grads, &self.setup.model)?;
         self.setup.opt.accumulate(&grads)?;
-        step.add(&total, &out, alpha, batch.image_ids.len())?;
+        step.add(&total, &out, alpha, batch.image_ids.len() * self.setup.dist.world())?;
         step.queue_updates.extend(out.queue_update);
         Ok(())
     }
@@ -234,14 +246,24 @@ impl Trainer {
     /// Reads the step's gradient norm, losses and metrics (the step's one device-to-host transfer), then
     /// applies the accumulated gradients when all are finite (and enqueues the step's momentum features),
     /// or counts the step as skipped; logs it and moves the position to micro-batch `batch_in_epoch`.
+    /// With several ranks, the gradients are averaged over them first, and so are the losses and
+    /// metrics (so every rank takes the same decisions) and whether a stop signal came.
     fn optimizer_step(&mut self, step: Accumulated, batch_in_epoch: usize) -> Result<()> {
         let lr = schedule::learning_rate(&self.setup.cfg.train, self.state.step, self.setup.steps_per_epoch);
         self.state.step += 1;
         self.state.batch_in_epoch = batch_in_epoch;
+        let dist = std::rc::Rc::clone(&self.setup.dist);
+        self.setup.opt.all_reduce(&dist)?;
         let norm_squared = self.setup.opt.norm_squared()?.reshape(1)?;
-        let values = crate::readback::read(&Tensor::cat(&[&norm_squared, &step.values()?], 0)?)?;
-        let grad_norm = values[0].sqrt();
-        let (record, bad_loss) = step.record(&values[1..], self.state.step, self.state.epoch, lr, grad_norm);
+        let signal = Tensor::new(&[signals::requested().unwrap_or(0) as f64], self.setup.model.device())?;
+        let shared = dist.mean(&Tensor::cat(&[&step.values()?, &signal], 0)?)?;
+        let values = crate::readback::read(&Tensor::cat(&[&norm_squared, &shared], 0)?)?;
+        let (grad_norm, signalled) = (values[0].sqrt(), values[values.len() - 1] > 0.0);
+        if signalled {
+            self.stop = Some(signals::requested().unwrap_or(signal_hook::consts::SIGTERM));
+        }
+        let values = &values[1..values.len() - 1];
+        let (record, bad_loss) = step.record(values, self.state.step, self.state.epoch, lr, grad_norm);
         let problem = match bad_loss {
             Some((name, v)) => Some(format!("loss `{name}` is {v}")),
             None if !grad_norm.is_finite() => Some(format!("the gradient norm is {grad_norm}")),
@@ -252,6 +274,7 @@ impl Trainer {
             for update in &step.queue_updates {
                 self.setup.model.enqueue(update)?;
             }
+            dump_point(&self.setup, self.state.step)?;
             self.skipped_in_a_row = 0;
             self.log.step(&record)?;
             self.last = Some(record);
@@ -276,13 +299,22 @@ impl Trainer {
     /// After a SIGINT / SIGTERM: writes a checkpoint of the current position (unless one was just
     /// written) and stops with [`Interrupted`].
     fn stop_if_interrupted(&mut self, save: bool) -> Result<()> {
-        let Some(signal) = signals::requested() else { return Ok(()) };
+        let Some(signal) = self.stop_signal() else { return Ok(()) };
         if save {
             self.save(false)?;
         }
         self.log.finish();
         let checkpoint = std::fs::canonicalize(self.ckpts.latest()).unwrap_or_else(|_| self.ckpts.latest());
         Err(Interrupted { signal, step: self.state.step, checkpoint }.into())
+    }
+
+    /// The signal to stop on: this process's own on one process; with several ranks, the one all ranks
+    /// agreed on at the last optimiser step (they must stop at the same step).
+    fn stop_signal(&self) -> Option<i32> {
+        match self.setup.dist.world() {
+            1 => signals::requested(),
+            _ => self.stop,
+        }
     }
 
     /// Closes the epoch: validation (when a split is configured) and a checkpoint, marked `best` when
@@ -313,7 +345,8 @@ impl Trainer {
 
     /// Retrieval on `set`, logged under `split` for the last finished epoch.
     fn evaluate(&mut self, split: &str, set: &RetrievalSet) -> Result<RetrievalReport> {
-        let report = crate::eval::evaluate(&self.setup.model, set, &self.setup.tok, &self.setup.cfg)?;
+        let setup = &self.setup;
+        let report = crate::eval::evaluate(&setup.model, set, &setup.tok, &setup.cfg, &setup.dist)?;
         let epoch = self.state.epoch.saturating_sub(1);
         if split == "val" {
             self.log.say(&format!(
@@ -325,9 +358,15 @@ impl Trainer {
         Ok(report)
     }
 
+    /// A checkpoint of the current position, written by rank 0 (with every rank's shard positions).
     fn save(&self, is_best: bool) -> Result<PathBuf> {
-        let (model, opt) = (&self.setup.model, &self.setup.opt);
-        self.ckpts.save(&self.state, model.named_tensors()?, opt.state_tensors(), is_best)
+        let (model, opt, dist) = (&self.setup.model, &self.setup.opt, &self.setup.dist);
+        let mut state = self.state.clone();
+        state.stream = StreamPosition::gather(self.state.stream.as_ref(), dist, model.device())?;
+        match dist.is_main() {
+            true => self.ckpts.save(&state, model.named_tensors()?, opt.state_tensors(), is_best),
+            false => Ok(self.ckpts.latest()),
+        }
     }
 }
 
@@ -342,6 +381,17 @@ fn poison_point(
             grads.insert(temp.as_tensor(), (g * f64::NAN)?);
         }
     }
+    Ok(())
+}
+
+/// Test hook for the data-parallel tests: `ALIGNFUSE_DUMP_STATE=DIR` makes every rank write its model
+/// state (parameters, momentum twin, queues) after each applied step to `DIR/rank-R/step-N.safetensors`.
+fn dump_point(setup: &Setup, step: usize) -> Result<()> {
+    let Some(dir) = std::env::var_os("ALIGNFUSE_DUMP_STATE") else { return Ok(()) };
+    let dir = PathBuf::from(dir).join(format!("rank-{}", setup.dist.rank()));
+    std::fs::create_dir_all(&dir)?;
+    let tensors: std::collections::HashMap<String, Tensor> = setup.model.named_tensors()?.into_iter().collect();
+    candle_core::safetensors::save(&tensors, dir.join(format!("step-{step}.safetensors")))?;
     Ok(())
 }
 

@@ -2,10 +2,14 @@
 //! no parameter groups or clipping, and its moments cannot be saved for an exact resume.
 
 use crate::config::TrainConfig;
+use crate::dist::Dist;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
+
+/// Gradient elements per all-reduce: 25 MiB of f32, PyTorch DDP's default bucket.
+const BUCKET: usize = 25 << 18;
 
 struct Slot {
     name: String,
@@ -82,6 +86,41 @@ impl AdamW {
             }
         }
         self.micro += 1;
+        Ok(())
+    }
+
+    /// Data parallel: sums the accumulated gradients over the ranks, in buckets of at most
+    /// [`BUCKET`] elements (few large transfers instead of one per parameter, as PyTorch's DDP), so
+    /// the step averages every rank's micro-batches and all ranks apply the same update.
+    pub fn all_reduce(&mut self, dist: &Dist) -> Result<()> {
+        if dist.solo() {
+            return Ok(());
+        }
+        let mut start = 0;
+        while start < self.slots.len() {
+            let (mut end, mut len) = (start, 0);
+            while end < self.slots.len() && (end == start || len + self.slots[end].var.elem_count() <= BUCKET) {
+                len += self.slots[end].var.elem_count();
+                end += 1;
+            }
+            let parts = self.slots[start..end]
+                .iter()
+                .map(|s| match &s.acc {
+                    Some(a) => a.flatten_all(),
+                    None => s.var.as_tensor().zeros_like()?.flatten_all(),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let summed = dist.all_reduce_sum(&Tensor::cat(&parts, 0)?)?;
+            let mut at = 0;
+            for s in &mut self.slots[start..end] {
+                let n = s.var.elem_count();
+                s.acc = Some(summed.narrow(0, at, n)?.reshape(s.var.shape())?);
+                at += n;
+            }
+            start = end;
+        }
+        // The sums now cover every rank's micro-batches: the average divides by all of them.
+        self.micro *= dist.world();
         Ok(())
     }
 

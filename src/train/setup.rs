@@ -8,12 +8,14 @@ use crate::config::Config;
 use crate::config::{differing_keys, Negatives, Precision};
 use crate::data::loader::{Batch, TrainLoader};
 use crate::data::tokenizer::TextTokenizer;
+use crate::dist::Dist;
 use crate::model::albef::{Albef, Inputs, Output, SeededDraws};
 use crate::model::layers::Ctx;
 use crate::model::params::ParamStore;
 use crate::objectives::mlm::SpecialTokens;
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// Settings that neither reorder the data nor change an update, so a resumed run may change them.
@@ -36,6 +38,8 @@ const MAY_CHANGE_ON_RESUME: [&str; 14] = [
 
 pub struct Setup {
     pub cfg: Config,
+    /// The data-parallel job this process is a rank of (one process: a job of one).
+    pub dist: Rc<Dist>,
     pub device: candle_core::Device,
     pub tok: Arc<TextTokenizer>,
     pub loader: TrainLoader,
@@ -53,12 +57,15 @@ impl Setup {
     /// initialised model (or `train.init`'s) and its optimiser.
     pub fn new(mut cfg: Config, out: &Path) -> Result<Self> {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        crate::data::resolve(&mut cfg, out)?;
-        let device = crate::device(&cfg.device)?;
+        let dist = crate::dist::current(&cfg.device)?;
+        // Rank 0 generates the default data; the others then find it.
+        dist.main_first(|| crate::data::resolve(&mut cfg, out))?;
+        let device = crate::dist::device(&cfg.device)?;
         // TF32 tensor-core matmuls for f32 (a process-wide cuBLAS setting; nothing on the CPU).
         candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.precision == Precision::Tf32);
         let tok = Arc::new(crate::data::train_tokenizer(&cfg)?);
-        let loader = TrainLoader::new(crate::data::train_data(&cfg)?, Arc::clone(&tok), &cfg, device.clone())?;
+        let data = crate::data::train_data(&cfg)?;
+        let loader = TrainLoader::new(data, Arc::clone(&tok), &cfg, device.clone(), dist.place())?;
         let accum = cfg.train.grad_accum;
         let steps_per_epoch = loader.batches_per_epoch() / accum;
         ensure!(
@@ -84,6 +91,7 @@ impl Setup {
             vocab_size: cfg.model.text.vocab_size as u32,
         };
         Ok(Setup {
+            dist,
             device,
             tok,
             loader,
@@ -101,6 +109,15 @@ impl Setup {
     /// same run: the error names each differing key.
     pub fn resume(&mut self, dir: &Path) -> Result<TrainState> {
         let loaded = checkpoint::load(dir, &self.device)?;
+        let world = self.dist.world();
+        ensure!(
+            loaded.state.world_size == world,
+            "{} was trained by {} data-parallel ranks and this job has {world}: the global batch and the data order \
+             depend on it, so resume with {} ranks (or start a fresh run)",
+            dir.display(),
+            loaded.state.world_size,
+            loaded.state.world_size
+        );
         let differ: Vec<String> = differing_keys(&loaded.state.config, &self.cfg)?
             .into_iter()
             .filter(|(key, _, _)| !MAY_CHANGE_ON_RESUME.iter().any(|k| key == k || key.starts_with(&format!("{k}."))))
@@ -132,8 +149,10 @@ impl Setup {
     /// masking come from streams keyed by (seed, micro).
     pub fn forward(&mut self, batch: &Batch, micro: u64, alpha: f64) -> Result<Output> {
         let (cfg, seed) = (&self.cfg, self.cfg.seed);
+        // Every rank draws from its own streams (rank 0's are a lone process's).
+        let rank = self.dist.stream_label();
         let mut draws = SeededDraws {
-            rng: crate::rng::stream(seed, "draws", "", micro),
+            rng: crate::rng::stream(seed, "draws", &rank, micro),
             hard_negatives: match cfg.objectives.itm_negatives {
                 Negatives::Hard => cfg.objectives.itm_hard_fraction,
                 Negatives::Random => 0.0,
@@ -143,12 +162,11 @@ impl Setup {
         };
         if !self.device.is_cpu() {
             // The GPU's generator (dropout, ITM noise) restarts from (seed, micro) for every micro-batch.
-            self.device.set_seed(crate::rng::splitmix(seed ^ micro))?;
+            self.device.set_seed(crate::rng::splitmix(seed ^ micro ^ ((self.dist.rank() as u64) << 40)))?;
         }
-        let ctx = Ctx::new(true, cfg.kernels, crate::rng::stream(seed, "dropout", "online", micro))
-            .with_precision(cfg.train.precision);
-        let ctx_m = Ctx::new(true, cfg.kernels, crate::rng::stream(seed, "dropout", "momentum", micro))
-            .with_precision(cfg.train.precision);
+        let dropout = |which: &str| crate::rng::stream(seed, "dropout", &format!("{which}{rank}"), micro);
+        let ctx = Ctx::new(true, cfg.kernels, dropout("online")).with_precision(cfg.train.precision);
+        let ctx_m = Ctx::new(true, cfg.kernels, dropout("momentum")).with_precision(cfg.train.precision);
         let image_ids: Vec<i64> = batch.image_ids.iter().map(|&i| i as i64).collect();
         let inputs = Inputs {
             images: &batch.images,
@@ -158,6 +176,6 @@ impl Setup {
             image_ids: &image_ids,
             caption_groups: &batch.caption_groups,
         };
-        self.model.forward(&inputs, alpha, &mut draws, &ctx, &ctx_m)
+        self.model.forward(&inputs, alpha, &mut draws, &ctx, &ctx_m, &self.dist)
     }
 }

@@ -1,6 +1,7 @@
 //! SIGINT and SIGTERM during training: the first one asks the loop to finish its optimiser step, write a
-//! checkpoint and stop ([`Interrupted`], exit status 128 + signal); a second one ends the process at
-//! once with that status.
+//! checkpoint and stop ([`Interrupted`], exit status 128 + signal); a second one of the same kind ends
+//! the process at once with that status. (A SIGINT followed by a SIGTERM still stops cleanly: Ctrl-C
+//! under `mpirun` reaches the ranks directly and again as mpirun's SIGTERM.)
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,7 +22,9 @@ pub fn install() -> anyhow::Result<()> {
     let flags = Flags { raised: Arc::new(AtomicBool::new(false)), signal: Arc::new(AtomicUsize::new(0)) };
     for sig in [SIGINT, SIGTERM] {
         // Registered first, so it sees the flag as it was before this signal: set means a second signal.
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&flags.raised))?;
+        let this_kind = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&this_kind))?;
+        signal_hook::flag::register(sig, this_kind)?;
         signal_hook::flag::register_usize(sig, Arc::clone(&flags.signal), sig as usize)?;
         signal_hook::flag::register(sig, Arc::clone(&flags.raised))?;
     }

@@ -55,40 +55,43 @@ pub fn micro_config(extra: &[&str]) -> Config {
     micro_config_result(extra).unwrap()
 }
 
+/// The `--set` overrides of [`micro_config`].
+pub const MICRO: &[&str] = &[
+    "model.vision.image_res=16",
+    "model.vision.patch_size=8",
+    "model.vision.vision_width=32",
+    "model.vision.vision_depth=1",
+    "model.vision.vision_heads=2",
+    "model.text.hidden_size=32",
+    "model.text.num_hidden_layers=2",
+    "model.text.fusion_layer=1",
+    "model.text.num_attention_heads=2",
+    "model.text.intermediate_size=64",
+    "model.text.hidden_dropout_prob=0.1",
+    "model.text.attention_probs_dropout_prob=0.1",
+    "model.embed_dim=16",
+    "model.queue_size=20",
+    "data.synth_n=64",
+    "data.num_workers=2",
+    "data.randaugment_n=2",
+    "train.batch_size=8",
+    "train.epochs=2",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "eval.k_test=4",
+    "eval.batch_size=32",
+    "device=cpu",
+];
+
 /// [`micro_config`], with a bad override as an error.
 pub fn micro_config_result(extra: &[&str]) -> anyhow::Result<Config> {
-    let mut sets: Vec<String> = [
-        "model.vision.image_res=16",
-        "model.vision.patch_size=8",
-        "model.vision.vision_width=32",
-        "model.vision.vision_depth=1",
-        "model.vision.vision_heads=2",
-        "model.text.hidden_size=32",
-        "model.text.num_hidden_layers=2",
-        "model.text.fusion_layer=1",
-        "model.text.num_attention_heads=2",
-        "model.text.intermediate_size=64",
-        "model.text.hidden_dropout_prob=0.1",
-        "model.text.attention_probs_dropout_prob=0.1",
-        "model.embed_dim=16",
-        "model.queue_size=20",
-        "data.synth_n=64",
-        "data.num_workers=2",
-        "data.randaugment_n=2",
-        "train.batch_size=8",
-        "train.epochs=2",
-        "train.warmup_steps=2",
-        "train.log_every=1",
-        "eval.k_test=4",
-        "eval.batch_size=32",
-        "device=cpu",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
-    Config::load(&path, &sets)
+    let sets: Vec<String> = MICRO.iter().chain(extra).map(|s| s.to_string()).collect();
+    Config::load(&tiny_toml(), &sets)
+}
+
+/// configs/tiny.toml, which [`MICRO`] shrinks.
+pub fn tiny_toml() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")
 }
 
 /// The step records of the run in `out`.
