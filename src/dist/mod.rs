@@ -160,12 +160,6 @@ pub fn finish() -> Result<()> {
     }
 }
 
-impl Default for Dist {
-    fn default() -> Self {
-        Dist::single()
-    }
-}
-
 impl Dist {
     pub fn single() -> Dist {
         Dist::new(Box::new(Single))

@@ -284,6 +284,18 @@ impl Albef {
         self.momentum.update()
     }
 
+    /// Data parallel: every rank takes rank `root`'s parameters and momentum twin (as PyTorch's DDP does
+    /// at start), so the ranks start identical even when their initialisation or loaded files differ.
+    pub fn sync_from(&self, dist: &Dist, root: usize) -> anyhow::Result<()> {
+        if dist.solo() {
+            return Ok(());
+        }
+        for (_, var) in self.params.vars().into_iter().chain(self.momentum.store.vars()) {
+            var.set(&dist.broadcast(var.as_tensor(), root)?)?;
+        }
+        Ok(())
+    }
+
     /// Clamps the stored temp in place to [0.001, 0.5], on the device (so the gradient is taken at the
     /// clamped value and never zeroed by a clamp in the graph).
     pub fn clamp_temp(&self) -> Result<()> {

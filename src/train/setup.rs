@@ -82,6 +82,7 @@ impl Setup {
             })?,
             None => Albef::new(&cfg, ParamStore::new(cfg.seed, &device))?,
         };
+        model.sync_from(&dist, 0)?;
         let opt = AdamW::new(model.params().vars(), &cfg.train)?;
         let special = SpecialTokens {
             pad: tok.pad_id(),
