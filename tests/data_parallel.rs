@@ -268,3 +268,26 @@ fn a_failing_rank_ends_the_job_with_its_error() {
     assert!(err.contains("error on rank 1 of 2"), "{err}");
     assert!(dump.join("rank-0/step-1.safetensors").exists() && !dump.join("rank-0/step-3.safetensors").exists());
 }
+
+/// SIGTERM to one rank only: the ranks agree at the next optimiser step to stop there, rank 0 writes one
+/// checkpoint of that step and says how to resume the job.
+#[test]
+fn a_signal_to_one_rank_stops_every_rank_at_the_same_step() {
+    let out = scratch("dp-signal");
+    let args = ["train", "--out", out.to_str().unwrap(), "--max-steps", "100000"];
+    let mut cmd = command(2, &args, &["train.batch_size=4", "train.epochs=100000"]);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    while steps_written(&out) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rank1 = rank_pids(child.id()).into_iter().find(|(r, _)| *r == 1).expect("rank 1 runs").1;
+    Command::new("kill").args(["-TERM", &rank1.to_string()]).status().unwrap();
+    let output = wait(child, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("resume with: mpirun -np 2 alignfuse train"), "{err}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/latest/state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"].as_u64().unwrap() as usize, steps(&out).last().unwrap().step, "checkpoint at the last step");
+}

@@ -255,14 +255,21 @@ impl Trainer {
         let dist = std::rc::Rc::clone(&self.setup.dist);
         self.setup.opt.all_reduce(&dist)?;
         let norm_squared = self.setup.opt.norm_squared()?.reshape(1)?;
-        let signal = Tensor::new(&[signals::requested().unwrap_or(0) as f64], self.setup.model.device())?;
-        let shared = dist.mean(&Tensor::cat(&[&step.values()?, &signal], 0)?)?;
-        let values = crate::readback::read(&Tensor::cat(&[&norm_squared, &shared], 0)?)?;
-        let (grad_norm, signalled) = (values[0].sqrt(), values[values.len() - 1] > 0.0);
-        if signalled {
-            self.stop = Some(signals::requested().unwrap_or(signal_hook::consts::SIGTERM));
+        let mut shared = step.values()?;
+        if !dist.solo() {
+            // Ranks agree on the step's numbers and on whether any of them was asked to stop.
+            let signal = Tensor::new(&[signals::requested().unwrap_or(0) as f64], self.setup.model.device())?;
+            shared = dist.mean(&Tensor::cat(&[&shared, &signal], 0)?)?;
         }
-        let values = &values[1..values.len() - 1];
+        let values = crate::readback::read(&Tensor::cat(&[&norm_squared, &shared], 0)?)?;
+        let grad_norm = values[0].sqrt();
+        let mut values = &values[1..];
+        if !dist.solo() {
+            if values[values.len() - 1] > 0.0 {
+                self.stop = Some(signals::requested().unwrap_or(signal_hook::consts::SIGTERM));
+            }
+            values = &values[..values.len() - 1];
+        }
         let (record, bad_loss) = step.record(values, self.state.step, self.state.epoch, lr, grad_norm);
         let problem = match bad_loss {
             Some((name, v)) => Some(format!("loss `{name}` is {v}")),
@@ -311,9 +318,9 @@ impl Trainer {
     /// The signal to stop on: this process's own on one process; with several ranks, the one all ranks
     /// agreed on at the last optimiser step (they must stop at the same step).
     fn stop_signal(&self) -> Option<i32> {
-        match self.setup.dist.world() {
-            1 => signals::requested(),
-            _ => self.stop,
+        match self.setup.dist.solo() {
+            true => signals::requested(),
+            false => self.stop,
         }
     }
 
