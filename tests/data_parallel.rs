@@ -289,5 +289,9 @@ fn a_signal_to_one_rank_stops_every_rank_at_the_same_step() {
     assert!(err.contains("resume with: mpirun -np 2 alignfuse train"), "{err}");
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/latest/state.json")).unwrap()).unwrap();
-    assert_eq!(state["step"].as_u64().unwrap() as usize, steps(&out).last().unwrap().step, "checkpoint at the last step");
+    assert_eq!(
+        state["step"].as_u64().unwrap() as usize,
+        steps(&out).last().unwrap().step,
+        "checkpoint at the last step"
+    );
 }
