@@ -178,16 +178,7 @@ fn synth_file(out: &Path, name: &str) -> PathBuf {
 /// instead of hanging.
 #[test]
 fn a_killed_rank_stops_the_job() {
-    let out = scratch("dp-killed");
-    let mut args = vec!["train", "--out", out.to_str().unwrap()];
-    args.extend(["--max-steps", "100000"]);
-    let mut cmd = command(2, &args, &["train.batch_size=4", "train.epochs=100000"]);
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    while steps_written(&out) < 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_, child) = long_run("dp-killed");
     let ranks = rank_pids(child.id());
     let rank1 = ranks.iter().find(|(r, _)| *r == 1).expect("rank 1 is a child of mpirun").1;
     Command::new("kill").args(["-KILL", &rank1.to_string()]).status().unwrap();
@@ -198,6 +189,20 @@ fn a_killed_rank_stops_the_job() {
     for (rank, pid) in ranks {
         assert!(!Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid), "rank {rank} still runs");
     }
+}
+
+/// A 2-rank run that would train for hours, once it has logged 2 steps: its folder and mpirun.
+fn long_run(name: &str) -> (PathBuf, Child) {
+    let out = scratch(name);
+    let args = ["train", "--out", out.to_str().unwrap(), "--max-steps", "100000"];
+    let mut cmd = command(2, &args, &["train.batch_size=4", "train.epochs=100000"]);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let start = Instant::now();
+    while steps_written(&out) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (out, child)
 }
 
 fn steps_written(out: &Path) -> usize {
@@ -273,15 +278,7 @@ fn a_failing_rank_ends_the_job_with_its_error() {
 /// checkpoint of that step and says how to resume the job.
 #[test]
 fn a_signal_to_one_rank_stops_every_rank_at_the_same_step() {
-    let out = scratch("dp-signal");
-    let args = ["train", "--out", out.to_str().unwrap(), "--max-steps", "100000"];
-    let mut cmd = command(2, &args, &["train.batch_size=4", "train.epochs=100000"]);
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    while steps_written(&out) < 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (out, child) = long_run("dp-signal");
     let rank1 = rank_pids(child.id()).into_iter().find(|(r, _)| *r == 1).expect("rank 1 runs").1;
     Command::new("kill").args(["-TERM", &rank1.to_string()]).status().unwrap();
     let output = wait(child, Duration::from_secs(60));

@@ -42,20 +42,8 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct LaunchArgs {
-    /// Ranks (GPUs) on this machine.
-    #[arg(long, default_value_t = 1)]
-    pub nproc_per_node: usize,
-    /// Machines in the job.
-    #[arg(long, default_value_t = 1)]
-    pub nnodes: usize,
-    /// This machine's number, 0 .. nnodes (machine 0 hosts rank 0).
-    #[arg(long, default_value_t = 0)]
-    pub node_rank: usize,
-    /// Address of machine 0, where the ranks meet.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub master_addr: String,
-    #[arg(long, default_value_t = 29500)]
-    pub master_port: u16,
+    #[command(flatten)]
+    pub plan: crate::dist::launch::Plan,
     /// The alignfuse command every rank runs, e.g. `train --config configs/base.toml --out runs/x`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub command: Vec<String>,
@@ -280,18 +268,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prepare(a) => prepare::run(a),
         Command::Import(a) => import::run(a),
         Command::Bench(a) => bench::run(a),
-        Command::Launch(a) => {
-            let plan = crate::dist::launch::Plan {
-                nproc_per_node: a.nproc_per_node,
-                nnodes: a.nnodes,
-                node_rank: a.node_rank,
-                master_addr: a.master_addr,
-                master_port: a.master_port,
-            };
-            match crate::dist::launch::run(&plan, &a.command)? {
-                0 => Ok(()),
-                code => std::process::exit(code),
-            }
-        }
+        Command::Launch(a) => match crate::dist::launch::run(&a.plan, &a.command)? {
+            0 => Ok(()),
+            code => std::process::exit(code),
+        },
     }
 }

@@ -7,13 +7,22 @@ use anyhow::{ensure, Context, Result};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// Where this machine's ranks sit in the job.
-#[derive(Debug, Clone)]
+/// Where this machine's ranks sit in the job (`alignfuse launch`'s options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Plan {
+    /// Ranks (GPUs) on this machine.
+    #[arg(long, default_value_t = 1)]
     pub nproc_per_node: usize,
+    /// Machines in the job.
+    #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
+    /// This machine's number, 0 .. nnodes (machine 0 hosts rank 0).
+    #[arg(long, default_value_t = 0)]
     pub node_rank: usize,
+    /// Address of machine 0, where the ranks meet.
+    #[arg(long, default_value = "127.0.0.1")]
     pub master_addr: String,
+    #[arg(long, default_value_t = 29500)]
     pub master_port: u16,
 }
 
