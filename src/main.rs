@@ -6,6 +6,13 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // mimalloc still hands freed pages back to the OS ("purges") 10 ms after a free, sooner than a step
+    // reuses them, so every step faulted them in again, zeroed by the kernel: ~900 faults of 2 MiB pages
+    // and 17% of a tiny CPU step in clear_page. Each step reaches the same peak, so keeping them costs
+    // no memory. `mi_option_purge_delay` of mimalloc.h (v2 and v3; libmimalloc-sys names no constant).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets one option before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
     // candle's CPU pool spins at barriers: with as many compute threads as cores, any other busy thread
     // (data workers, the OS) stalls every op. Leave one core free unless the user chose.
     // CANDLE_NUM_THREADS alone would leave rayon's pool (gemm, evaluation) at every core: 30% slower on 2.
