@@ -27,6 +27,9 @@ pub struct TrainBench {
     pub optimizer_ms: f64,
     /// Peak resident memory of the process (VmHWM), MiB.
     pub peak_rss_mib: Option<f64>,
+    /// Minor page faults per timed step (the process's, Unix): near zero when the allocator reuses
+    /// the memory of earlier steps, hundreds when it hands freed pages back to the OS between them.
+    pub page_faults_per_step: Option<f64>,
     /// GPU memory in use (total minus free), MiB: the largest value seen at the end of a phase, so a lower
     /// bound of the true peak. `None` on the CPU.
     pub peak_device_mib: Option<f64>,
@@ -61,6 +64,9 @@ impl std::fmt::Display for TrainBench {
             Some(m) => write!(f, "peak RSS {m:.0} MiB")?,
             None => write!(f, "peak RSS unavailable")?,
         }
+        if let Some(n) = self.page_faults_per_step {
+            write!(f, ", {n:.0} page faults per step")?;
+        }
         match self.peak_device_mib {
             Some(m) => write!(f, ", GPU memory in use {m:.0} MiB (largest seen at a phase end)"),
             None => Ok(()),
@@ -94,9 +100,11 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         Ok(secs)
     };
     let (mut data, mut fwd, mut ema, mut bwd, mut opt, mut tokens) = (0.0, 0.0, 0.0, 0.0, 0.0, 0);
+    let mut faults_at_start = None;
     for i in 0..=steps {
         if i == 1 {
             (data, fwd, ema, bwd, opt, tokens) = (0.0, 0.0, 0.0, 0.0, 0.0, 0);
+            faults_at_start = minor_faults();
         }
         let t = Instant::now();
         let batch = batches.next().expect("checked above")?;
@@ -122,6 +130,7 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         }
         opt += lap(t)?;
     }
+    let page_faults_per_step = faults_at_start.zip(minor_faults()).map(|(a, b)| (b - a) as f64 / steps as f64);
     let ms = |s: f64| 1000.0 * s / steps as f64;
     let total = data + fwd + ema + bwd + opt;
     // With several ranks: every rank's pairs (the optimiser phase includes the gradient all-reduce).
@@ -140,9 +149,22 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         backward_ms: ms(bwd),
         optimizer_ms: ms(opt),
         peak_rss_mib: peak_rss_mib(),
+        page_faults_per_step,
         peak_device_mib: peak_device.get(),
         device: format!("{:?}", run.device),
     })
+}
+
+/// Minor page faults of the process so far (getrusage).
+fn minor_faults() -> Option<i64> {
+    #[cfg(unix)]
+    {
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes the struct it is given and nothing else.
+        (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage.ru_minflt)
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 /// VmHWM from /proc/self/status (Linux).
