@@ -96,6 +96,21 @@ fn fused_kernels_match_too() {
         .mlm_logits(&ids, &fx["input.attention_mask"], &fx["input.image_embeds"], &Ctx::eval(Kernels::Fused))
         .unwrap();
     assert_close("mlm_logits (fused)", &logits, &fx["output.mlm_logits"], 1e-5);
+    // The head on chosen positions only (what the MLM loss reads) gives those rows of HF's logits.
+    let (b, l, v) = fx["output.mlm_logits"].dims3().unwrap();
+    let picked: Vec<u32> = vec![0, 3, (l + 1) as u32, (b * l - 1) as u32];
+    let positions = candle_core::Tensor::new(picked.as_slice(), &candle_core::Device::Cpu).unwrap();
+    let at = te
+        .mlm_logits_at(
+            &ids,
+            &fx["input.attention_mask"],
+            &fx["input.image_embeds"],
+            &positions,
+            &Ctx::eval(Kernels::Fused),
+        )
+        .unwrap();
+    let want = fx["output.mlm_logits"].reshape((b * l, v)).unwrap().index_select(&positions, 0).unwrap();
+    assert_close("mlm_logits_at", &at, &want, 1e-5);
 }
 
 fn check_vit(file: &str, layer_scale: Option<f64>) {

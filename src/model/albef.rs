@@ -414,12 +414,16 @@ impl Albef {
     ) -> anyhow::Result<Option<Tensor>> {
         let (ids, mask) = (batch.input_ids, batch.attention_mask);
         let masked = draws.mlm_mask(batch.token_ids);
-        let masked_ids = Tensor::from_vec(masked.ids.clone(), ids.shape(), ids.device())?;
-        let logits = self.online.text_encoder.mlm_logits(&masked_ids, mask, image_embeds, ctx)?;
+        let Some((positions, targets)) = mlm::masked_positions(&masked.labels) else { return Ok(None) };
+        let positions = Tensor::from_vec(positions, targets.len(), ids.device())?;
+        let masked_ids = Tensor::from_vec(masked.ids, ids.shape(), ids.device())?;
+        let logits = self.online.text_encoder.mlm_logits_at(&masked_ids, mask, image_embeds, &positions, ctx)?;
         let logits_m = image_embeds_m
-            .map(|embeds_m| self.momentum_encoders.text_encoder.mlm_logits(&masked_ids, mask, embeds_m, ctx_m))
+            .map(|embeds_m| {
+                self.momentum_encoders.text_encoder.mlm_logits_at(&masked_ids, mask, embeds_m, &positions, ctx_m)
+            })
             .transpose()?;
-        Ok(mlm::mlm_loss(&logits, logits_m.as_ref(), &masked.labels, alpha)?)
+        Ok(Some(mlm::mlm_loss(&logits, logits_m.as_ref(), &targets, alpha)?))
     }
 
     /// Every tensor of the model state under ALBEF's checkpoint names: online parameters, the `_m`

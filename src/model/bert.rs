@@ -243,11 +243,14 @@ impl MlmHead {
         })
     }
 
-    /// hidden [B, L, H] -> logits [B, L, V] with `word_embeddings` [V, H] as the decoder.
+    /// hidden [.., H] -> logits [.., V] with `word_embeddings` [V, H] as the decoder.
     pub fn forward(&self, hidden: &Tensor, word_embeddings: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let x = self.norm.forward(&crate::ops::gelu(&self.dense.forward(hidden, ctx)?, ctx.kernels)?, ctx)?;
-        let (b, l, h) = x.dims3()?;
-        ctx.matmul(&x.reshape((b * l, h))?, &word_embeddings.t()?)?.broadcast_add(&self.bias)?.reshape((b, l, ()))
+        let mut dims = x.dims().to_vec();
+        let h = dims.pop().unwrap_or(0);
+        let logits = ctx.matmul(&x.reshape(((), h))?, &word_embeddings.t()?)?.broadcast_add(&self.bias)?;
+        dims.push(logits.dim(1)?);
+        logits.reshape(dims)
     }
 }
 
@@ -265,9 +268,20 @@ impl TextEncoder {
         })
     }
 
-    /// MLM logits of (masked) ids conditioned on the image: all layers, then the head.
+    /// MLM logits [B, L, V] of (masked) ids conditioned on the image: all layers, then the head.
     pub fn mlm_logits(&self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let hidden = self.bert.forward_multimodal(ids, mask, image_embeds, ctx)?;
         self.cls.forward(&hidden, self.bert.word_embeddings(), ctx)
+    }
+
+    /// The rows of [`TextEncoder::mlm_logits`] at `positions` (u32 [N], row-major indices into B x L):
+    /// [N, V]. The head works per position, so it runs on those rows only: the loss reads only masked
+    /// positions, and the decoder over the vocabulary (30522 wide in BERT) is the costliest part of it.
+    pub fn mlm_logits_at(
+        &self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor, positions: &Tensor, ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let hidden = self.bert.forward_multimodal(ids, mask, image_embeds, ctx)?;
+        let rows = hidden.reshape(((), hidden.dim(2)?))?.index_select(positions, 0)?;
+        self.cls.forward(&rows, self.bert.word_embeddings(), ctx)
     }
 }

@@ -42,30 +42,29 @@ pub fn mask_tokens(ids: &[u32], special: SpecialTokens, p: f64, rng: &mut impl R
     MaskedTokens { ids: out, labels }
 }
 
-/// `(1 - alpha) * CE(logits, labels) + alpha * mean over masked tokens of
-/// -sum_v softmax(logits_m) * log_softmax(logits)`. `logits`: [B, L, V]; `logits_m`: the momentum model's
-/// logits (no gradient), needed when alpha > 0. None when nothing in the batch is masked (the reference
-/// would return NaN).
-pub fn mlm_loss(logits: &Tensor, logits_m: Option<&Tensor>, labels: &[i64], alpha: f64) -> Result<Option<Tensor>> {
-    let positions: Vec<u32> = labels.iter().enumerate().filter(|(_, &l)| l != -100).map(|(i, _)| i as u32).collect();
-    if positions.is_empty() {
-        return Ok(None);
-    }
-    let dev = logits.device();
-    let v = logits.dim(D::Minus1)?;
-    let n = positions.len();
-    let pos = Tensor::from_vec(positions.clone(), n, dev)?;
-    let targets: Vec<u32> = positions.iter().map(|&i| labels[i as usize] as u32).collect();
-    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape(((), v))?.index_select(&pos, 0)?, D::Minus1)?;
+/// The masked positions of `labels` (row-major indices, u32, as [`crate::model::TextEncoder::mlm_logits_at`]
+/// takes them) and their original ids; None when nothing is masked (the reference would return a NaN
+/// loss).
+pub fn masked_positions(labels: &[i64]) -> Option<(Vec<u32>, Vec<u32>)> {
+    let (positions, targets): (Vec<u32>, Vec<u32>) =
+        labels.iter().enumerate().filter(|(_, &l)| l != -100).map(|(i, &l)| (i as u32, l as u32)).unzip();
+    (!positions.is_empty()).then_some((positions, targets))
+}
+
+/// `(1 - alpha) * CE(logits, targets) + alpha * mean over masked tokens of
+/// -sum_v softmax(logits_m) * log_softmax(logits)`. `logits`: [N, V] at the N masked positions;
+/// `logits_m`: the momentum model's at the same positions (no gradient), needed when alpha > 0.
+pub fn mlm_loss(logits: &Tensor, logits_m: Option<&Tensor>, targets: &[u32], alpha: f64) -> Result<Tensor> {
+    let targets = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let ce = logp.gather(&targets, 1)?.mean_all()?.neg()?;
     match (logits_m, alpha > 0.0) {
         (Some(lm), true) => {
-            let soft = candle_nn::ops::softmax(&lm.reshape(((), v))?.index_select(&pos, 0)?.detach(), D::Minus1)?;
+            let soft = candle_nn::ops::softmax(&lm.detach(), D::Minus1)?;
             let distill = (soft * &logp)?.sum(1)?.mean_all()?.neg()?;
-            Ok(Some(((ce * (1.0 - alpha))? + (distill * alpha)?)?.to_dtype(DType::F32)?))
+            ((ce * (1.0 - alpha))? + (distill * alpha)?)?.to_dtype(DType::F32)
         }
-        _ => Ok(Some(ce)),
+        _ => Ok(ce),
     }
 }
 
@@ -106,9 +105,8 @@ mod tests {
     }
 
     #[test]
-    fn no_masked_token_gives_no_loss() -> Result<()> {
-        let logits = Tensor::zeros((1, 3, 5), DType::F32, &candle_core::Device::Cpu)?;
-        assert!(mlm_loss(&logits, None, &[-100, -100, -100], 0.4)?.is_none());
-        Ok(())
+    fn masked_positions_and_their_ids() {
+        assert_eq!(masked_positions(&[-100, -100, -100]), None);
+        assert_eq!(masked_positions(&[-100, 7, -100, 3]), Some((vec![1, 3], vec![7, 3])));
     }
 }
