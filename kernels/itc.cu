@@ -5,11 +5,13 @@
 //   dtemp_i = d loss_i / d temp = -sum_j dsim_ij * sim_ij / temp,
 // replacing the chain of ~10 launches over B x (B + queue) of the composed version. pos is the diagonal
 // (pos == nullptr: column i) or a 0/1 mask normalised by its row sum (an all-zero row gives NaN, as in the
-// reference). alpha == 0 skips sim_m. Two passes over the row: the online max/sum of exp, then the outputs.
+// reference); with pos == nullptr and cols != nullptr row i's positive is column cols[i] (MLM: the token ids
+// over the vocabulary). alpha == 0 skips sim_m. Two passes over the row: the online max/sum of exp, then the outputs.
 #include "common.cuh"
 
 template <typename T>
-__device__ __forceinline__ void itc_fwd(const T *sim, const T *sim_m, const T *temp_ptr, const T *pos, T *dsim,
+__device__ __forceinline__ void itc_fwd(const T *sim, const T *sim_m, const T *temp_ptr, const T *pos,
+                                        const unsigned int *cols, T *dsim,
                                         float *loss, float *dtemp, int n, float alpha) {
     __shared__ float scratch[3][32];
     const int row = blockIdx.x;
@@ -19,6 +21,7 @@ __device__ __forceinline__ void itc_fwd(const T *sim, const T *sim_m, const T *t
     T *dr = dsim + (size_t)row * n;
     const float temp = to_f32(*temp_ptr);
     const bool soft = alpha > 0.0f;
+    const int positive = cols != nullptr ? (int)cols[row] : row;
 
     MaxSum ss = max_sum_empty(), sq = max_sum_empty();
     float pos_sum = 0.0f;
@@ -38,7 +41,7 @@ __device__ __forceinline__ void itc_fwd(const T *sim, const T *sim_m, const T *t
         const float logp = (s - ss.m) - log_sum;
         const float p = expf(s - ss.m) / ss.d;
         const float q = soft ? expf(to_f32(mr[j]) / temp - sq.m) / sq.d : 0.0f;
-        const float pj = pr != nullptr ? to_f32(pr[j]) / pos_sum : (j == row ? 1.0f : 0.0f);
+        const float pj = pr != nullptr ? to_f32(pr[j]) / pos_sum : (j == positive ? 1.0f : 0.0f);
         const float t = alpha * q + (1.0f - alpha) * pj;
         const float g = (p - t) / temp;
         loss_acc -= t * logp;
@@ -55,8 +58,9 @@ __device__ __forceinline__ void itc_fwd(const T *sim, const T *sim_m, const T *t
 
 #define ITC(NAME, T)                                                                                         \
     extern "C" __global__ void itc_fwd_##NAME(const T *sim, const T *sim_m, const T *temp, const T *pos,    \
-                                             T *dsim, float *loss, float *dtemp, int n, float alpha) {      \
-        itc_fwd<T>(sim, sim_m, temp, pos, dsim, loss, dtemp, n, alpha);                                      \
+                                             const unsigned int *cols, T *dsim, float *loss, float *dtemp,  \
+                                             int n, float alpha) {                                          \
+        itc_fwd<T>(sim, sim_m, temp, pos, cols, dsim, loss, dtemp, n, alpha);                                \
     }
 
 ITC(f32, float)

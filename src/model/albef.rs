@@ -423,7 +423,7 @@ impl Albef {
                 self.momentum_encoders.text_encoder.mlm_logits_at(&masked_ids, mask, embeds_m, &positions, ctx_m)
             })
             .transpose()?;
-        Ok(Some(mlm::mlm_loss(&logits, logits_m.as_ref(), &targets, alpha)?))
+        Ok(Some(mlm::mlm_loss(&logits, logits_m.as_ref(), &targets, alpha, ctx.kernels)?))
     }
 
     /// Every tensor of the model state under ALBEF's checkpoint names: online parameters, the `_m`

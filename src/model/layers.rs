@@ -3,6 +3,7 @@
 
 use super::params::{Init, Pb};
 use crate::config::{Kernels, Precision};
+use crate::ops::AttnDropout;
 use candle_core::{DType, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -34,6 +35,11 @@ impl Ctx {
             Precision::Bf16 => a.to_dtype(DType::BF16)?.matmul(&b.to_dtype(DType::BF16)?)?.to_dtype(DType::F32),
             Precision::Fp32 | Precision::Tf32 => a.matmul(b),
         }
+    }
+
+    /// A fresh seed from the context's stream, for ops that derive their randomness from one.
+    pub fn seed(&self) -> u64 {
+        self.rng.borrow_mut().random()
     }
 
     /// Evaluation mode: no dropout.
@@ -141,7 +147,8 @@ impl Embedding {
 }
 
 /// Multi-head scaled dot-product attention on already projected q [B, Lq, D], k, v [B, Lk, D].
-/// `mask` is additive, broadcastable to [B, H, Lq, Lk]. Attention-probability dropout `p` in training.
+/// `mask` is additive, broadcastable to [B, H, Lq, Lk]. Attention-probability dropout `p` in training, its
+/// mask hashed from a seed drawn from the context's stream (the fused op regenerates it in the backward).
 pub fn attend(
     q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, p: f64, ctx: &Ctx,
 ) -> Result<Tensor> {
@@ -150,10 +157,13 @@ pub fn attend(
     let dh = d / heads;
     let split = |x: &Tensor, l: usize| x.reshape((b, l, heads, dh))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
-    let scores = ctx.matmul(&q, &k.t()?)?;
-    let probs = crate::ops::attention_softmax(&scores, 1.0 / (dh as f64).sqrt(), mask, ctx.kernels)?;
-    let probs = ctx.dropout(&probs, p)?;
-    ctx.matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, lq, d))
+    let (q, k, v) = match ctx.precision {
+        Precision::Bf16 => (q.to_dtype(DType::BF16)?, k.to_dtype(DType::BF16)?, v.to_dtype(DType::BF16)?),
+        Precision::Fp32 | Precision::Tf32 => (q, k, v),
+    };
+    let dropout = (ctx.train && p > 0.0).then(|| AttnDropout { p, seed: ctx.seed() });
+    let o = crate::ops::attention(&q, &k, &v, 1.0 / (dh as f64).sqrt(), mask, dropout, ctx.kernels)?;
+    o.to_dtype(DType::F32)?.transpose(1, 2)?.reshape((b, lq, d))
 }
 
 /// Additive attention mask [B, 1, 1, L] from a 0/1 padding mask [B, L]: 0 where attended, -10000

@@ -1,6 +1,8 @@
 //! Masked language modelling conditioned on the image, with momentum distillation (REFERENCE.md, MLM).
 
-use candle_core::{DType, Result, Tensor, D};
+use crate::config::Kernels;
+use crate::ops::{self, Positives};
+use candle_core::{bail, Result, Tensor, D};
 use rand::Rng;
 
 /// The token ids masking needs to know.
@@ -54,18 +56,25 @@ pub fn masked_positions(labels: &[i64]) -> Option<(Vec<u32>, Vec<u32>)> {
 /// `(1 - alpha) * CE(logits, targets) + alpha * mean over masked tokens of
 /// -sum_v softmax(logits_m) * log_softmax(logits)`. `logits`: [N, V] at the N masked positions;
 /// `logits_m`: the momentum model's at the same positions (no gradient), needed when alpha > 0.
-pub fn mlm_loss(logits: &Tensor, logits_m: Option<&Tensor>, targets: &[u32], alpha: f64) -> Result<Tensor> {
-    let targets = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let ce = logp.gather(&targets, 1)?.mean_all()?.neg()?;
-    match (logits_m, alpha > 0.0) {
-        (Some(lm), true) => {
-            let soft = candle_nn::ops::softmax(&lm.detach(), D::Minus1)?;
-            let distill = (soft * &logp)?.sum(1)?.mean_all()?.neg()?;
-            ((ce * (1.0 - alpha))? + (distill * alpha)?)?.to_dtype(DType::F32)
-        }
-        _ => Ok(ce),
+///
+/// That is ITC's loss with temperature 1 and the target ids as the positives, so it runs the same op: fused,
+/// one pass per row over the vocabulary gives log-softmax, targets, loss and gradient (CPU loop or
+/// kernels/itc.cu) instead of a dozen [N, V] tensors.
+pub fn mlm_loss(
+    logits: &Tensor, logits_m: Option<&Tensor>, targets: &[u32], alpha: f64, kernels: Kernels,
+) -> Result<Tensor> {
+    let vocab = logits.dim(D::Minus1)?;
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("mlm_loss: target id {bad} is outside the vocabulary of {vocab}");
     }
+    let ids = Tensor::from_slice(targets, targets.len(), logits.device())?;
+    // Without a teacher the targets are the ids alone, and the op does not read logits_m.
+    let (logits_m, alpha) = match logits_m {
+        Some(lm) => (lm, alpha),
+        None => (logits, 0.0),
+    };
+    let temp = Tensor::ones(1, logits.dtype(), logits.device())?;
+    ops::itc_loss(logits, logits_m, &temp, alpha, Positives::Index(&ids), kernels)
 }
 
 #[cfg(test)]
@@ -102,6 +111,44 @@ mod tests {
         assert!((kept - 0.1).abs() < 0.008, "{kept}");
         assert!(m.labels.iter().enumerate().all(|(i, &l)| l == -100 || l == ids[i] as i64));
         assert!((0..ids.len()).all(|i| m.labels[i] != -100 || m.ids[i] == ids[i]));
+    }
+
+    /// The loss as ALBEF writes it: cross-entropy at the targets mixed with the soft cross-entropy against
+    /// the teacher's softmax.
+    fn loss_as_written(logits: &Tensor, logits_m: &Tensor, targets: &[u32], alpha: f64) -> Result<Tensor> {
+        let t = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
+        let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        let ce = logp.gather(&t, 1)?.mean_all()?.neg()?;
+        let soft = candle_nn::ops::softmax(logits_m, D::Minus1)?;
+        let distill = (soft * &logp)?.sum(1)?.mean_all()?.neg()?;
+        (ce * (1.0 - alpha))? + (distill * alpha)?
+    }
+
+    #[test]
+    fn loss_and_gradient_match_albefs_formula() -> Result<()> {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::stream(3, "test", "mlm", 0);
+        let (n, vocab) = (7, 1000);
+        let logits = Var::from_tensor(&(Tensor::rand(-4f32, 4f32, (n, vocab), &dev)?))?;
+        let logits_m = (logits.as_tensor() + Tensor::rand(-0.5f32, 0.5f32, (n, vocab), &dev)?)?.detach();
+        let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let want = loss_as_written(logits.as_tensor(), &logits_m, &targets, 0.4)?;
+        let want_grad = want.backward()?.get(logits.as_tensor()).cloned().expect("gradient");
+        for kernels in [Kernels::Fused, Kernels::Reference] {
+            let got = mlm_loss(logits.as_tensor(), Some(&logits_m), &targets, 0.4, kernels)?;
+            let grad = got.backward()?.get(logits.as_tensor()).cloned().expect("gradient");
+            let loss_err = (got.to_scalar::<f32>()? - want.to_scalar::<f32>()?).abs();
+            let grad_err = (grad - &want_grad)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(loss_err < 1e-5 && grad_err < 1e-7, "{kernels:?}: loss {loss_err:e} grad {grad_err:e}");
+            // Without a teacher: plain cross-entropy.
+            let ce = mlm_loss(logits.as_tensor(), None, &targets, 0.4, kernels)?.to_scalar::<f32>()?;
+            let ce_want = loss_as_written(logits.as_tensor(), &logits_m, &targets, 0.0)?.to_scalar::<f32>()?;
+            assert!((ce - ce_want).abs() < 1e-5, "{kernels:?}: {ce} vs {ce_want}");
+            let bad = mlm_loss(logits.as_tensor(), None, &[vocab as u32], 0.4, kernels).unwrap_err().to_string();
+            assert!(bad.contains("outside the vocabulary of 1000"), "{bad}");
+        }
+        Ok(())
     }
 
     #[test]

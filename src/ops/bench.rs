@@ -3,7 +3,7 @@
 //! measures the device's copy bandwidth to put the times in scale. Backs `alignfuse bench kernels`.
 
 use super::testing::{max_err, rng, uniform};
-use super::{add_bias, attention_softmax, gelu, itc_loss, layer_norm, Positives};
+use super::{add_bias, attention, attention_softmax, gelu, itc_loss, layer_norm, AttnDropout, Positives};
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -111,9 +111,35 @@ impl fmt::Display for BenchReport {
 }
 
 enum Case {
-    Attention { dims: [usize; 4], mask: bool, scale: f64, dtype: DType },
-    Itc { b: usize, n: usize, multi_positive: bool, dtype: DType },
-    Rows { op: RowOp, rows: usize, d: usize },
+    Attention {
+        dims: [usize; 4],
+        mask: bool,
+        scale: f64,
+        dtype: DType,
+    },
+    /// The whole attention core on q [B, H, Lq, Dh], k and v [B, H, Lk, Dh] (`dims` = [B, H, Lq, Lk]).
+    Core {
+        dims: [usize; 4],
+        dh: usize,
+        mask: bool,
+        dropout: f64,
+    },
+    Itc {
+        b: usize,
+        n: usize,
+        multi_positive: bool,
+        dtype: DType,
+    },
+    /// MLM's loss over the vocabulary at `n` masked positions: ITC's op with temperature 1 and the target ids.
+    Mlm {
+        n: usize,
+        vocab: usize,
+    },
+    Rows {
+        op: RowOp,
+        rows: usize,
+        d: usize,
+    },
 }
 
 /// The row-wise ops, benchmarked on [rows, d].
@@ -127,7 +153,8 @@ enum RowOp {
 /// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
 /// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
 /// ITC against the batch plus a 65536 queue; LayerNorm, a bias add and the MLP's GELU over the ViT's 64 x 257
-/// tokens.
+/// tokens; MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole attention core for the same three attentions (BERT's with its 0.1 dropout; the ViT's
+/// at 256 px, 16 images).
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
     vec![
@@ -136,6 +163,10 @@ fn cases() -> Vec<Case> {
         Case::Attention { dims: [8, 12, 577, 577], mask: false, scale: 0.125, dtype: DType::F32 },
         Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::F32 },
         Case::Itc { b, n: b + q, multi_positive: true, dtype: DType::F32 },
+        Case::Mlm { n: 240, vocab: 30522 },
+        Case::Core { dims: [64, 12, 25, 25], dh: 64, mask: true, dropout: 0.1 },
+        Case::Core { dims: [64, 12, 25, 257], dh: 64, mask: false, dropout: 0.1 },
+        Case::Core { dims: [16, 12, 257, 257], dh: 64, mask: false, dropout: 0.0 },
         Case::Attention { dims: [64, 12, 25, 25], mask: true, scale: 0.125, dtype: DType::BF16 },
         Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::BF16 },
         Case::Rows { op: RowOp::LayerNorm, rows: 64 * 257, d: 768 },
@@ -183,14 +214,8 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
             Case::Attention { dims, mask, scale, dtype } => {
                 let x = Inputs::<Var>::new(uniform(&mut r, &dims, 4.0, device)?, dtype)?;
                 let w = Inputs::<Tensor>::new(uniform(&mut r, &dims, 1.0, device)?, DType::F32)?;
-                let m = if mask {
-                    let (b, lk) = (dims[0], dims[3]);
-                    let keep: Vec<usize> = (0..b).map(|_| r.random_range(1..=lk)).collect();
-                    let v: Vec<f32> = (0..b * lk).map(|k| if k % lk < keep[k / lk] { 0.0 } else { -10000.0 }).collect();
-                    Some(Inputs::<Tensor>::new(Tensor::from_vec(v, (b, 1, 1, lk), device)?, dtype)?)
-                } else {
-                    None
-                };
+                let m = mask.then(|| Inputs::<Tensor>::new(padding_mask(&mut r, dims[0], dims[3], device)?, dtype));
+                let m = m.transpose()?;
                 let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
                     let x = x.get(exact).as_tensor();
                     let y = attention_softmax(x, scale, m.as_ref().map(|m| m.get(exact)), k)?;
@@ -204,6 +229,7 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
                 let name = format!("attention_softmax {:?}{}", dims, if mask { " +mask" } else { "" });
                 compare(device, reps, name, dtype, &["y", "d scores"], run)?
             }
+            Case::Core { dims, dh, mask, dropout } => bench_core(device, reps, &mut r, dims, dh, mask, dropout)?,
             Case::Itc { b, n, multi_positive, dtype } => {
                 let sim_f32 = uniform(&mut r, &[b, n], 1.0, device)?;
                 let sim_m = Inputs::<Tensor>::new((&sim_f32 + uniform(&mut r, &[b, n], 0.05, device)?)?, dtype)?;
@@ -229,10 +255,62 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
                 let name = format!("itc_loss [{b}, {n}] {}", if multi_positive { "mask" } else { "diagonal" });
                 compare(device, reps, name, dtype, &["loss", "d sim", "d temp"], run)?
             }
+            Case::Mlm { n, vocab } => {
+                let logits = Inputs::<Var>::new(uniform(&mut r, &[n, vocab], 8.0, device)?, DType::F32)?;
+                let logits_m = Inputs::<Tensor>::new(uniform(&mut r, &[n, vocab], 8.0, device)?, DType::F32)?;
+                let ids: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
+                let ids = Tensor::new(ids.as_slice(), device)?;
+                let temp = Inputs::<Tensor>::new(Tensor::new(&[1f32], device)?, DType::F32)?;
+                let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
+                    let x = logits.get(exact).as_tensor();
+                    let loss = itc_loss(x, logits_m.get(exact), temp.get(exact), 0.4, Positives::Index(&ids), k)?;
+                    if !backward {
+                        return Ok(vec![loss]);
+                    }
+                    let grads = loss.backward()?;
+                    Ok(vec![loss, grad(&grads, x)?])
+                };
+                compare(device, reps, format!("mlm_loss [{n}, {vocab}]"), DType::F32, &["loss", "d logits"], run)?
+            }
             Case::Rows { op, rows, d } => bench_rows(device, reps, &mut r, op, rows, d)?,
         });
     }
     Ok(BenchReport { device: format!("{device:?}"), reps, ops, copy: copy_bandwidth(device, reps)? })
+}
+
+/// BERT padding for [B, 1, 1, Lk]: per batch row a random number of attended keys, the rest -10000.
+fn padding_mask(r: &mut rand_chacha::ChaCha8Rng, b: usize, lk: usize, device: &Device) -> Result<Tensor> {
+    let keep: Vec<usize> = (0..b).map(|_| r.random_range(1..=lk)).collect();
+    let v: Vec<f32> = (0..b * lk).map(|k| if k % lk < keep[k / lk] { 0.0 } else { -10000.0 }).collect();
+    Tensor::from_vec(v, (b, 1, 1, lk), device)
+}
+
+/// The attention core, f32, with a random probe as the upstream gradient.
+fn bench_core(
+    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, [b, h, lq, lk]: [usize; 4], dh: usize, mask: bool,
+    p: f64,
+) -> Result<OpBench> {
+    let mut input = |l: usize, range: f32| Inputs::<Var>::new(uniform(r, &[b, h, l, dh], range, device)?, DType::F32);
+    let (q, k, v) = (input(lq, 2.0)?, input(lk, 2.0)?, input(lk, 1.0)?);
+    let probe = Inputs::<Tensor>::new(uniform(r, &[b, h, lq, dh], 1.0, device)?, DType::F32)?;
+    let m = mask.then(|| Inputs::<Tensor>::new(padding_mask(r, b, lk, device)?, DType::F32)).transpose()?;
+    let dropout = Some(AttnDropout { p, seed: 99 });
+    let scale = 1.0 / (dh as f64).sqrt();
+    let run = |kernels: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
+        let (q, k, v) = (q.get(exact).as_tensor(), k.get(exact).as_tensor(), v.get(exact).as_tensor());
+        let o = attention(q, k, v, scale, m.as_ref().map(|m| m.get(exact)), dropout, kernels)?;
+        if !backward {
+            return Ok(vec![o]);
+        }
+        let grads = (&o * probe.get(exact))?.sum_all()?.backward()?;
+        Ok(vec![o, grad(&grads, q)?, grad(&grads, k)?, grad(&grads, v)?])
+    };
+    let name = format!(
+        "attention [{b}, {h}, {lq}, {lk}] dh {dh}{}{}",
+        if mask { " +mask" } else { "" },
+        if p > 0.0 { format!(" p {p}") } else { String::new() }
+    );
+    compare(device, reps, name, DType::F32, &["o", "dq", "dk", "dv"], run)
 }
 
 /// A row-wise op over [rows, d], with a random probe as the upstream gradient.

@@ -35,16 +35,37 @@ const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 /// Rows are handed to threads in parts of about this many elements.
 const PART_ELEMS: usize = 1 << 14;
 
-/// A run of consecutive rows and their results, handed to one thread at a time.
-struct Part<'a, R> {
-    first_row: usize,
-    rows: &'a mut [f32],
-    results: Vec<R>,
+/// Calls `f(state, item)` for every item and collects the results in order; the items run on candle's
+/// thread pool when `elems` (the elements they touch in all) is large. `init` makes scratch state, once per
+/// batch of items a thread takes.
+pub(super) fn par_map<T, S, R, I, F>(items: Vec<T>, elems: usize, init: I, f: F) -> Vec<R>
+where
+    T: Send,
+    R: Send,
+    I: Fn() -> S + Sync,
+    F: Fn(&mut S, T) -> R + Sync,
+{
+    if elems < PARALLEL_MIN_ELEMS || items.len() < 2 {
+        let mut state = init();
+        return items.into_iter().map(|item| f(&mut state, item)).collect();
+    }
+    // Each slot is locked by exactly one thread (the pool hands out disjoint ranges); the locks only let
+    // the threads share the slots without unsafe code.
+    let slots: Vec<Mutex<(Option<T>, Option<R>)>> = items.into_iter().map(|t| Mutex::new((Some(t), None))).collect();
+    candle_core::utils::barrier_pool().execute_chunked(slots.len(), |range| {
+        let mut state = init();
+        for slot in &slots[range] {
+            let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(item) = slot.0.take() {
+                slot.1 = Some(f(&mut state, item));
+            }
+        }
+    });
+    slots.into_iter().filter_map(|s| s.into_inner().unwrap_or_else(PoisonError::into_inner).1).collect()
 }
 
 /// Calls `f(state, row_index, out_row)` for every `cols`-long row of `out` and collects the results in
-/// row order; rows run on candle's thread pool when `out` is large. `init` makes scratch state, once per
-/// batch of rows a thread takes.
+/// row order; rows run on candle's thread pool when `out` is large, in parts of about `PART_ELEMS`.
 pub(super) fn map_rows<S, R, I, F>(out: &mut [f32], cols: usize, init: I, f: F) -> Vec<R>
 where
     R: Send,
@@ -54,29 +75,94 @@ where
     if cols == 0 {
         return Vec::new();
     }
-    let run = |state: &mut S, first_row: usize, rows: &mut [f32]| -> Vec<R> {
+    let rows_per_part = (PART_ELEMS / cols).max(1);
+    let elems = out.len();
+    let parts: Vec<(usize, &mut [f32])> =
+        out.chunks_mut(rows_per_part * cols).enumerate().map(|(p, rows)| (p * rows_per_part, rows)).collect();
+    let run = |state: &mut S, (first_row, rows): (usize, &mut [f32])| -> Vec<R> {
         rows.chunks_mut(cols).enumerate().map(|(k, row)| f(state, first_row + k, row)).collect()
     };
-    if out.len() < PARALLEL_MIN_ELEMS {
-        return run(&mut init(), 0, out);
+    par_map(parts, elems, init, run).into_iter().flatten().collect()
+}
+
+/// A matrix operand of [`matmul`]: its elements and the strides of its rows and columns, so a transposed
+/// operand is read in place.
+#[derive(Clone, Copy)]
+pub(super) struct Mat<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix with `cols` columns.
+    pub(super) fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, row_stride: cols, col_stride: 1 }
     }
-    let rows_per_part = (PART_ELEMS / cols).max(1);
-    let parts: Vec<Mutex<Part<R>>> = out
-        .chunks_mut(rows_per_part * cols)
-        .enumerate()
-        .map(|(p, rows)| Mutex::new(Part { first_row: p * rows_per_part, rows, results: Vec::new() }))
-        .collect();
-    // Each part is locked by exactly one thread (the pool hands out disjoint ranges); the locks only let
-    // the threads share the parts without unsafe code.
-    candle_core::utils::barrier_pool().execute_chunked(parts.len(), |range| {
-        let mut state = init();
-        for part in &parts[range] {
-            let mut part = part.lock().unwrap_or_else(PoisonError::into_inner);
-            let Part { first_row, rows, results } = &mut *part;
-            *results = run(&mut state, *first_row, rows);
-        }
-    });
-    parts.into_iter().flat_map(|p| p.into_inner().unwrap_or_else(PoisonError::into_inner).results).collect()
+
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub(super) fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, row_stride: 1, col_stride: cols }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `dst = scale * a @ b` for a [m, k], b [k, n] and a row-major dst [m, n], on the calling thread (callers
+/// spread independent products over the pool); gemm's kernels, as candle's matmul.
+pub(super) fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, b: Mat, scale: f32) {
+    assert!(a.fits(m, k) && b.fits(k, n) && dst.len() >= m * n, "matmul operands smaller than {m}x{k} @ {k}x{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    // SAFETY: the assertion above keeps every element gemm reads or writes inside the three slices, and
+    // `dst` is borrowed mutably while `a` and `b` are shared borrows, so they do not overlap.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Whether element `index` of a dropout mask survives: the top 32 bits of splitmix64's output for
+/// `seed + index` against `threshold` = p * 2^32. A hash rather than a stream, so a backward (or a CUDA
+/// kernel) regenerates any element of the mask instead of storing it.
+#[inline(always)]
+pub(super) fn dropout_keep(seed: u64, index: u64, threshold: u32) -> bool {
+    let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 32) as u32 >= threshold
+}
+
+/// The threshold of [`dropout_keep`] for drop probability `p` in [0, 1).
+pub(super) fn dropout_threshold(p: f64) -> u32 {
+    (p * 4_294_967_296.0).round().min(u32::MAX as f64) as u32
 }
 
 /// `exp(x)` in f32 without branches or calls, so loops over it vectorise: Cody-Waite range reduction to

@@ -22,6 +22,8 @@ pub(super) const BIAS: Module =
     Module { name: "alignfuse_bias", ptx: include_str!(concat!(env!("OUT_DIR"), "/bias.ptx")) };
 pub(super) const LAYERNORM: Module =
     Module { name: "alignfuse_layernorm", ptx: include_str!(concat!(env!("OUT_DIR"), "/layernorm.ptx")) };
+pub(super) const ATTENTION: Module =
+    Module { name: "alignfuse_attention", ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")) };
 pub(super) const ITC: Module =
     Module { name: "alignfuse_itc", ptx: include_str!(concat!(env!("OUT_DIR"), "/itc.ptx")) };
 

@@ -19,11 +19,12 @@ use std::sync::Mutex;
 pub(super) fn itc_loss_fused(
     sim: &Tensor, sim_m: &Tensor, temp: &Tensor, alpha: f64, positives: Positives, work: DType,
 ) -> Result<Tensor> {
-    let pos = match positives {
-        Positives::Diagonal => None,
-        Positives::Mask(m) => Some(m.to_dtype(work)?.contiguous()?.detach()),
+    let (pos, cols) = match positives {
+        Positives::Diagonal => (None, None),
+        Positives::Mask(m) => (Some(m.to_dtype(work)?.contiguous()?.detach()), None),
+        Positives::Index(i) => (None, Some(i.contiguous()?.detach())),
     };
-    let op = Itc { alpha: alpha as f32, pos, saved: Mutex::new(None) };
+    let op = Itc { alpha: alpha as f32, pos, cols, saved: Mutex::new(None) };
     let sim = sim.to_dtype(work)?.contiguous()?;
     let sim_m = sim_m.to_dtype(work)?.contiguous()?.detach();
     let rows = sim.apply_op3(&sim_m, &temp.to_dtype(work)?, op)?;
@@ -32,8 +33,10 @@ pub(super) fn itc_loss_fused(
 
 struct Itc {
     alpha: f32,
-    /// [B, N] 0/1 positives in the working dtype, contiguous; None: the diagonal.
+    /// [B, N] 0/1 positives in the working dtype, contiguous; None: one positive column per row.
     pos: Option<Tensor>,
+    /// Without `pos`: row i's positive column (u32 [B], contiguous); None: the diagonal (column i).
+    cols: Option<Tensor>,
     /// From the forward: d loss_i / d sim [B, N] (working dtype) and d loss_i / d temp [B] (f32).
     saved: Mutex<Option<(Tensor, Tensor)>>,
 }
@@ -69,9 +72,9 @@ struct Scratch {
     zeros: Vec<f32>,
 }
 
-/// Row `index` of the op's inputs; `pos`: its positives mask, or None for the diagonal (column `index`).
+/// One row of the op's inputs; `pos`: its positives mask, or None for the single column `positive`.
 struct Row<'a> {
-    index: usize,
+    positive: usize,
     sim: &'a [f32],
     sim_m: &'a [f32],
     pos: Option<&'a [f32]>,
@@ -79,7 +82,7 @@ struct Row<'a> {
 
 /// One row on CPU: returns (loss_i, d loss_i / d temp) and leaves d loss_i / d sim in `out`.
 fn itc_row(
-    Row { index: row, sim, sim_m, pos }: Row, temp: f32, alpha: f32, out: &mut [f32], scratch: &mut Scratch,
+    Row { positive, sim, sim_m, pos }: Row, temp: f32, alpha: f32, out: &mut [f32], scratch: &mut Scratch,
 ) -> (f32, f32) {
     let n = sim.len();
     let Scratch { q, zeros } = scratch;
@@ -113,7 +116,7 @@ fn itc_row(
     match pos {
         Some(p) => itc_span(&c, sim, q, p, out),
         None => {
-            let (i, j) = (row, row + 1);
+            let (i, j) = (positive, positive + 1);
             let lo = itc_span(&c, &sim[..i], &q[..i], &zeros[..i], &mut out[..i]);
             let diag = itc_span(&c, &sim[i..j], &q[i..j], &[1.0], &mut out[i..j]);
             let hi = itc_span(&c, &sim[j..], &q[j..], &zeros[j..n], &mut out[j..]);
@@ -180,6 +183,17 @@ impl CustomOp3 for Itc {
             },
             None => None,
         };
+        let cols_guard = self.cols.as_ref().map(|c| c.storage_and_layout());
+        let cols = match &cols_guard {
+            Some((storage, layout)) => match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::U32(c)), Some((start, end))) => Some(&c[start..end]),
+                _ => bail!("itc_loss: positive indices must be contiguous u32 on the CPU"),
+            },
+            None => None,
+        };
+        if let Some(&bad) = cols.and_then(|c| c.iter().find(|&&c| c as usize >= n)) {
+            bail!("itc_loss: positive index {bad} is out of range for {n} columns");
+        }
         let alpha = self.alpha;
         let mut dsim = vec![0f32; b * n];
         let rows = cpu::map_rows(
@@ -189,7 +203,8 @@ impl CustomOp3 for Itc {
             |scratch, r, out| {
                 let span = r * n..(r + 1) * n;
                 let (sim, sim_m, pos) = (&sim[span.clone()], &sim_m[span.clone()], pos.map(|p| &p[span]));
-                itc_row(Row { index: r, sim, sim_m, pos }, temp, alpha, out, scratch)
+                let positive = cols.map_or(r, |c| c[r] as usize);
+                itc_row(Row { positive, sim, sim_m, pos }, temp, alpha, out, scratch)
             },
         );
         let (loss, dtemp): (Vec<f32>, Vec<f32>) = rows.into_iter().unzip();
@@ -202,15 +217,11 @@ impl CustomOp3 for Itc {
         &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
         s3: &candle_core::CudaStorage, l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let pos_guard = self.pos.as_ref().map(|p| p.storage_and_layout());
-        let pos = match &pos_guard {
-            Some((storage, layout)) => match &**storage {
-                Storage::Cuda(s) => Some((s, *layout)),
-                _ => bail!("itc_loss: positives mask is not on the GPU"),
-            },
-            None => None,
-        };
-        let out = gpu::forward(self.alpha, (s1, l1), (s2, l2), (s3, l3), pos)?;
+        let (pos_guard, cols_guard) =
+            (self.pos.as_ref().map(|p| p.storage_and_layout()), self.cols.as_ref().map(|c| c.storage_and_layout()));
+        let pos = gpu::on_gpu(&pos_guard, "positives mask")?;
+        let cols = gpu::on_gpu(&cols_guard, "positive indices")?;
+        let out = gpu::forward(self.alpha, (s1, l1), (s2, l2), (s3, l3), pos, cols)?;
         self.save(out.dsim, out.dtemp)?;
         Ok((out.loss, Shape::from(l1.dims()[0])))
     }
@@ -233,7 +244,7 @@ impl CustomOp3 for Itc {
 #[cfg(feature = "cuda")]
 mod gpu {
     use crate::ops::cuda::{contiguous, int, unsupported, ITC};
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Storage, Tensor, WithDType};
@@ -246,18 +257,42 @@ mod gpu {
 
     type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
-    pub(super) fn forward(alpha: f32, sim: Arg, sim_m: Arg, temp: Arg, pos: Option<Arg>) -> Result<Outputs> {
+    /// The CUDA storage behind an optional tensor's storage guard; `what` names it in the error.
+    pub(super) fn on_gpu<'a, G: std::ops::Deref<Target = Storage>>(
+        guard: &'a Option<(G, &'a Layout)>, what: &str,
+    ) -> Result<Option<Arg<'a>>> {
+        match guard {
+            Some((storage, layout)) => match &**storage {
+                Storage::Cuda(s) => Ok(Some((s, *layout))),
+                _ => bail!("itc_loss: {what} is not on the GPU"),
+            },
+            None => Ok(None),
+        }
+    }
+
+    pub(super) fn forward(
+        alpha: f32, sim: Arg, sim_m: Arg, temp: Arg, pos: Option<Arg>, cols: Option<Arg>,
+    ) -> Result<Outputs> {
         let dev = &sim.0.device;
+        let cols = match cols {
+            Some((c, l)) => Some(contiguous(c.as_cuda_slice::<u32>()?, l, "itc_loss positive indices")?),
+            None => None,
+        };
+        let cols = cols.as_ref();
         let (b, n) = sim.1.shape().dims2()?;
         let (ls, lm, lt) = (sim.1, sim_m.1, temp.1);
         let (dsim, loss, dtemp) = match (&sim.0.slice, &sim_m.0.slice, &temp.0.slice, pos.map(|(p, l)| (&p.slice, l))) {
-            (S::F32(s), S::F32(m), S::F32(t), None) => fwd(dev, alpha, [(s, ls), (m, lm), (t, lt)], None, S::F32)?,
-            (S::F32(s), S::F32(m), S::F32(t), Some((S::F32(p), lp))) => {
-                fwd(dev, alpha, [(s, ls), (m, lm), (t, lt)], Some((p, lp)), S::F32)?
+            (S::F32(s), S::F32(m), S::F32(t), None) => {
+                fwd(dev, alpha, [(s, ls), (m, lm), (t, lt)], None, cols, S::F32)?
             }
-            (S::BF16(s), S::BF16(m), S::BF16(t), None) => fwd(dev, alpha, [(s, ls), (m, lm), (t, lt)], None, S::BF16)?,
+            (S::F32(s), S::F32(m), S::F32(t), Some((S::F32(p), lp))) => {
+                fwd(dev, alpha, [(s, ls), (m, lm), (t, lt)], Some((p, lp)), cols, S::F32)?
+            }
+            (S::BF16(s), S::BF16(m), S::BF16(t), None) => {
+                fwd(dev, alpha, [(s, ls), (m, lm), (t, lt)], None, cols, S::BF16)?
+            }
             (S::BF16(s), S::BF16(m), S::BF16(t), Some((S::BF16(p), lp))) => {
-                fwd(dev, alpha, [(s, ls), (m, lm), (t, lt)], Some((p, lp)), S::BF16)?
+                fwd(dev, alpha, [(s, ls), (m, lm), (t, lt)], Some((p, lp)), cols, S::BF16)?
             }
             (other, ..) => return Err(unsupported(other, "itc_loss")),
         };
@@ -277,7 +312,8 @@ mod gpu {
     /// Launches itc_fwd (one block per row) on `[sim, sim_m, temp]` and the positives. Returns
     /// (d loss_i / d sim wrapped by `wrap`, loss_i, d loss_i / d temp).
     fn fwd<T: DeviceRepr + WithDType>(
-        dev: &CudaDevice, alpha: f32, [sim, sim_m, temp]: [In<T>; 3], pos: Option<In<T>>, wrap: fn(CudaSlice<T>) -> S,
+        dev: &CudaDevice, alpha: f32, [sim, sim_m, temp]: [In<T>; 3], pos: Option<In<T>>, cols: Option<&CudaView<u32>>,
+        wrap: fn(CudaSlice<T>) -> S,
     ) -> Result<(S, CudaSlice<f32>, CudaSlice<f32>)> {
         let (b, n) = sim.1.shape().dims2()?;
         let s = contiguous(sim.0, sim.1, "itc_loss sim")?;
@@ -299,6 +335,10 @@ mod gpu {
         builder.arg(&t);
         match &p {
             Some(p) => builder.arg(p),
+            None => builder.arg(&0usize),
+        };
+        match cols {
+            Some(c) => builder.arg(c),
             None => builder.arg(&0usize),
         };
         builder.arg(&dsim);
@@ -415,6 +455,31 @@ mod tests {
             // Only temp's rounding to the storage dtype and the final rounding of the gradients differ.
             check(&format!("{dtype:?}"), &sim, 0.07, &got, &want, 2e-2)?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn index_positives_match_their_one_hot_mask() -> Result<()> {
+        let mut r = rng(14);
+        let (b, n) = (6, 4099);
+        let sim = uniform(&mut r, &[b, n], 4.0, &Device::Cpu)?;
+        let sim_m = (&sim + uniform(&mut r, &[b, n], 0.5, &Device::Cpu)?)?;
+        let cols: Vec<u32> = (0..b).map(|_| r.random_range(0..n as u32)).collect();
+        let one_hot: Vec<f32> = (0..b * n).map(|k| if cols[k / n] as usize == k % n { 1.0 } else { 0.0 }).collect();
+        let one_hot = Tensor::from_vec(one_hot, (b, n), &Device::Cpu)?;
+        let index = Tensor::new(cols.as_slice(), &Device::Cpu)?;
+        let want = run(&sim, &sim_m, 1.0, 0.4, Some(&one_hot), Kernels::Reference)?;
+        for k in [Kernels::Fused, Kernels::Reference] {
+            let (s, t) = (Var::from_tensor(&sim)?, Var::new(&[1f32], &Device::Cpu)?);
+            let loss = itc_loss(s.as_tensor(), &sim_m, t.as_tensor(), 0.4, Positives::Index(&index), k)?;
+            let grads = loss.backward()?;
+            let get = |v: &Var| grads.get(v.as_tensor()).cloned().expect("gradient");
+            check(&format!("{k:?}"), &sim, 1.0, &(loss.clone(), get(&s), get(&t), false), &want, 1e-6)?;
+        }
+        let out_of_range = Tensor::new(&[0u32, 1, 2, 3, 4, n as u32], &Device::Cpu)?;
+        let temp = Tensor::new(&[1f32], &Device::Cpu)?;
+        assert!(itc_loss(&sim, &sim_m, &temp, 0.4, Positives::Index(&out_of_range), Kernels::Fused).is_err());
+        assert!(itc_loss(&sim, &sim_m, &temp, 0.4, Positives::Index(&index.narrow(0, 0, 5)?), Kernels::Fused).is_err());
         Ok(())
     }
 

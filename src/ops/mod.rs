@@ -7,6 +7,7 @@
 //! float dtypes go through an f32 copy; f64 keeps the Reference composition, which is exact in f64.
 
 mod adamw;
+mod attention;
 mod bench;
 mod bias;
 mod cpu;
@@ -18,6 +19,7 @@ mod layernorm;
 mod softmax;
 
 pub use adamw::{adamw_step, AdamWStep};
+pub use attention::AttnDropout;
 pub use bench::{bench_ops, BenchReport, CopyBench, OpBench, OutputError};
 
 use crate::config::Kernels;
@@ -46,6 +48,50 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>, ker
         }
     }
 }
+
+/// The attention core `dropout(softmax(q k^T * scale + mask)) v` for q [B, H, Lq, Dh] and k, v
+/// [B, H, Lk, Dh]; `mask` additive and broadcastable to [B, H, Lq, Lk] (no gradient), as in
+/// [`attention_softmax`]. Returns [B, H, Lq, Dh] in q's dtype.
+///
+/// Fused keeps neither scores nor probabilities for the backward (it recomputes them), so a layer's
+/// attention holds O(L) memory instead of O(L^2) (on small tiles it composes, see
+/// [`FUSED_CORE_MIN_SCORES`]). Reference composes candle ops, with the softmax in f32 (torch.autocast's
+/// rule) and the dropout mask materialised from the same hash the fused op evaluates in place, so both
+/// draw identical masks.
+pub fn attention(
+    q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>, dropout: Option<AttnDropout>,
+    kernels: Kernels,
+) -> Result<Tensor> {
+    if let Some(d) = dropout {
+        if !(0.0..1.0).contains(&d.p) {
+            bail!("attention: dropout probability {} is outside [0, 1)", d.p);
+        }
+    }
+    let (lq, lk) = attention::check_shapes(q.shape(), k.shape(), v.shape())?;
+    let dropout = dropout.filter(|d| d.p > 0.0);
+    match (kernels, fused_dtype(q)) {
+        (Kernels::Fused, Some(work)) if lq * lk >= FUSED_CORE_MIN_SCORES => {
+            attention::attention_fused(q, k, v, scale, mask, dropout, work)
+        }
+        _ => {
+            // Low-precision products go up to f32 for the softmax; f64 stays exact.
+            let work = if q.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+            let scores = q.matmul(&k.t()?)?.to_dtype(work)?;
+            let mask = mask.map(|m| m.to_dtype(work)).transpose()?;
+            let mut probs = attention_softmax(&scores, scale, mask.as_ref(), kernels)?;
+            if let Some(d) = dropout {
+                probs = (probs * d.mask(scores.dims(), scores.device())?.to_dtype(work)?)?;
+            }
+            probs.to_dtype(v.dtype())?.matmul(v)?.to_dtype(q.dtype())
+        }
+    }
+}
+
+/// Below this many scores per head (Lq x Lk) `Kernels::Fused` composes the attention around the fused
+/// softmax instead of running the fused core: candle's batched products beat per-head ones on such small
+/// tiles (tiny preset: 1.05x the step), and the [B, H, Lq, Lk] tensors kept for the backward are small.
+/// ALBEF-B's ViT (257 x 257) and fusion cross-attention (25 x 257) run the core, its text attention not.
+const FUSED_CORE_MIN_SCORES: usize = 4096;
 
 /// `x + bias` with `bias` [D] broadcast over the rows of `x` [.., D]. Fused for f32 (its backward sums the
 /// gradient's rows in one contiguous pass); other dtypes use candle's broadcast add.
@@ -89,6 +135,9 @@ pub enum Positives<'a> {
     /// A [B, N] 0/1 f32 mask (same image id = positive); targets are `mask / mask.sum(1)` (a row without
     /// positives gives a NaN loss in both implementations).
     Mask(&'a Tensor),
+    /// Row i's positive is column `index[i]`, a u32 [B] tensor with entries below N (MLM: the masked tokens'
+    /// ids over the vocabulary).
+    Index(&'a Tensor),
 }
 
 /// One direction of the ITC loss with momentum-distilled soft targets (REFERENCE.md "Losses: ITC"):
@@ -118,6 +167,9 @@ pub fn itc_loss(
         Positives::Mask(m) if m.dims() != [b, n] => {
             bail!("itc_loss: positives mask has shape {:?}, sim {:?}", m.dims(), sim.dims())
         }
+        Positives::Index(i) if i.dims() != [b] || i.dtype() != DType::U32 => {
+            bail!("itc_loss: positive indices must be u32 [{b}], got {:?} {:?}", i.dtype(), i.dims())
+        }
         _ => {}
     }
     match (kernels, fused_dtype(sim)) {
@@ -135,6 +187,10 @@ fn itc_loss_reference(sim: &Tensor, sim_m: &Tensor, temp: &Tensor, alpha: f64, p
             Tensor::from_vec(eye, (b, n), sim.device())?.to_dtype(sim.dtype())?
         }
         Positives::Mask(m) => m.broadcast_div(&m.sum_keepdim(1)?)?,
+        Positives::Index(i) => {
+            let columns = Tensor::arange(0u32, n as u32, sim.device())?.unsqueeze(0)?;
+            i.unsqueeze(1)?.broadcast_eq(&columns)?.to_dtype(sim.dtype())?
+        }
     };
     let targets = if alpha > 0.0 {
         let soft = candle_nn::ops::softmax(&sim_m.broadcast_div(&temp.detach())?, D::Minus1)?;

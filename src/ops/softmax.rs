@@ -32,15 +32,15 @@ struct AttnSoftmax {
 /// strides over that view after broadcasting (0 along broadcast dimensions), so a [B, 1, 1, Lk] mask is
 /// read in place rather than expanded.
 #[derive(Clone, Copy)]
-struct MaskGeom {
-    d1: usize,
-    d2: usize,
-    strides: [usize; 4],
-    offset: usize,
+pub(super) struct MaskGeom {
+    pub(super) d1: usize,
+    pub(super) d2: usize,
+    pub(super) strides: [usize; 4],
+    pub(super) offset: usize,
 }
 
 impl MaskGeom {
-    fn new(scores: &Shape, mask: &Layout) -> Result<Self> {
+    pub(super) fn new(scores: &Shape, mask: &Layout) -> Result<Self> {
         let dims = scores.dims();
         if dims.len() > 4 {
             bail!("attention_softmax: a mask needs scores of rank <= 4, got {:?}", dims);
@@ -54,7 +54,7 @@ impl MaskGeom {
     }
 
     /// Offset of the mask entry for column 0 of `row` (rows counted over d0 x d1 x d2).
-    fn row_offset(&self, row: usize) -> usize {
+    pub(super) fn row_offset(&self, row: usize) -> usize {
         let (i2, i1, i0) = (row % self.d2, row / self.d2 % self.d1, row / self.d2 / self.d1);
         self.offset + i0 * self.strides[0] + i1 * self.strides[1] + i2 * self.strides[2]
     }

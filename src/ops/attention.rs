@@ -1,0 +1,698 @@
+//! Fused attention core `o = dropout(softmax(q k^T * scale + mask)) v`, forward and backward, without
+//! keeping the [B, H, Lq, Lk] scores or probabilities: the forward keeps only `o` and each query row's
+//! log-sum-exp `lse`, and the backward recomputes `p = exp(s - lse)` from them (FlashAttention's scheme).
+//! The composition keeps scores, probabilities and, with dropout, the mask and the dropped probabilities
+//! until the backward: for ViT-B at 256 px that is four 13 MB tensors per layer and image pair.
+//!
+//! With `dO` the upstream gradient and `z` the dropout mask (0 or 1 / keep):
+//! `dV = (p z)^T dO`, `dp_ij = z_ij (dO_i . v_j)`, `ds_ij = p_ij (dp_ij - D_i)` with
+//! `D_i = sum_j p_ij dp_ij = dO_i . o_i`, `dQ = scale ds K`, `dK = scale ds^T Q`.
+//!
+//! CPU: one head at a time per thread, its [Lq, Lk] tile in scratch and the products by gemm. CUDA:
+//! kernels/attention.cu, one warp per query row (forward, dQ) or key row (dK, dV) with an online softmax.
+
+use super::cpu::{self, Mat};
+use super::softmax::MaskGeom;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+/// Dropout on the attention probabilities inside the fused op: element (b, h, i, j) is kept when a hash of
+/// `seed` and its flat index clears `p` (see `cpu::dropout_keep`), so the backward regenerates the mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnDropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+impl AttnDropout {
+    /// The [B, H, Lq, Lk] mask as a tensor (0 or 1 / (1 - p)), for the reference composition.
+    pub(super) fn mask(&self, dims: &[usize], device: &Device) -> Result<Tensor> {
+        let (threshold, scale) = (cpu::dropout_threshold(self.p), 1.0 / (1.0 - self.p) as f32);
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> =
+            (0..n as u64).map(|i| if cpu::dropout_keep(self.seed, i, threshold) { scale } else { 0.0 }).collect();
+        Tensor::from_vec(v, dims, device)
+    }
+}
+
+/// The sizes of one call: `bh` heads (B x H) of Lq queries and Lk keys of width `dh`.
+#[derive(Clone, Copy)]
+struct Dims {
+    bh: usize,
+    lq: usize,
+    lk: usize,
+    dh: usize,
+}
+
+impl Dims {
+    fn new(q: &Shape, k: &Shape, v: &Shape) -> Result<Self> {
+        let (b, h, lq, dh) = q.dims4()?;
+        let (kb, kh, lk, kd) = k.dims4()?;
+        if (kb, kh, kd) != (b, h, dh) || v.dims() != k.dims() {
+            bail!("attention: q {:?}, k {:?} and v {:?} do not fit [B, H, L, Dh]", q.dims(), k.dims(), v.dims());
+        }
+        Ok(Dims { bh: b * h, lq, lk, dh })
+    }
+
+    fn scores(&self, q: &Shape) -> Shape {
+        let d = q.dims();
+        Shape::from((d[0], d[1], self.lq, self.lk))
+    }
+}
+
+/// Checks that q, k and v are [B, H, Lq, Dh], [B, H, Lk, Dh] twice; returns (Lq, Lk).
+pub(super) fn check_shapes(q: &Shape, k: &Shape, v: &Shape) -> Result<(usize, usize)> {
+    let dims = Dims::new(q, k, v)?;
+    Ok((dims.lq, dims.lk))
+}
+
+/// The fused path of [`super::attention`] (dropout already checked); `work` is the dtype the op reads.
+pub(super) fn attention_fused(
+    q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>, dropout: Option<AttnDropout>, work: DType,
+) -> Result<Tensor> {
+    let cast = |t: &Tensor| t.to_dtype(work)?.contiguous();
+    let (qw, kw, vw) = (cast(q)?, cast(k)?, cast(v)?);
+    let dims = Dims::new(qw.shape(), kw.shape(), vw.shape())?;
+    let mask = match mask {
+        Some(m) => {
+            // Fail here, with the shapes named, rather than inside the op.
+            m.layout().broadcast_as(dims.scores(qw.shape()))?;
+            Some(m.to_dtype(work)?.detach())
+        }
+        None => None,
+    };
+    let op = Attention { scale: scale as f32, mask, dropout, lse: Mutex::new(None) };
+    qw.apply_op3(&kw, &vw, op)?.to_dtype(q.dtype())
+}
+
+struct Attention {
+    scale: f32,
+    /// Additive, broadcastable to the scores, in the working dtype; no gradient.
+    mask: Option<Tensor>,
+    dropout: Option<AttnDropout>,
+    /// From the forward: each query row's log-sum-exp [B, H, Lq] (f32); -inf for a row with no finite logit.
+    lse: Mutex<Option<Tensor>>,
+}
+
+/// The inputs of one head on CPU and what every head shares.
+struct HeadArgs<'a> {
+    dims: Dims,
+    scale: f32,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: Option<(&'a [f32], MaskGeom)>,
+    dropout: Option<(u64, u32, f32)>,
+}
+
+impl HeadArgs<'_> {
+    /// Head `h`'s rows of q and of k and v.
+    fn head(&self, h: usize) -> (&[f32], &[f32], &[f32]) {
+        let Dims { lq, lk, dh, .. } = self.dims;
+        (
+            &self.q[h * lq * dh..(h + 1) * lq * dh],
+            &self.k[h * lk * dh..(h + 1) * lk * dh],
+            &self.v[h * lk * dh..(h + 1) * lk * dh],
+        )
+    }
+
+    /// `s = scale q k^T + mask` of head `h` into `s` [Lq, Lk].
+    fn logits(&self, h: usize, s: &mut Vec<f32>) {
+        let Dims { lq, lk, dh, .. } = self.dims;
+        let (qh, kh, _) = self.head(h);
+        s.resize(lq * lk, 0.0);
+        cpu::matmul(s, (lq, lk, dh), Mat::rows(qh, dh), Mat::transposed(kh, dh), self.scale);
+        if let Some((m, geom)) = self.mask {
+            for (i, row) in s.chunks_mut(lk).enumerate() {
+                let (off, step) = (geom.row_offset(h * lq + i), geom.strides[3]);
+                row.iter_mut().enumerate().for_each(|(j, x)| *x += m[off + j * step]);
+            }
+        }
+    }
+
+    /// Multiplies row `i` of head `h`'s probabilities by the dropout mask (0 or 1 / keep).
+    fn drop_row(&self, h: usize, i: usize, row: &mut [f32]) {
+        if let Some((seed, threshold, inv_keep)) = self.dropout {
+            let base = ((h * self.dims.lq + i) * self.dims.lk) as u64;
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = if cpu::dropout_keep(seed, base + j as u64, threshold) { *x * inv_keep } else { 0.0 };
+            }
+        }
+    }
+
+    /// Forward of head `h`: writes its output [Lq, Dh] and returns the rows' log-sum-exp.
+    fn forward(&self, h: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
+        let Dims { lq, lk, dh, .. } = self.dims;
+        self.logits(h, s);
+        let mut lse = Vec::with_capacity(lq);
+        for (i, row) in s.chunks_mut(lk).enumerate() {
+            let max = cpu::max(row);
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                lse.push(f32::NEG_INFINITY);
+                continue;
+            }
+            let sum = cpu::exp_shift_sum(row, max);
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+            self.drop_row(h, i, row);
+            lse.push(max + sum.ln());
+        }
+        cpu::matmul(out, (lq, dh, lk), Mat::rows(s, lk), Mat::rows(self.head(h).2, dh), 1.0);
+        lse
+    }
+
+    /// Backward of head `h` from its output `o`, upstream gradient `go` and `lse`: writes dq, dk, dv.
+    fn backward(&self, h: usize, (o, go, lse): (&[f32], &[f32], &[f32]), grads: HeadGrads, scratch: &mut Scratch) {
+        let Dims { lq, lk, dh, .. } = self.dims;
+        let (qh, kh, vh) = self.head(h);
+        let Scratch { p, pz } = scratch;
+        self.logits(h, p);
+        for (row, &l) in p.chunks_mut(lk).zip(lse) {
+            if l == f32::NEG_INFINITY {
+                row.fill(0.0);
+            } else {
+                row.iter_mut().for_each(|x| *x = cpu::exp(*x - l));
+            }
+        }
+        // dV = (p z)^T dO.
+        let dropped = if self.dropout.is_some() {
+            pz.clone_from(p);
+            for (i, row) in pz.chunks_mut(lk).enumerate() {
+                self.drop_row(h, i, row);
+            }
+            &pz[..]
+        } else {
+            &p[..]
+        };
+        cpu::matmul(grads.dv, (lk, dh, lq), Mat::transposed(dropped, lk), Mat::rows(go, dh), 1.0);
+        pz.resize(lq * lk, 0.0);
+        // ds = p (z (dO v^T) - D), reusing pz for dO v^T.
+        cpu::matmul(pz, (lq, lk, dh), Mat::rows(go, dh), Mat::transposed(vh, dh), 1.0);
+        for i in 0..lq {
+            let d = cpu::dot(&go[i * dh..(i + 1) * dh], &o[i * dh..(i + 1) * dh]);
+            let dp = &mut pz[i * lk..(i + 1) * lk];
+            self.drop_row(h, i, dp);
+            dp.iter_mut().zip(&p[i * lk..(i + 1) * lk]).for_each(|(g, &pv)| *g = pv * (*g - d));
+        }
+        cpu::matmul(grads.dq, (lq, dh, lk), Mat::rows(pz, lk), Mat::rows(kh, dh), self.scale);
+        cpu::matmul(grads.dk, (lk, dh, lq), Mat::transposed(pz, lk), Mat::rows(qh, dh), self.scale);
+    }
+}
+
+/// One head's gradient slices.
+struct HeadGrads<'a> {
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+/// Two [Lq, Lk] tiles per thread: the probabilities and a second one for p z, then dO v^T and ds.
+#[derive(Default)]
+struct Scratch {
+    p: Vec<f32>,
+    pz: Vec<f32>,
+}
+
+impl Attention {
+    fn save_lse(&self, lse: Tensor) -> Result<()> {
+        match self.lse.lock() {
+            Ok(mut s) => {
+                *s = Some(lse);
+                Ok(())
+            }
+            Err(_) => bail!("attention: a previous forward panicked"),
+        }
+    }
+
+    fn saved_lse(&self) -> Result<Tensor> {
+        match self.lse.lock().map(|s| s.clone()) {
+            Ok(Some(lse)) => Ok(lse),
+            Ok(None) => bail!("attention: backward before forward"),
+            Err(_) => bail!("attention: a previous forward panicked"),
+        }
+    }
+
+    fn dropout_consts(&self) -> Option<(u64, u32, f32)> {
+        self.dropout.map(|d| (d.seed, cpu::dropout_threshold(d.p), 1.0 / (1.0 - d.p) as f32))
+    }
+
+    /// Runs `f` with the CPU arguments every head shares.
+    fn with_cpu_args<R>(
+        &self, (q, ql): (&[f32], &Layout), (k, kl): (&[f32], &Layout), (v, vl): (&[f32], &Layout),
+        f: impl FnOnce(&HeadArgs) -> Result<R>,
+    ) -> Result<R> {
+        let dims = Dims::new(ql.shape(), kl.shape(), vl.shape())?;
+        let guard = self.mask.as_ref().map(|m| m.storage_and_layout());
+        let mask = match &guard {
+            Some((storage, layout)) => match &**storage {
+                Storage::Cpu(CpuStorage::F32(m)) => {
+                    Some((m.as_slice(), MaskGeom::new(&dims.scores(ql.shape()), layout)?))
+                }
+                _ => bail!("attention: the mask must be f32 on the CPU"),
+            },
+            None => None,
+        };
+        f(&HeadArgs { dims, scale: self.scale, q, k, v, mask, dropout: self.dropout_consts() })
+    }
+
+    fn cpu_backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, go: &Tensor) -> Result<[Tensor; 3]> {
+        let go = go.to_dtype(DType::F32)?.contiguous()?;
+        let lse = self.saved_lse()?;
+        let guards = [q, k, v, o, &go, &lse].map(|t| t.storage_and_layout());
+        let slice = |i: usize, what: &str| match &*guards[i].0 {
+            Storage::Cpu(s) => cpu::f32_slice(s, guards[i].1, what),
+            _ => bail!("attention backward: {what} is not on the CPU"),
+        };
+        let (qs, ks, vs) = (slice(0, "q")?, slice(1, "k")?, slice(2, "v")?);
+        let (os, gs, ls) = (slice(3, "output")?, slice(4, "gradient")?, slice(5, "log-sum-exp")?);
+        let (ql, kl, vl) = (guards[0].1, guards[1].1, guards[2].1);
+        self.with_cpu_args((qs, ql), (ks, kl), (vs, vl), |args| {
+            let Dims { bh, lq, lk, dh } = args.dims;
+            let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
+            let heads: Vec<(usize, HeadGrads)> = dq
+                .chunks_mut(lq * dh)
+                .zip(dk.chunks_mut(lk * dh))
+                .zip(dv.chunks_mut(lk * dh))
+                .map(|((dq, dk), dv)| HeadGrads { dq, dk, dv })
+                .enumerate()
+                .collect();
+            cpu::par_map(heads, bh * lq * lk * 2, Scratch::default, |scratch, (h, g)| {
+                let rows = h * lq * dh..(h + 1) * lq * dh;
+                let head = (&os[rows.clone()], &gs[rows], &ls[h * lq..(h + 1) * lq]);
+                args.backward(h, head, g, scratch)
+            });
+            let tensor = |d: Vec<f32>, l: &Layout| Tensor::from_vec(d, l.shape(), &Device::Cpu);
+            Ok([tensor(dq, ql)?, tensor(dk, kl)?, tensor(dv, vl)?])
+        })
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "alignfuse-attention"
+    }
+
+    fn cpu_fwd(
+        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = cpu::f32_slice(s1, l1, "attention q")?;
+        let k = cpu::f32_slice(s2, l2, "attention k")?;
+        let v = cpu::f32_slice(s3, l3, "attention v")?;
+        let (out, lse) = self.with_cpu_args((q, l1), (k, l2), (v, l3), |args| {
+            let Dims { bh, lq, lk, dh } = args.dims;
+            let mut out = vec![0f32; bh * lq * dh];
+            let heads: Vec<(usize, &mut [f32])> = out.chunks_mut(lq * dh).enumerate().collect();
+            let lse = cpu::par_map(heads, bh * lq * lk, Vec::new, |s, (h, o)| args.forward(h, o, s));
+            Ok((out, lse.concat()))
+        })?;
+        let d = l1.dims();
+        self.save_lse(Tensor::from_vec(lse, (d[0], d[1], d[2]), &Device::Cpu)?)?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
+        s3: &candle_core::CudaStorage, l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let args = self.kernel_args(Dims::new(l1.shape(), l2.shape(), l3.shape())?)?;
+        let (out, lse) = gpu::forward(args, (s1, l1), (s2, l2), (s3, l3), self.mask.as_ref())?;
+        self.save_lse(lse)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dq, dk, dv] = match q.device() {
+            Device::Cpu => self.cpu_backward(q, k, v, o, grad)?,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                let dims = Dims::new(q.shape(), k.shape(), v.shape())?;
+                let grad = grad.to_dtype(o.dtype())?.contiguous()?;
+                gpu::backward(self.kernel_args(dims)?, [q, k, v, o, &grad], &self.saved_lse()?, self.mask.as_ref())?
+            }
+            other => bail!("attention: no backward on {other:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Attention {
+    fn kernel_args(&self, dims: Dims) -> Result<gpu::KernelArgs> {
+        gpu::KernelArgs::new(dims, self.scale, self.dropout_consts().unwrap_or((0, 0, 1.0)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{Dims, MaskGeom};
+    use crate::ops::cuda::{contiguous, int, ATTENTION};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
+
+    /// `AttnArgs` of kernels/attention.cu, field for field (`#[repr(C)]` lays it out as the C struct).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub(super) struct KernelArgs {
+        bh: i32,
+        lq: i32,
+        lk: i32,
+        dh: i32,
+        scale: f32,
+        seed: u64,
+        threshold: u32,
+        inv_keep: f32,
+        d1: i32,
+        d2: i32,
+        ms: [i64; 4],
+    }
+
+    // SAFETY: a plain #[repr(C)] struct of numbers, passed by value as the kernels' `AttnArgs`.
+    unsafe impl DeviceRepr for KernelArgs {}
+
+    /// The kernels keep a row's features in registers, 32 lanes x 8.
+    const MAX_DH: usize = 256;
+    /// Eight rows (warps) per block.
+    const BLOCK: u32 = 256;
+
+    impl KernelArgs {
+        pub(super) fn new(dims: Dims, scale: f32, (seed, threshold, inv_keep): (u64, u32, f32)) -> Result<Self> {
+            if dims.dh > MAX_DH {
+                bail!("attention: the CUDA kernels take head widths up to {MAX_DH}, got {}", dims.dh);
+            }
+            Ok(KernelArgs {
+                bh: int(dims.bh, "attention heads")?,
+                lq: int(dims.lq, "attention queries")?,
+                lk: int(dims.lk, "attention keys")?,
+                dh: int(dims.dh, "attention head width")?,
+                scale,
+                seed,
+                threshold,
+                inv_keep,
+                d1: 1,
+                d2: 1,
+                ms: [0; 4],
+            })
+        }
+
+        fn with_mask(mut self, geom: Option<MaskGeom>) -> Self {
+            if let Some(g) = geom {
+                (self.d1, self.d2) = (g.d1 as i32, g.d2 as i32);
+                self.ms = g.strides.map(|s| s as i64);
+            }
+            self
+        }
+
+        fn launch(&self, rows: i32) -> LaunchConfig {
+            let warps = BLOCK / 32;
+            LaunchConfig {
+                grid_dim: ((rows as u32).div_ceil(warps).max(1), 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        }
+    }
+
+    fn on_gpu<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => bail!("attention: {what} is not on the GPU"),
+        }
+    }
+
+    /// Pushes the arguments every attention kernel starts with: q, k, v and the mask (or a null pointer).
+    fn push_inputs<'a, T>(
+        b: &mut LaunchArgs<'a>, [q, k, v]: [&'a CudaView<'a, T>; 3], mask: &'a Option<CudaView<'a, T>>,
+    ) {
+        b.arg(q);
+        b.arg(k);
+        b.arg(v);
+        match mask {
+            Some(m) => b.arg(m),
+            None => b.arg(&0usize),
+        };
+    }
+
+    fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+        Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
+    }
+
+    /// The forward on the GPU: the output storage and the rows' log-sum-exp [B, H, Lq] (f32).
+    pub(super) fn forward(
+        args: KernelArgs, q: (&CudaStorage, &Layout), k: (&CudaStorage, &Layout), v: (&CudaStorage, &Layout),
+        mask: Option<&Tensor>,
+    ) -> Result<(CudaStorage, Tensor)> {
+        match q.0.dtype() {
+            DType::F32 => fwd::<f32>(args, q, k, v, mask),
+            DType::BF16 => fwd::<half::bf16>(args, q, k, v, mask),
+            other => bail!("attention: no CUDA kernel for {other:?} (expects f32 or bf16)"),
+        }
+    }
+
+    fn fwd<T: CudaDType + DeviceRepr + WithDType>(
+        args: KernelArgs, (q, ql): (&CudaStorage, &Layout), (k, kl): (&CudaStorage, &Layout),
+        (v, vl): (&CudaStorage, &Layout), mask: Option<&Tensor>,
+    ) -> Result<(CudaStorage, Tensor)> {
+        let dev = &q.device;
+        let qs = contiguous(q.as_cuda_slice::<T>()?, ql, "attention q")?;
+        let ks = contiguous(k.as_cuda_slice::<T>()?, kl, "attention k")?;
+        let vs = contiguous(v.as_cuda_slice::<T>()?, vl, "attention v")?;
+        let guard = mask.map(|m| m.storage_and_layout());
+        let (mask_view, geom) = match &guard {
+            Some((s, l)) => {
+                let m = on_gpu(s, "the mask")?;
+                let scores = Shape::from((ql.dims()[0], ql.dims()[1], ql.dims()[2], kl.dims()[2]));
+                let geom = MaskGeom::new(&scores, l)?;
+                (Some(m.as_cuda_slice::<T>()?.slice(geom.offset..)), Some(geom))
+            }
+            None => (None, None),
+        };
+        let args = args.with_mask(geom);
+        let rows = args.bh * args.lq;
+        // SAFETY: the kernel writes every element of both.
+        let (o, lse) = unsafe { (dev.alloc::<T>(ql.shape().elem_count())?, dev.alloc::<f32>(rows as usize)?) };
+        if rows > 0 {
+            let (func, stream) = ATTENTION.func::<T>(dev, "attn_fwd")?;
+            let mut b = stream.launch_builder(&func);
+            push_inputs(&mut b, [&qs, &ks, &vs], &mask_view);
+            b.arg(&o);
+            b.arg(&lse);
+            b.arg(&args);
+            // SAFETY: argument types and order match attn_fwd in kernels/attention.cu.
+            unsafe { b.launch(args.launch(rows)) }.w()?;
+        }
+        let lse_shape = Shape::from((ql.dims()[0], ql.dims()[1], ql.dims()[2]));
+        Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), wrap(lse, dev, &lse_shape)))
+    }
+
+    /// The backward on the GPU from [q, k, v, o, upstream gradient] (all contiguous, one dtype): dq, dk, dv.
+    pub(super) fn backward(
+        args: KernelArgs, tensors: [&Tensor; 5], lse: &Tensor, mask: Option<&Tensor>,
+    ) -> Result<[Tensor; 3]> {
+        match tensors[0].dtype() {
+            DType::F32 => bwd::<f32>(args, tensors, lse, mask),
+            DType::BF16 => bwd::<half::bf16>(args, tensors, lse, mask),
+            other => bail!("attention backward: no CUDA kernel for {other:?} (expects f32 or bf16)"),
+        }
+    }
+
+    fn bwd<T: CudaDType + DeviceRepr + WithDType>(
+        args: KernelArgs, tensors: [&Tensor; 5], lse: &Tensor, mask: Option<&Tensor>,
+    ) -> Result<[Tensor; 3]> {
+        let guards = tensors.map(|t| t.storage_and_layout());
+        let lse_guard = lse.storage_and_layout();
+        let names = ["q", "k", "v", "output", "gradient"];
+        let views = guards
+            .iter()
+            .zip(names)
+            .map(|((s, l), n)| contiguous(on_gpu(s, n)?.as_cuda_slice::<T>()?, l, n))
+            .collect::<Result<Vec<_>>>()?;
+        let lse_view =
+            contiguous(on_gpu(&lse_guard.0, "log-sum-exp")?.as_cuda_slice::<f32>()?, lse_guard.1, "log-sum-exp")?;
+        let dev = &on_gpu(&guards[0].0, "q")?.device;
+        let guard = mask.map(|m| m.storage_and_layout());
+        let (mask_view, geom) = match &guard {
+            Some((s, l)) => {
+                let m = on_gpu(s, "the mask")?;
+                let (qd, kd) = (guards[0].1.dims(), guards[1].1.dims());
+                let geom = MaskGeom::new(&Shape::from((qd[0], qd[1], qd[2], kd[2])), l)?;
+                (Some(m.as_cuda_slice::<T>()?.slice(geom.offset..)), Some(geom))
+            }
+            None => (None, None),
+        };
+        let args = args.with_mask(geom);
+        let (q_rows, k_rows) = (args.bh * args.lq, args.bh * args.lk);
+        let (nq, nk) = (guards[0].1.shape().elem_count(), guards[1].1.shape().elem_count());
+        // SAFETY: the kernels write every element of all four.
+        let (dq, dk, dv, dsum) = unsafe {
+            (dev.alloc::<T>(nq)?, dev.alloc::<T>(nk)?, dev.alloc::<T>(nk)?, dev.alloc::<f32>(q_rows.max(0) as usize)?)
+        };
+        let [q, k, v, o, go] = [&views[0], &views[1], &views[2], &views[3], &views[4]];
+        if q_rows > 0 {
+            let (func, stream) = ATTENTION.func::<T>(dev, "attn_bwd_dq")?;
+            let mut b = stream.launch_builder(&func);
+            push_inputs(&mut b, [q, k, v], &mask_view);
+            b.arg(o);
+            b.arg(go);
+            b.arg(&lse_view);
+            b.arg(&dq);
+            b.arg(&dsum);
+            b.arg(&args);
+            // SAFETY: argument types and order match attn_bwd_dq in kernels/attention.cu.
+            unsafe { b.launch(args.launch(q_rows)) }.w()?;
+        }
+        if k_rows > 0 {
+            let (func, stream) = ATTENTION.func::<T>(dev, "attn_bwd_dkv")?;
+            let mut b = stream.launch_builder(&func);
+            push_inputs(&mut b, [q, k, v], &mask_view);
+            b.arg(go);
+            b.arg(&lse_view);
+            b.arg(&dsum);
+            b.arg(&dk);
+            b.arg(&dv);
+            b.arg(&args);
+            // SAFETY: argument types and order match attn_bwd_dkv in kernels/attention.cu.
+            unsafe { b.launch(args.launch(k_rows)) }.w()?;
+        }
+        let (qs, ks) = (guards[0].1.shape(), guards[1].1.shape());
+        Ok([wrap(dq, dev, qs), wrap(dk, dev, ks), wrap(dv, dev, ks)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{max_err, rng, uniform};
+    use super::super::{attention, AttnDropout, Kernels};
+    use super::attention_fused;
+    use candle_core::{DType, Device, Result, Tensor, Var};
+    use rand::Rng;
+
+    /// Output and d(sum(o * w))/d(q, k, v).
+    fn run(
+        [q, k, v]: [&Tensor; 3], mask: Option<&Tensor>, dropout: Option<AttnDropout>, w: &Tensor, kernels: Kernels,
+    ) -> Result<Vec<Tensor>> {
+        let (q, k, v) = (Var::from_tensor(q)?, Var::from_tensor(k)?, Var::from_tensor(v)?);
+        let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        // Fused: the core op at every size (the public function composes below its size threshold).
+        let o = match kernels {
+            Kernels::Fused => attention_fused(q, k, v, 0.125, mask, dropout.filter(|d| d.p > 0.0), DType::F32)?,
+            Kernels::Reference => attention(q, k, v, 0.125, mask, dropout, kernels)?,
+        };
+        let grads = (o.to_dtype(DType::F32)? * w)?.sum_all()?.backward()?;
+        let get = |t: &Tensor| grads.get(t).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()));
+        Ok(vec![o.clone(), get(q)?, get(k)?, get(v)?])
+    }
+
+    /// BERT padding: per batch row a random number of attended keys, the rest -10000.
+    fn padding(r: &mut rand_chacha::ChaCha8Rng, b: usize, lk: usize) -> Result<Tensor> {
+        let keep: Vec<usize> = (0..b).map(|_| r.random_range(1..=lk)).collect();
+        let v: Vec<f32> = (0..b * lk).map(|i| if i % lk < keep[i / lk] { 0.0 } else { -10000.0 }).collect();
+        Tensor::from_vec(v, (b, 1, 1, lk), &Device::Cpu)
+    }
+
+    fn compare(label: &str, got: &[Tensor], want: &[Tensor], tol: f64) -> Result<()> {
+        for (name, (g, w)) in ["o", "dq", "dk", "dv"].iter().zip(got.iter().zip(want)) {
+            let err = max_err(g, w)?.1;
+            assert!(err <= tol, "{label}: {name} error {err:e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_reference_forward_and_gradients() -> Result<()> {
+        let mut r = rng(21);
+        // (B, H, Lq, Lk, Dh): text self-attention, cross-attention to image tokens, a ViT, odd sizes, and
+        // enough heads to spread over the thread pool.
+        for (b, h, lq, lk, dh) in
+            [(1, 1, 1, 1, 1), (2, 3, 5, 7, 4), (3, 4, 25, 25, 16), (2, 2, 9, 257, 32), (4, 12, 50, 50, 64)]
+        {
+            let q = uniform(&mut r, &[b, h, lq, dh], 2.0, &Device::Cpu)?;
+            let k = uniform(&mut r, &[b, h, lk, dh], 2.0, &Device::Cpu)?;
+            let v = uniform(&mut r, &[b, h, lk, dh], 1.0, &Device::Cpu)?;
+            let w = uniform(&mut r, &[b, h, lq, dh], 1.0, &Device::Cpu)?;
+            let mask = padding(&mut r, b, lk)?;
+            for (masked, p) in [(false, 0.0), (true, 0.0), (true, 0.1), (false, 0.5)] {
+                let m = masked.then_some(&mask);
+                let d = Some(AttnDropout { p, seed: 7 + b as u64 });
+                let label = format!("[{b}, {h}, {lq}, {lk}, {dh}] mask={masked} p={p}");
+                let got = run([&q, &k, &v], m, d, &w, Kernels::Fused)?;
+                let want = run([&q, &k, &v], m, d, &w, Kernels::Reference)?;
+                compare(&label, &got, &want, 1e-5)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_draws_its_rate_and_the_seed_fixes_it() -> Result<()> {
+        let mut r = rng(22);
+        let (q, k) =
+            (uniform(&mut r, &[2, 4, 64, 8], 1.0, &Device::Cpu)?, uniform(&mut r, &[2, 4, 64, 8], 1.0, &Device::Cpu)?);
+        let v = Tensor::ones((2, 4, 64, 8), DType::F32, &Device::Cpu)?;
+        let d = AttnDropout { p: 0.3, seed: 5 };
+        let mask = d.mask(&[2, 4, 64, 64], &Device::Cpu)?;
+        let kept = mask.ne(0f32)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        // 32768 draws: sd of the kept fraction ~0.0025.
+        assert!((kept - 0.7).abs() < 0.0125, "kept {kept}");
+        let a = attention(&q, &k, &v, 1.0, None, Some(d), Kernels::Fused)?;
+        let b = attention(&q, &k, &v, 1.0, None, Some(d), Kernels::Fused)?;
+        let c = attention(&q, &k, &v, 1.0, None, Some(AttnDropout { seed: 6, ..d }), Kernels::Fused)?;
+        assert_eq!(max_err(&a, &b)?.0, 0.0);
+        assert!(max_err(&a, &c)?.0 > 0.1);
+        Ok(())
+    }
+
+    #[test]
+    fn strided_low_precision_and_fully_masked_rows() -> Result<()> {
+        let mut r = rng(23);
+        // Projections split into heads: [B, L, H, Dh] transposed, not contiguous.
+        let split = |t: Tensor| t.transpose(1, 2);
+        let q = split(uniform(&mut r, &[2, 6, 3, 8], 2.0, &Device::Cpu)?)?;
+        let k = split(uniform(&mut r, &[2, 9, 3, 8], 2.0, &Device::Cpu)?)?;
+        let v = split(uniform(&mut r, &[2, 9, 3, 8], 1.0, &Device::Cpu)?)?;
+        let w = uniform(&mut r, &[2, 3, 6, 8], 1.0, &Device::Cpu)?;
+        // Batch 1's keys all masked with -inf: its rows give zeros (the reference gives NaN).
+        let m: Vec<f32> = (0..18).map(|i| if i < 9 { 0.0 } else { f32::NEG_INFINITY }).collect();
+        let mask = Tensor::from_vec(m, (2, 1, 1, 9), &Device::Cpu)?;
+        let got = run([&q, &k, &v], Some(&mask), None, &w, Kernels::Fused)?;
+        let want = run([&q, &k, &v], Some(&mask), None, &w, Kernels::Reference)?;
+        let first = |ts: &[Tensor]| ts.iter().map(|t| t.narrow(0, 0, 1)).collect::<Result<Vec<_>>>();
+        compare("strided, batch 0", &first(&got)?, &first(&want)?, 1e-5)?;
+        for t in &got {
+            assert!(t.narrow(0, 1, 1)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|&x| x == 0.0));
+        }
+
+        for dtype in [DType::BF16, DType::F16] {
+            let (ql, kl, vl) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
+            let got = run([&ql, &kl, &vl], None, None, &w, Kernels::Fused)?;
+            assert!(got.iter().all(|t| t.dtype() == dtype), "{dtype:?}");
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+            let want = run([&f32s(&ql)?, &f32s(&kl)?, &f32s(&vl)?], None, None, &w, Kernels::Reference)?;
+            compare(&format!("{dtype:?}"), &got, &want, 2e-2)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_shapes_and_rates_are_errors() -> Result<()> {
+        let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu);
+        let (q, k) = (t(&[2, 3, 4, 8])?, t(&[2, 3, 5, 8])?);
+        for kernels in [Kernels::Fused, Kernels::Reference] {
+            assert!(attention(&q, &k, &t(&[2, 3, 6, 8])?, 1.0, None, None, kernels).is_err());
+            assert!(attention(&q, &t(&[2, 3, 5, 7])?, &t(&[2, 3, 5, 7])?, 1.0, None, None, kernels).is_err());
+            assert!(attention(&q, &k, &k, 1.0, Some(&t(&[2, 1, 1, 4])?), None, kernels).is_err());
+            assert!(attention(&q, &k, &k, 1.0, None, Some(AttnDropout { p: 1.0, seed: 0 }), kernels).is_err());
+        }
+        assert!(attention(&t(&[3, 4, 8])?, &t(&[3, 5, 8])?, &t(&[3, 5, 8])?, 1.0, None, None, Kernels::Fused).is_err());
+        Ok(())
+    }
+}
