@@ -2,7 +2,7 @@
 //! keeping the [B, H, Lq, Lk] scores or probabilities: the forward keeps only `o` and each query row's
 //! log-sum-exp `lse`, and the backward recomputes `p = exp(s - lse)` from them (FlashAttention's scheme).
 //! The composition keeps scores, probabilities and, with dropout, the mask and the dropped probabilities
-//! until the backward: for ViT-B at 256 px that is four 13 MB tensors per layer and image pair.
+//! until the backward: for ViT-B at 256 px, 3.2 MB each per layer and image.
 //!
 //! With `dO` the upstream gradient and `z` the dropout mask (0 or 1 / keep):
 //! `dV = (p z)^T dO`, `dp_ij = z_ij (dO_i . v_j)`, `ds_ij = p_ij (dp_ij - D_i)` with
