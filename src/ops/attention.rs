@@ -441,6 +441,17 @@ mod gpu {
         };
     }
 
+    /// The mask's elements from its first entry on, and where each score row's entries sit, for q and k
+    /// of layouts `ql` and `kl`; (None, None) without a mask.
+    fn mask_arg<'a, T: CudaDType, G: std::ops::Deref<Target = Storage>>(
+        guard: &'a Option<(G, &Layout)>, ql: &Layout, kl: &Layout,
+    ) -> Result<(Option<CudaView<'a, T>>, Option<MaskGeom>)> {
+        let Some((s, l)) = guard else { return Ok((None, None)) };
+        let (qd, kd) = (ql.dims(), kl.dims());
+        let geom = MaskGeom::new(&Shape::from((qd[0], qd[1], qd[2], kd[2])), l)?;
+        Ok((Some(on_gpu(s, "the mask")?.as_cuda_slice::<T>()?.slice(geom.offset..)), Some(geom)))
+    }
+
     fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
         Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
@@ -467,15 +478,7 @@ mod gpu {
         let ks = contiguous(k.as_cuda_slice::<T>()?, kl, "attention k")?;
         let vs = contiguous(v.as_cuda_slice::<T>()?, vl, "attention v")?;
         let guard = mask.map(|m| m.storage_and_layout());
-        let (mask_view, geom) = match &guard {
-            Some((s, l)) => {
-                let m = on_gpu(s, "the mask")?;
-                let scores = Shape::from((ql.dims()[0], ql.dims()[1], ql.dims()[2], kl.dims()[2]));
-                let geom = MaskGeom::new(&scores, l)?;
-                (Some(m.as_cuda_slice::<T>()?.slice(geom.offset..)), Some(geom))
-            }
-            None => (None, None),
-        };
+        let (mask_view, geom) = mask_arg::<T, _>(&guard, ql, kl)?;
         let args = args.with_mask(geom);
         let rows = args.bh * args.lq;
         // SAFETY: the kernel writes every element of both.
@@ -520,15 +523,7 @@ mod gpu {
             contiguous(on_gpu(&lse_guard.0, "log-sum-exp")?.as_cuda_slice::<f32>()?, lse_guard.1, "log-sum-exp")?;
         let dev = &on_gpu(&guards[0].0, "q")?.device;
         let guard = mask.map(|m| m.storage_and_layout());
-        let (mask_view, geom) = match &guard {
-            Some((s, l)) => {
-                let m = on_gpu(s, "the mask")?;
-                let (qd, kd) = (guards[0].1.dims(), guards[1].1.dims());
-                let geom = MaskGeom::new(&Shape::from((qd[0], qd[1], qd[2], kd[2])), l)?;
-                (Some(m.as_cuda_slice::<T>()?.slice(geom.offset..)), Some(geom))
-            }
-            None => (None, None),
-        };
+        let (mask_view, geom) = mask_arg::<T, _>(&guard, guards[0].1, guards[1].1)?;
         let args = args.with_mask(geom);
         let (q_rows, k_rows) = (args.bh * args.lq, args.bh * args.lk);
         let (nq, nk) = (guards[0].1.shape().elem_count(), guards[1].1.shape().elem_count());
