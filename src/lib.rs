@@ -18,6 +18,7 @@ pub mod objectives;
 pub mod ops;
 pub mod readback;
 pub mod rng;
+pub mod threads;
 pub mod train;
 
 use anyhow::{bail, Context, Result};

@@ -13,10 +13,11 @@ fn main() {
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: sets one option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
-    // candle's CPU pool spins at barriers: with as many compute threads as cores, any other busy thread
-    // (data workers, the OS) stalls every op. Leave one core free unless the user chose.
-    // CANDLE_NUM_THREADS alone would leave rayon's pool (gemm, evaluation) at every core: 30% slower on 2.
-    // Data-parallel ranks on one machine share its cores.
+    // One pool of compute threads (alignfuse::threads) runs every parallel CPU op: gemm's matmuls and the
+    // fused ops. candle's own pool for its element-wise ops spins at barriers against it, so those ops run
+    // on the calling thread (CANDLE_NUM_THREADS=1). The pool's size: RAYON_NUM_THREADS, else
+    // CANDLE_NUM_THREADS, else one thread fewer than the cores, so that the data workers and the OS do
+    // not stall a section; data-parallel ranks on one machine share its cores.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = match alignfuse::dist::env::local_ranks() {
@@ -26,8 +27,11 @@ fn main() {
         let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| threads.max(1).to_string());
         std::env::set_var("RAYON_NUM_THREADS", threads);
     }
-    let result = alignfuse::cli::run(alignfuse::cli::Cli::parse()).and_then(|()| alignfuse::dist::finish());
-    if let Err(e) = result {
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    let threads = candle_core::utils::get_num_threads();
+    let code = alignfuse::threads::run(threads, || {
+        let result = alignfuse::cli::run(alignfuse::cli::Cli::parse()).and_then(|()| alignfuse::dist::finish());
+        let Err(e) = result else { return 0 };
         // A run stopped by SIGINT / SIGTERM (with its checkpoint written) exits 130 / 143, as shells expect.
         let interrupted = e.chain().find_map(|c| c.downcast_ref::<alignfuse::train::Interrupted>());
         let code = interrupted.map_or(1, |i| i.exit_code());
@@ -35,6 +39,14 @@ fn main() {
         if alignfuse::dist::on_error(&e, code) {
             eprintln!("error: {e:#}");
         }
-        std::process::exit(code);
+        code
+    });
+    match code {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: cannot start {threads} compute threads: {e}");
+            std::process::exit(1);
+        }
     }
 }

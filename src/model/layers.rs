@@ -90,6 +90,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if let (Some(b), Precision::Fp32 | Precision::Tf32) = (&self.bias, ctx.precision) {
+            return crate::ops::linear(x, &self.weight, b, ctx.kernels);
+        }
         let w = self.weight.t()?;
         let y = match x.dims() {
             [b, l, d] => ctx.matmul(&x.reshape((b * l, *d))?, &w)?.reshape((*b, *l, ()))?,

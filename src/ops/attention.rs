@@ -117,6 +117,7 @@ impl HeadArgs<'_> {
     }
 
     /// `s = scale q k^T + mask` of head `h` into `s` [Lq, Lk].
+    #[inline(always)]
     fn logits(&self, h: usize, s: &mut Vec<f32>) {
         let Dims { lq, lk, dh, .. } = self.dims;
         let (qh, kh, _) = self.head(h);
@@ -131,6 +132,7 @@ impl HeadArgs<'_> {
     }
 
     /// Multiplies row `i` of head `h`'s probabilities by the dropout mask (0 or 1 / keep).
+    #[inline(always)]
     fn drop_row(&self, h: usize, i: usize, row: &mut [f32]) {
         if let Some((seed, threshold, inv_keep)) = self.dropout {
             let base = ((h * self.dims.lq + i) * self.dims.lk) as u64;
@@ -141,6 +143,7 @@ impl HeadArgs<'_> {
     }
 
     /// Forward of head `h`: writes its output [Lq, Dh] and returns the rows' log-sum-exp.
+    #[inline(always)]
     fn forward(&self, h: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
         let Dims { lq, lk, dh, .. } = self.dims;
         self.logits(h, s);
@@ -163,6 +166,7 @@ impl HeadArgs<'_> {
     }
 
     /// Backward of head `h` from its output `o`, upstream gradient `go` and `lse`: writes dq, dk, dv.
+    #[inline(always)]
     fn backward(&self, h: usize, (o, go, lse): (&[f32], &[f32], &[f32]), grads: HeadGrads, scratch: &mut Scratch) {
         let Dims { lq, lk, dh, .. } = self.dims;
         let (qh, kh, vh) = self.head(h);
@@ -197,6 +201,22 @@ impl HeadArgs<'_> {
         }
         cpu::matmul(grads.dq, (lq, dh, lk), Mat::rows(pz, lk), Mat::rows(kh, dh), self.scale);
         cpu::matmul(grads.dk, (lk, dh, lq), Mat::transposed(pz, lk), Mat::rows(qh, dh), self.scale);
+    }
+}
+
+cpu::multiversion! {
+    /// [`HeadArgs::forward`] at the CPU's vector width.
+    fn head_forward(args: &HeadArgs<'_>, h: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
+        args.forward(h, out, s)
+    }
+}
+
+cpu::multiversion! {
+    /// [`HeadArgs::backward`] at the CPU's vector width.
+    fn head_backward(
+        args: &HeadArgs<'_>, h: usize, head: (&[f32], &[f32], &[f32]), grads: HeadGrads<'_>, scratch: &mut Scratch,
+    ) {
+        args.backward(h, head, grads, scratch)
     }
 }
 
@@ -280,7 +300,7 @@ impl Attention {
             cpu::par_map(heads, bh * lq * lk * 2, Scratch::default, |scratch, (h, g)| {
                 let rows = h * lq * dh..(h + 1) * lq * dh;
                 let head = (&os[rows.clone()], &gs[rows], &ls[h * lq..(h + 1) * lq]);
-                args.backward(h, head, g, scratch)
+                head_backward(args, h, head, g, scratch)
             });
             let tensor = |d: Vec<f32>, l: &Layout| Tensor::from_vec(d, l.shape(), &Device::Cpu);
             Ok([tensor(dq, ql)?, tensor(dk, kl)?, tensor(dv, vl)?])
@@ -303,7 +323,7 @@ impl CustomOp3 for Attention {
             let Dims { bh, lq, lk, dh } = args.dims;
             let mut out = vec![0f32; bh * lq * dh];
             let heads: Vec<(usize, &mut [f32])> = out.chunks_mut(lq * dh).enumerate().collect();
-            let lse = cpu::par_map(heads, bh * lq * lk, Vec::new, |s, (h, o)| args.forward(h, o, s));
+            let lse = cpu::par_map(heads, bh * lq * lk, Vec::new, |s, (h, o)| head_forward(args, h, o, s));
             Ok((out, lse.concat()))
         })?;
         let d = l1.dims();

@@ -3,7 +3,7 @@
 //! measures the device's copy bandwidth to put the times in scale. Backs `alignfuse bench kernels`.
 
 use super::testing::{max_err, rng, uniform};
-use super::{add_bias, attention, attention_softmax, gelu, itc_loss, layer_norm, AttnDropout, Positives};
+use super::{add_bias, attention, attention_softmax, gelu, itc_loss, layer_norm, linear, AttnDropout, Positives};
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -148,12 +148,14 @@ enum RowOp {
     LayerNorm,
     Bias,
     Gelu,
+    /// A square [d, d] linear layer with bias.
+    Linear,
 }
 
 /// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
 /// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
 /// ITC against the batch plus a 65536 queue; LayerNorm, a bias add and the MLP's GELU over the ViT's 64 x 257
-/// tokens; MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole attention core for the same three attentions (BERT's with its 0.1 dropout; the ViT's
+/// tokens, and one of its 768 x 768 linear layers; MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole attention core for the same three attentions (BERT's with its 0.1 dropout; the ViT's
 /// at 256 px, 16 images).
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
@@ -172,6 +174,7 @@ fn cases() -> Vec<Case> {
         Case::Rows { op: RowOp::LayerNorm, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Bias, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Gelu, rows: 64 * 257, d: 3072 },
+        Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768 },
     ]
 }
 
@@ -321,20 +324,28 @@ fn bench_rows(
     let w = Inputs::<Var>::new((uniform(r, &[d], 0.5, device)? + 1.0)?, DType::F32)?;
     let b = Inputs::<Var>::new(uniform(r, &[d], 0.5, device)?, DType::F32)?;
     let probe = Inputs::<Tensor>::new(uniform(r, &[rows, d], 1.0, device)?, DType::F32)?;
+    let wl = match op {
+        RowOp::Linear => Some(Inputs::<Var>::new(uniform(r, &[d, d], (d as f32).powf(-0.5), device)?, DType::F32)?),
+        _ => None,
+    };
     let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
         let (x, w, b) = (x.get(exact).as_tensor(), w.get(exact).as_tensor(), b.get(exact).as_tensor());
-        let y = match op {
-            RowOp::LayerNorm => layer_norm(x, w, b, 1e-6, k)?,
-            RowOp::Bias => add_bias(x, b, k)?,
-            RowOp::Gelu => gelu(x, k)?,
+        let wl = wl.as_ref().map(|w| w.get(exact).as_tensor());
+        let y = match (op, wl) {
+            (RowOp::LayerNorm, _) => layer_norm(x, w, b, 1e-6, k)?,
+            (RowOp::Bias, _) => add_bias(x, b, k)?,
+            (RowOp::Gelu, _) => gelu(x, k)?,
+            (RowOp::Linear, wl) => linear(x, wl.expect("the linear case has a weight"), b, k)?,
         };
         if !backward {
             return Ok(vec![y]);
         }
         let grads = (&y * probe.get(exact))?.sum_all()?.backward()?;
         let mut out = vec![y, grad(&grads, x)?];
-        if op == RowOp::LayerNorm {
-            out.push(grad(&grads, w)?);
+        match (op, wl) {
+            (RowOp::LayerNorm, _) => out.push(grad(&grads, w)?),
+            (RowOp::Linear, Some(wl)) => out.push(grad(&grads, wl)?),
+            _ => {}
         }
         if op != RowOp::Gelu {
             out.push(grad(&grads, b)?);
@@ -345,6 +356,7 @@ fn bench_rows(
         RowOp::LayerNorm => ("layer_norm", &["y", "dx", "dw", "db"]),
         RowOp::Bias => ("add_bias", &["y", "dx", "db"]),
         RowOp::Gelu => ("gelu", &["y", "dx"]),
+        RowOp::Linear => ("linear", &["y", "dx", "dw", "db"]),
     };
     compare(device, reps, format!("{name} [{rows}, {d}]"), DType::F32, outputs, run)
 }

@@ -15,6 +15,12 @@ pub(super) fn add_bias_fused(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias)
 }
 
+/// The sums of the rows of `g` [.., cols] (bias gradients).
+pub(super) fn column_sum(g: &Tensor) -> Result<Tensor> {
+    let cols = *g.dims().last().unwrap_or(&0);
+    g.contiguous()?.apply_op1_no_bwd(&ColumnSum { cols })
+}
+
 struct AddBias;
 
 impl CustomOp2 for AddBias {
@@ -39,15 +45,27 @@ impl CustomOp2 for AddBias {
         gpu::add_bias(s1, l1, s2, l2)
     }
 
-    fn bwd(&self, _x: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = g.contiguous()?.apply_op1_no_bwd(&ColumnSum { cols: b.elem_count() })?;
-        Ok((Some(g.clone()), Some(db)))
+    fn bwd(&self, _x: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.clone()), Some(column_sum(g)?)))
     }
 }
 
 /// Sums the rows of `[.., cols]` into `[cols]`, in f64 on the CPU.
 struct ColumnSum {
     cols: usize,
+}
+
+cpu::multiversion! {
+    /// Adds every `acc.len()`-long row of `g` into `acc`.
+    fn column_sums(g: &[f32], acc: &mut [f64]) {
+        let cols = acc.len();
+        for row in g.chunks_exact(cols.max(1)) {
+            let row = &row[..cols];
+            for j in 0..cols {
+                acc[j] += row[j] as f64;
+            }
+        }
+    }
 }
 
 impl CustomOp1 for ColumnSum {
@@ -58,9 +76,7 @@ impl CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = cpu::f32_slice(s, l, "add_bias gradient")?;
         let mut acc = vec![0f64; self.cols];
-        for row in g.chunks_exact(self.cols.max(1)) {
-            acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
-        }
+        column_sums(g, &mut acc);
         Ok((CpuStorage::F32(acc.into_iter().map(|v| v as f32).collect()), Shape::from(self.cols)))
     }
 
@@ -71,7 +87,7 @@ impl CustomOp1 for ColumnSum {
 }
 
 #[cfg(feature = "cuda")]
-mod gpu {
+pub(super) mod gpu {
     use crate::ops::cuda::{contiguous, int, unsupported, BIAS};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
@@ -85,7 +101,9 @@ mod gpu {
         LaunchConfig { grid_dim: grid, block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
     }
 
-    pub(super) fn add_bias(x: &CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+    pub(in crate::ops) fn add_bias(
+        x: &CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = &x.device;
         let (S::F32(xs), S::F32(bs)) = (&x.slice, &b.slice) else { return Err(unsupported(&x.slice, "add_bias")) };
         let (xs, bs) = (contiguous(xs, xl, "add_bias x")?, contiguous(bs, bl, "add_bias bias")?);

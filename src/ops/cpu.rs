@@ -1,10 +1,12 @@
 //! Row kernels of the fused ops on CPU: plain loops over contiguous f32 rows, written so that LLVM
-//! vectorises them (reductions keep `LANES` independent accumulators, `exp` is branch-free), with rows
-//! spread over candle's own CPU thread pool (CANDLE_NUM_THREADS / RAYON_NUM_THREADS set its size).
+//! vectorises them (reductions keep `LANES` independent accumulators, `exp` is branch-free), compiled for
+//! the widest vector instructions the CPU has ([`Simd`]) and spread over the compute threads
+//! (crate::threads).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result};
-use std::sync::{Mutex, PoisonError};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The f32 elements a contiguous CPU storage holds for `layout`; `what` names the tensor in errors.
 pub(super) fn f32_slice<'a>(s: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -29,15 +31,108 @@ pub(super) fn f32_slice_mut<'a>(s: &'a mut CpuStorage, layout: &Layout, what: &s
 /// results do not depend on the thread count.
 pub(super) const LANES: usize = 8;
 
+/// The vector instructions the kernels run with, picked at run time: the default build targets the x86-64
+/// baseline (SSE2, 4 lanes), which left the GELU's erf, the softmaxes' exp and LayerNorm 4-16x short of an
+/// AVX-512 core. Every level computes the same bits: Rust never contracts a multiply and an add into an
+/// FMA, and the reductions keep a fixed number of lanes. `ALIGNFUSE_SIMD=baseline|avx2` caps the level
+/// (to measure what it brings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Simd {
+    Baseline = 1,
+    Avx2 = 2,
+    Avx512 = 3,
+}
+
+/// The level in use (0: not chosen yet).
+static LEVEL: AtomicU8 = AtomicU8::new(0);
+
+impl Simd {
+    /// The widest level this CPU supports.
+    fn supported() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl");
+            if avx2 && avx512 {
+                return Simd::Avx512;
+            }
+            if avx2 {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Baseline
+    }
+
+    /// The level the kernels run at: the CPU's widest, or less under `ALIGNFUSE_SIMD`.
+    pub(super) fn current() -> Simd {
+        match LEVEL.load(Ordering::Relaxed) {
+            1 => Simd::Baseline,
+            2 => Simd::Avx2,
+            3 => Simd::Avx512,
+            _ => {
+                let cap = match std::env::var("ALIGNFUSE_SIMD").as_deref() {
+                    Ok("baseline") => Simd::Baseline,
+                    Ok("avx2") => Simd::Avx2,
+                    _ => Simd::Avx512,
+                };
+                Simd::set(cap)
+            }
+        }
+    }
+
+    /// Runs the kernels at `level`, or at the CPU's widest if it lacks `level`; returns the level set.
+    pub(super) fn set(level: Simd) -> Simd {
+        let level = level.min(Simd::supported());
+        LEVEL.store(level as u8, Ordering::Relaxed);
+        level
+    }
+}
+
+/// Defines `fn $name` with its body compiled for each [`Simd`] level, and runs the copy for
+/// [`Simd::current`]. The body is an `#[inline(always)]` function inlined into one
+/// `#[target_feature]` function per level; what it calls must be `#[inline(always)]` (or a small
+/// generic, such as the slice iterators) to be compiled with it. Arguments are plain names.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            fn avx512($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) $(-> $ret)? {
+                body($($arg),*)
+            }
+            match $crate::ops::cpu::Simd::current() {
+                // SAFETY: `Simd::current` never exceeds what the CPU supports.
+                #[cfg(target_arch = "x86_64")]
+                $crate::ops::cpu::Simd::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::ops::cpu::Simd::Avx2 => unsafe { avx2($($arg),*) },
+                _ => body($($arg),*),
+            }
+        }
+    };
+}
+pub(super) use multiversion;
+
 /// Below this many elements a call runs on the calling thread: waking the pool costs more than it saves.
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 
 /// Rows are handed to threads in parts of about this many elements.
 const PART_ELEMS: usize = 1 << 14;
 
-/// Calls `f(state, item)` for every item and collects the results in order; the items run on candle's
-/// thread pool when `elems` (the elements they touch in all) is large. `init` makes scratch state, once per
-/// batch of items a thread takes.
+/// Calls `f(state, item)` for every item and collects the results in order; the items run on the compute
+/// threads when `elems` (the elements they touch in all) is large. `init` makes scratch state,
+/// once per batch of items a thread takes.
 pub(super) fn par_map<T, S, R, I, F>(items: Vec<T>, elems: usize, init: I, f: F) -> Vec<R>
 where
     T: Send,
@@ -49,23 +144,14 @@ where
         let mut state = init();
         return items.into_iter().map(|item| f(&mut state, item)).collect();
     }
-    // Each slot is locked by exactly one thread (the pool hands out disjoint ranges); the locks only let
-    // the threads share the slots without unsafe code.
-    let slots: Vec<Mutex<(Option<T>, Option<R>)>> = items.into_iter().map(|t| Mutex::new((Some(t), None))).collect();
-    candle_core::utils::barrier_pool().execute_chunked(slots.len(), |range| {
-        let mut state = init();
-        for slot in &slots[range] {
-            let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(item) = slot.0.take() {
-                slot.1 = Some(f(&mut state, item));
-            }
-        }
-    });
-    slots.into_iter().filter_map(|s| s.into_inner().unwrap_or_else(PoisonError::into_inner).1).collect()
+    // rayon, not candle's barrier pool: gemm runs there too, so one set of threads serves every op.
+    crate::threads::wake();
+    items.into_par_iter().with_min_len(1).map_init(&init, &f).collect()
 }
 
 /// Calls `f(state, row_index, out_row)` for every `cols`-long row of `out` and collects the results in
-/// row order; rows run on candle's thread pool when `out` is large, in parts of about `PART_ELEMS`.
+/// row order; rows run on the compute threads when `out` is large, in parts of about
+/// `PART_ELEMS`.
 pub(super) fn map_rows<S, R, I, F>(out: &mut [f32], cols: usize, init: I, f: F) -> Vec<R>
 where
     R: Send,
@@ -83,6 +169,13 @@ where
         rows.chunks_mut(cols).enumerate().map(|(k, row)| f(state, first_row + k, row)).collect()
     };
     par_map(parts, elems, init, run).into_iter().flatten().collect()
+}
+
+/// `f(offset, part)` over consecutive parts of `out` that hold whole `cols`-long rows (1 for element-wise
+/// kernels), on the compute threads when `out` is large.
+pub(super) fn map_parts(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let part = (PART_ELEMS / cols.max(1)).max(1) * cols;
+    map_rows(out, part, || (), |_, r, rows| f(r * part, rows));
 }
 
 /// A matrix operand of [`matmul`]: its elements and the strides of its rows and columns, so a transposed
@@ -198,6 +291,7 @@ pub(super) fn exp(x: f32) -> f32 {
 }
 
 /// Largest element (-inf for an empty row). NaN is skipped here; callers' sums then turn it into NaN.
+#[inline(always)]
 pub(super) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -211,6 +305,7 @@ pub(super) fn max(x: &[f32]) -> f32 {
 }
 
 /// Sum in f64 lanes: softmax denominators over 65536 columns would drift by ~1e-6 in f32.
+#[inline(always)]
 pub(super) fn sum(x: &[f32]) -> f32 {
     let mut acc = [0f64; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -224,6 +319,7 @@ pub(super) fn sum(x: &[f32]) -> f32 {
 }
 
 /// Dot product in f64 lanes.
+#[inline(always)]
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f64; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -237,6 +333,7 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `x <- exp(x - shift)` in place; returns the sum of the new values.
+#[inline(always)]
 pub(super) fn exp_shift_sum(x: &mut [f32], shift: f32) -> f32 {
     for v in x.iter_mut() {
         *v = exp(*v - shift);
@@ -263,6 +360,54 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert_eq!(exp(f32::INFINITY), f32::INFINITY);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    /// Every fused CPU op, forward and backward, gives the same bits at each vector level this CPU has
+    /// (the claim `Simd` rests on). Other tests may run meanwhile at whichever level is set: by that
+    /// claim their results do not change.
+    #[test]
+    fn every_simd_level_computes_the_same_bits() -> candle_core::Result<()> {
+        use super::super::testing::{rng, uniform};
+        use super::super::{attention, attention_softmax, gelu, itc_loss, layer_norm, linear, Positives};
+        use crate::config::Kernels::Fused;
+        use candle_core::{Device, Tensor, Var};
+        let dev = &Device::Cpu;
+        let mut r = rng(21);
+        let var = |r: &mut _, dims: &[usize]| Var::from_tensor(&uniform(r, dims, 3.0, dev)?);
+        let (x, w, b) = (var(&mut r, &[3, 70, 96])?, var(&mut r, &[96])?, var(&mut r, &[96])?);
+        let (wl, scores) = (var(&mut r, &[40, 96])?, var(&mut r, &[2, 4, 9, 37])?);
+        let (q, k, v) = (var(&mut r, &[2, 3, 70, 16])?, var(&mut r, &[2, 3, 70, 16])?, var(&mut r, &[2, 3, 70, 16])?);
+        let (sim, sim_m) = (var(&mut r, &[8, 40])?, uniform(&mut r, &[8, 40], 1.0, dev)?);
+        let temp = Var::from_tensor(&Tensor::new(&[0.07f32], dev)?)?;
+        let run = || -> candle_core::Result<Vec<Vec<u32>>> {
+            let outputs = [
+                gelu(&x, Fused)?,
+                layer_norm(&x, &w, &b, 1e-6, Fused)?,
+                linear(&x, &wl, &wl.narrow(1, 0, 1)?.squeeze(1)?, Fused)?,
+                attention_softmax(&scores, 0.3, None, Fused)?,
+                attention(&q, &k, &v, 0.25, None, None, Fused)?,
+                itc_loss(&sim, &sim_m, &temp, 0.4, Positives::Diagonal, Fused)?,
+            ];
+            let mut bits = Vec::new();
+            for y in &outputs {
+                let grads = y.sqr()?.sum_all()?.backward()?;
+                bits.push(y.flatten_all()?.to_vec1::<f32>()?);
+                for t in [&x, &w, &b, &wl, &scores, &q, &k, &v, &sim, &temp] {
+                    if let Some(g) = grads.get(t) {
+                        bits.push(g.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                }
+            }
+            Ok(bits.into_iter().map(|v| v.into_iter().map(f32::to_bits).collect()).collect())
+        };
+        let before = Simd::current();
+        let levels = [Simd::Baseline, Simd::Avx2, Simd::Avx512].map(|l| (l, Simd::set(l), run()));
+        Simd::set(before);
+        let baseline = levels[0].2.as_ref().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        for (asked, got, bits) in &levels[1..] {
+            assert!(bits.as_ref().is_ok_and(|b| b == baseline), "{asked:?} (ran at {got:?}) differs from the baseline");
+        }
+        Ok(())
     }
 
     #[test]

@@ -80,47 +80,48 @@ struct Row<'a> {
     pos: Option<&'a [f32]>,
 }
 
-/// One row on CPU: returns (loss_i, d loss_i / d temp) and leaves d loss_i / d sim in `out`.
-fn itc_row(
-    Row { positive, sim, sim_m, pos }: Row, temp: f32, alpha: f32, out: &mut [f32], scratch: &mut Scratch,
-) -> (f32, f32) {
-    let n = sim.len();
-    let Scratch { q, zeros } = scratch;
-    q.resize(n, 0.0);
-    zeros.resize(n, 0.0);
-    // Passes 1-2: exp(s - max) into `out`, exp(sim_m / temp - max) into `q`, with their sums.
-    out.iter_mut().zip(sim).for_each(|(o, &x)| *o = x / temp);
-    let max_s = cpu::max(out);
-    let sum_s = cpu::exp_shift_sum(out, max_s);
-    let sum_q = if alpha > 0.0 {
-        q.iter_mut().zip(sim_m).for_each(|(o, &x)| *o = x / temp);
-        let max_q = cpu::max(q);
-        cpu::exp_shift_sum(q, max_q)
-    } else {
-        // Targets are the positives alone; sim_m is not read (as in the reference).
-        q.fill(0.0);
-        1.0
-    };
-    let pos_sum = pos.map_or(1.0, cpu::sum);
-    let c = RowConsts {
-        temp,
-        inv_temp: 1.0 / temp,
-        alpha,
-        max_s,
-        log_sum_s: sum_s.ln(),
-        inv_sum_s: 1.0 / sum_s,
-        inv_sum_q: 1.0 / sum_q,
-        inv_pos_sum: 1.0 / pos_sum,
-    };
-    // Pass 3: targets, loss and derivatives.
-    match pos {
-        Some(p) => itc_span(&c, sim, q, p, out),
-        None => {
-            let (i, j) = (positive, positive + 1);
-            let lo = itc_span(&c, &sim[..i], &q[..i], &zeros[..i], &mut out[..i]);
-            let diag = itc_span(&c, &sim[i..j], &q[i..j], &[1.0], &mut out[i..j]);
-            let hi = itc_span(&c, &sim[j..], &q[j..], &zeros[j..n], &mut out[j..]);
-            (lo.0 + diag.0 + hi.0, lo.1 + diag.1 + hi.1)
+cpu::multiversion! {
+    /// One row on CPU: returns (loss_i, d loss_i / d temp) and leaves d loss_i / d sim in `out`.
+    fn itc_row(row: Row<'_>, temp: f32, alpha: f32, out: &mut [f32], scratch: &mut Scratch) -> (f32, f32) {
+        let Row { positive, sim, sim_m, pos } = row;
+        let n = sim.len();
+        let Scratch { q, zeros } = scratch;
+        q.resize(n, 0.0);
+        zeros.resize(n, 0.0);
+        // Passes 1-2: exp(s - max) into `out`, exp(sim_m / temp - max) into `q`, with their sums.
+        out.iter_mut().zip(sim).for_each(|(o, &x)| *o = x / temp);
+        let max_s = cpu::max(out);
+        let sum_s = cpu::exp_shift_sum(out, max_s);
+        let sum_q = if alpha > 0.0 {
+            q.iter_mut().zip(sim_m).for_each(|(o, &x)| *o = x / temp);
+            let max_q = cpu::max(q);
+            cpu::exp_shift_sum(q, max_q)
+        } else {
+            // Targets are the positives alone; sim_m is not read (as in the reference).
+            q.fill(0.0);
+            1.0
+        };
+        let pos_sum = pos.map_or(1.0, cpu::sum);
+        let c = RowConsts {
+            temp,
+            inv_temp: 1.0 / temp,
+            alpha,
+            max_s,
+            log_sum_s: sum_s.ln(),
+            inv_sum_s: 1.0 / sum_s,
+            inv_sum_q: 1.0 / sum_q,
+            inv_pos_sum: 1.0 / pos_sum,
+        };
+        // Pass 3: targets, loss and derivatives.
+        match pos {
+            Some(p) => itc_span(&c, sim, q, p, out),
+            None => {
+                let (i, j) = (positive, positive + 1);
+                let lo = itc_span(&c, &sim[..i], &q[..i], &zeros[..i], &mut out[..i]);
+                let diag = itc_span(&c, &sim[i..j], &q[i..j], &[1.0], &mut out[i..j]);
+                let hi = itc_span(&c, &sim[j..], &q[j..], &zeros[j..n], &mut out[j..]);
+                (lo.0 + diag.0 + hi.0, lo.1 + diag.1 + hi.1)
+            }
         }
     }
 }
@@ -128,6 +129,7 @@ fn itc_row(
 /// Pass 3 over a span of a row: `e` holds exp(s - max_s) on entry and d loss / d sim on return; returns the
 /// span's (loss, d loss / d temp). Independent accumulators per lane so that the loop vectorises; f64 ones,
 /// as f32 sums of 65536 same-signed loss terms drift by ~1e-5.
+#[inline(always)]
 fn itc_span(c: &RowConsts, sim: &[f32], q: &[f32], pos: &[f32], e: &mut [f32]) -> (f32, f32) {
     const LANES: usize = cpu::LANES;
     let elem = |x: f32, ej: f32, qj: f32, pj: f32| {

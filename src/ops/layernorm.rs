@@ -23,12 +23,46 @@ struct LayerNorm {
 }
 
 /// Writes `x - mean` into `out` and returns (mean, rstd) of the row.
+#[inline(always)]
 fn center(x: &[f32], out: &mut [f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = cpu::sum(x) / n;
-    out.iter_mut().zip(x).for_each(|(o, &v)| *o = v - mean);
+    let x = &x[..out.len()];
+    for j in 0..out.len() {
+        out[j] = x[j] - mean;
+    }
     let var = cpu::dot(out, out) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+cpu::multiversion! {
+    /// One row of the forward into `y`.
+    fn forward_row(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
+        let (_, rstd) = center(x, y, eps);
+        let (w, b) = (&w[..y.len()], &b[..y.len()]);
+        for j in 0..y.len() {
+            y[j] = y[j] * rstd * w[j] + b[j];
+        }
+    }
+}
+
+cpu::multiversion! {
+    /// One row of dx into `dx` (`gw` is scratch); returns the row's (mean, rstd) for dw.
+    fn backward_row(x: &[f32], g: &[f32], w: &[f32], gw: &mut Vec<f32>, dx: &mut [f32], eps: f32) -> (f32, f32) {
+        let d = dx.len();
+        let (mean, rstd) = center(x, dx, eps);
+        gw.resize(d, 0.0);
+        let (g, w, gw) = (&g[..d], &w[..d], &mut gw[..d]);
+        for j in 0..d {
+            dx[j] *= rstd;
+            gw[j] = g[j] * w[j];
+        }
+        let (c1, c2) = (cpu::sum(gw) / d as f32, cpu::dot(gw, dx) / d as f32);
+        for j in 0..d {
+            dx[j] = rstd * (gw[j] - c1 - dx[j] * c2);
+        }
+        (mean, rstd)
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -46,15 +80,7 @@ impl CustomOp3 for LayerNorm {
         );
         let d = w.len();
         let mut y = vec![0f32; x.len()];
-        cpu::map_rows(
-            &mut y,
-            d,
-            || (),
-            |_, r, yr| {
-                let (_, rstd) = center(&x[r * d..(r + 1) * d], yr, self.eps);
-                yr.iter_mut().zip(w).zip(b).for_each(|((v, &wv), &bv)| *v = *v * rstd * wv + bv);
-            },
-        );
+        cpu::map_rows(&mut y, d, || (), |_, r, yr| forward_row(&x[r * d..(r + 1) * d], w, b, yr, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -101,14 +127,7 @@ impl CustomOp3 for LayerNormBwd {
         let mut out = vec![0f32; n + 2 * d];
         let (dx, dwb) = out.split_at_mut(n);
         let stats = cpu::map_rows(dx, d, Vec::new, |gw: &mut Vec<f32>, r, dr| {
-            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-            let (mean, rstd) = center(xr, dr, self.eps);
-            dr.iter_mut().for_each(|v| *v *= rstd);
-            gw.clear();
-            gw.extend(gr.iter().zip(w).map(|(&gv, &wv)| gv * wv));
-            let (c1, c2) = (cpu::sum(gw) / d as f32, cpu::dot(gw, dr) / d as f32);
-            dr.iter_mut().zip(gw.iter()).for_each(|(v, &gwv)| *v = rstd * (gwv - c1 - *v * c2));
-            (mean, rstd)
+            backward_row(&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d], w, gw, dr, self.eps)
         });
         // dw, db: column sums over the rows, accumulated row by row (contiguous, vectorised), in f64.
         let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);

@@ -16,6 +16,7 @@ mod cuda;
 mod gelu;
 mod itc;
 mod layernorm;
+mod linear;
 mod softmax;
 
 pub use adamw::{adamw_step, AdamWStep};
@@ -99,6 +100,24 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match (kernels, x.dtype(), bias.dtype()) {
         (Kernels::Fused, DType::F32, DType::F32) => bias::add_bias_fused(x, bias),
         _ => x.broadcast_add(bias),
+    }
+}
+
+/// `x W^T + b` for x [.., in], `weight` [out, in] and `bias` [out], as PyTorch's `nn.Linear`. Fused for f32
+/// (one autograd node: the composition's flatten, transpose, product, unflatten and bias add each cost
+/// the backward a gradient); other dtypes compose candle's matmul and broadcast add.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match (kernels, x.dtype(), weight.dtype(), bias.dtype()) {
+        (Kernels::Fused, DType::F32, DType::F32, DType::F32) => linear::linear_fused(x, weight, bias),
+        _ => {
+            let (n, k) = weight.dims2()?;
+            let rows = x.reshape(((), k))?;
+            let mut out = x.dims().to_vec();
+            if let Some(last) = out.last_mut() {
+                *last = n;
+            }
+            rows.matmul(&weight.t()?)?.broadcast_add(bias)?.reshape(out)
+        }
     }
 }
 

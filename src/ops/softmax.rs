@@ -68,16 +68,29 @@ fn cols(shape: &Shape) -> Result<usize> {
     }
 }
 
-/// Softmax of one row of logits in place; a row that is all -inf becomes zeros.
-fn softmax_row(y: &mut [f32]) {
-    let max = cpu::max(y);
-    if max == f32::NEG_INFINITY {
-        y.fill(0.0);
-        return;
+cpu::multiversion! {
+    /// Softmax of one row of logits in place; a row that is all -inf becomes zeros.
+    fn softmax_row(y: &mut [f32]) {
+        let max = cpu::max(y);
+        if max == f32::NEG_INFINITY {
+            y.fill(0.0);
+            return;
+        }
+        let inv = 1.0 / cpu::exp_shift_sum(y, max);
+        for v in y.iter_mut() {
+            *v *= inv;
+        }
     }
-    let inv = 1.0 / cpu::exp_shift_sum(y, max);
-    for v in y.iter_mut() {
-        *v *= inv;
+}
+
+cpu::multiversion! {
+    /// One row of the backward: `dx = scale * y * (g - sum(g * y))`.
+    fn backward_row(y: &[f32], g: &[f32], dx: &mut [f32], scale: f32) {
+        let (y, g) = (&y[..dx.len()], &g[..dx.len()]);
+        let dot = cpu::dot(y, g);
+        for j in 0..dx.len() {
+            dx[j] = scale * y[j] * (g[j] - dot);
+        }
     }
 }
 
@@ -185,11 +198,7 @@ impl CustomOp2 for AttnSoftmaxBwd {
             &mut dx,
             cols,
             || (),
-            |_, r, dr| {
-                let (yr, gr) = (&y[r * cols..(r + 1) * cols], &g[r * cols..(r + 1) * cols]);
-                let dot = cpu::dot(yr, gr);
-                dr.iter_mut().zip(yr).zip(gr).for_each(|((d, &yv), &gv)| *d = scale * yv * (gv - dot));
-            },
+            |_, r, dr| backward_row(&y[r * cols..(r + 1) * cols], &g[r * cols..(r + 1) * cols], dr, scale),
         );
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }

@@ -149,6 +149,7 @@ impl Setup {
     /// caller updates the momentum twin before and enqueues after): its dropout masks, negatives and MLM
     /// masking come from streams keyed by (seed, micro).
     pub fn forward(&mut self, batch: &Batch, micro: u64, alpha: f64) -> Result<Output> {
+        crate::threads::wake();
         let (cfg, seed) = (&self.cfg, self.cfg.seed);
         // Every rank draws from its own streams (rank 0's are a lone process's).
         let rank = self.dist.stream_label();
