@@ -16,14 +16,11 @@ fn main() {
     // One pool of compute threads (alignfuse::threads) runs every parallel CPU op: gemm's matmuls and the
     // fused ops. candle's own pool for its element-wise ops spins at barriers against it, so those ops run
     // on the calling thread (CANDLE_NUM_THREADS=1). The pool's size: RAYON_NUM_THREADS, else
-    // CANDLE_NUM_THREADS, else one thread fewer than the cores, so that the data workers and the OS do
-    // not stall a section; data-parallel ranks on one machine share its cores.
+    // CANDLE_NUM_THREADS, else every core (helpers spin only while parallel work keeps coming, so the data
+    // workers get the cores in between); data-parallel ranks on one machine share the cores.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = match alignfuse::dist::env::local_ranks() {
-            1 => cores.saturating_sub(1),
-            ranks => cores / ranks,
-        };
+        let threads = cores / alignfuse::dist::env::local_ranks();
         let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| threads.max(1).to_string());
         std::env::set_var("RAYON_NUM_THREADS", threads);
     }

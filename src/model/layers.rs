@@ -105,6 +105,25 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The output split into `n` equal parts along its last dimension, computed as `n` products with the
+    /// weight's row blocks. Narrowing the output instead would cost the backward `n` zero-padded
+    /// gradients of the full output width (candle's narrow backward), on activations; here the padding
+    /// falls on the weight.
+    pub fn forward_split(&self, x: &Tensor, n: usize, ctx: &Ctx) -> Result<Vec<Tensor>> {
+        let size = self.weight.dim(0)? / n;
+        (0..n)
+            .map(|i| {
+                let part = Linear {
+                    weight: self.weight.narrow(0, i * size, size)?,
+                    bias: self.bias.as_ref().map(|b| b.narrow(0, i * size, size)).transpose()?,
+                };
+                part.forward(x, ctx)
+            })
+            .collect()
+    }
+}
+
 /// LayerNorm over the last dimension ([`crate::ops::layer_norm`]).
 #[derive(Clone)]
 pub struct LayerNorm {

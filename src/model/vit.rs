@@ -39,9 +39,8 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let d = x.dim(2)?;
-        let qkv = self.qkv.forward(&self.norm1.forward(x, ctx)?, ctx)?;
-        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
+        let [q, k, v] = <[Tensor; 3]>::try_from(self.qkv.forward_split(&self.norm1.forward(x, ctx)?, 3, ctx)?)
+            .expect("three parts");
         let a = self.proj.forward(&attend(&q, &k, &v, self.heads, None, 0.0, ctx)?, ctx)?;
         let x = (x + scale(a, &self.ls1)?)?;
         let h = crate::ops::gelu(&self.fc1.forward(&self.norm2.forward(&x, ctx)?, ctx)?, ctx.kernels)?;
