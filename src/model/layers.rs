@@ -174,18 +174,16 @@ impl Embedding {
 pub fn attend(
     q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, p: f64, ctx: &Ctx,
 ) -> Result<Tensor> {
-    let (b, lq, d) = q.dims3()?;
-    let lk = k.dim(1)?;
-    let dh = d / heads;
-    let split = |x: &Tensor, l: usize| x.reshape((b, l, heads, dh))?.transpose(1, 2)?.contiguous();
-    let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
+    let dh = q.dim(2)? / heads;
+    let split = |x: &Tensor| crate::ops::split_heads(x, heads, ctx.kernels);
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let (q, k, v) = match ctx.precision {
         Precision::Bf16 => (q.to_dtype(DType::BF16)?, k.to_dtype(DType::BF16)?, v.to_dtype(DType::BF16)?),
         Precision::Fp32 | Precision::Tf32 => (q, k, v),
     };
     let dropout = (ctx.train && p > 0.0).then(|| AttnDropout { p, seed: ctx.seed() });
     let o = crate::ops::attention(&q, &k, &v, 1.0 / (dh as f64).sqrt(), mask, dropout, ctx.kernels)?;
-    o.to_dtype(DType::F32)?.transpose(1, 2)?.reshape((b, lq, d))
+    crate::ops::merge_heads(&o.to_dtype(DType::F32)?, ctx.kernels)
 }
 
 /// Additive attention mask [B, 1, 1, L] from a 0/1 padding mask [B, L]: 0 where attended, -10000

@@ -14,6 +14,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod gelu;
+mod heads;
 mod itc;
 mod layernorm;
 mod linear;
@@ -100,6 +101,29 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match (kernels, x.dtype(), bias.dtype()) {
         (Kernels::Fused, DType::F32, DType::F32) => bias::add_bias_fused(x, bias),
         _ => x.broadcast_add(bias),
+    }
+}
+
+/// Attention's head split, x [B, L, H * Dh] -> [B, H, L, Dh] contiguous. Fused: one autograd node (a strided
+/// copy each way); Reference: reshape, transpose and copy.
+pub fn split_heads(x: &Tensor, heads: usize, kernels: Kernels) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused => heads::split(x, heads),
+        Kernels::Reference => {
+            let (b, l, d) = x.dims3()?;
+            x.reshape((b, l, heads, d / heads))?.transpose(1, 2)?.contiguous()
+        }
+    }
+}
+
+/// The inverse of [`split_heads`]: x [B, H, L, Dh] -> [B, L, H * Dh].
+pub fn merge_heads(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused => heads::merge(x),
+        Kernels::Reference => {
+            let (b, h, l, dh) = x.dims4()?;
+            x.transpose(1, 2)?.reshape((b, l, h * dh))
+        }
     }
 }
 
