@@ -56,8 +56,9 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>, ker
 /// [`attention_softmax`]. Returns [B, H, Lq, Dh] in q's dtype.
 ///
 /// Fused keeps neither scores nor probabilities for the backward (it recomputes them), so a layer's
-/// attention holds O(L) memory instead of O(L^2) (on small tiles it composes, see
-/// [`FUSED_CORE_MIN_SCORES`]). Reference composes candle ops, with the softmax in f32 (torch.autocast's
+/// attention holds O(L) memory instead of O(L^2), and spreads the heads over the compute threads (candle's
+/// batched products run on one thread below gemm's threading size: the tiny preset's 26 x 26 tiles; there the
+/// fused core costs one thread ~1.5% of the step and gains two threads ~10%). Reference composes candle ops, with the softmax in f32 (torch.autocast's
 /// rule) and the dropout mask materialised from the same hash the fused op evaluates in place, so both
 /// draw identical masks.
 pub fn attention(
@@ -69,12 +70,10 @@ pub fn attention(
             bail!("attention: dropout probability {} is outside [0, 1)", d.p);
         }
     }
-    let (lq, lk) = attention::check_shapes(q.shape(), k.shape(), v.shape())?;
+    attention::check_shapes(q.shape(), k.shape(), v.shape())?;
     let dropout = dropout.filter(|d| d.p > 0.0);
     match (kernels, fused_dtype(q)) {
-        (Kernels::Fused, Some(work)) if lq * lk >= FUSED_CORE_MIN_SCORES => {
-            attention::attention_fused(q, k, v, scale, mask, dropout, work)
-        }
+        (Kernels::Fused, Some(work)) => attention::attention_fused(q, k, v, scale, mask, dropout, work),
         _ => {
             // Low-precision products go up to f32 for the softmax; f64 stays exact.
             let work = if q.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
@@ -88,12 +87,6 @@ pub fn attention(
         }
     }
 }
-
-/// Below this many scores per head (Lq x Lk) `Kernels::Fused` composes the attention around the fused
-/// softmax instead of running the fused core: candle's batched products beat per-head ones on such small
-/// tiles (tiny preset: 1.05x the step), and the [B, H, Lq, Lk] tensors kept for the backward are small.
-/// ALBEF-B's ViT (257 x 257) and fusion cross-attention (25 x 257) run the core, its text attention not.
-const FUSED_CORE_MIN_SCORES: usize = 4096;
 
 /// `x + bias` with `bias` [D] broadcast over the rows of `x` [.., D]. Fused for f32 (its backward sums the
 /// gradient's rows in one contiguous pass); other dtypes use candle's broadcast add.
