@@ -123,8 +123,21 @@ fn two_ranks_stay_identical_and_match_one_rank_at_the_global_batch() {
     }
     let (dp, single) = (state(&dump_two, 0, 3), state(&dump_one, 0, 3));
     for (name, t) in &single {
+        // Attention key biases get a gradient that is zero up to rounding (a softmax ignores a shift of all
+        // its logits), which AdamW scales up to learning-rate-sized steps: 1e-4 there. The ViT's are the
+        // middle third of `qkv.bias`; its q and v thirds are held to 1e-5.
+        let key_bias = name.ends_with("key.bias") || name.ends_with("attn.qkv.bias");
         let d = max_abs_diff(&dp[name], t);
-        assert!(d <= 1e-5, "`{name}` after 3 steps: 2 ranks differ from 1 rank by {d:e}");
+        let tolerance = if key_bias { 1e-4 } else { 1e-5 };
+        assert!(d <= tolerance, "`{name}` after 3 steps: 2 ranks differ from 1 rank by {d:e}");
+        if name.ends_with("attn.qkv.bias") {
+            let third = t.dim(0).unwrap() / 3;
+            for start in [0, 2 * third] {
+                let part = |x: &Tensor| x.narrow(0, start, third).unwrap();
+                let d = max_abs_diff(&part(&dp[name]), &part(t));
+                assert!(d <= 1e-5, "`{name}` [{start}..] after 3 steps: 2 ranks differ from 1 rank by {d:e}");
+            }
+        }
     }
     let (a, b) = (steps(&two), steps(&one));
     assert_eq!(a.len(), 3);
