@@ -103,9 +103,7 @@ impl Linear {
             None => Ok(y),
         }
     }
-}
 
-impl Linear {
     /// The output split into `n` equal parts along its last dimension, computed as `n` products with the
     /// weight's row blocks. Narrowing the output instead would cost the backward `n` zero-padded
     /// gradients of the full output width (candle's narrow backward), on activations; here the padding

@@ -15,6 +15,19 @@ pub(super) fn add_bias_fused(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&bias.contiguous()?, AddBias)
 }
 
+cpu::multiversion! {
+    /// Adds `b` to every `b.len()`-long row of `y`.
+    pub(super) fn add_rows(y: &mut [f32], b: &[f32]) {
+        let n = b.len();
+        for row in y.chunks_exact_mut(n.max(1)) {
+            let row = &mut row[..n];
+            for j in 0..n {
+                row[j] += b[j];
+            }
+        }
+    }
+}
+
 /// The sums of the rows of `g` [.., cols] (bias gradients).
 pub(super) fn column_sum(g: &Tensor) -> Result<Tensor> {
     let cols = *g.dims().last().unwrap_or(&0);

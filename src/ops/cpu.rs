@@ -131,8 +131,8 @@ const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 const PART_ELEMS: usize = 1 << 14;
 
 /// Calls `f(state, item)` for every item and collects the results in order; the items run on the compute
-/// threads when `elems` (the elements they touch in all) is large. `init` makes scratch state,
-/// once per batch of items a thread takes.
+/// threads when `elems` (the elements they touch in all) is large. `init` makes scratch state, once per
+/// batch of items a thread takes.
 pub(super) fn par_map<T, S, R, I, F>(items: Vec<T>, elems: usize, init: I, f: F) -> Vec<R>
 where
     T: Send,
@@ -150,8 +150,7 @@ where
 }
 
 /// Calls `f(state, row_index, out_row)` for every `cols`-long row of `out` and collects the results in
-/// row order; rows run on the compute threads when `out` is large, in parts of about
-/// `PART_ELEMS`.
+/// row order; rows run on the compute threads when `out` is large, in parts of about `PART_ELEMS`.
 pub(super) fn map_rows<S, R, I, F>(out: &mut [f32], cols: usize, init: I, f: F) -> Vec<R>
 where
     R: Send,

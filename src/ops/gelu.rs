@@ -1,7 +1,8 @@
 //! Fused GELU with the exact (erf) form, `y = x / 2 * (1 + erf(x / sqrt 2))`, and its backward
 //! `dx = g * (Phi(x) + x * phi(x))`. candle's `gelu_erf` calls libm's scalar `erf` per element (8% of the CPU
 //! training step); here erf is Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7) over the
-//! branch-free `cpu::exp`, so the loop vectorises (to the CPU's widest vectors, `cpu::Simd`). CUDA kernels: kernels/gelu.cu (`erff`). f32 only.
+//! branch-free `cpu::exp`, so the loop vectorises (to the CPU's widest vectors, `cpu::Simd`). CUDA kernels:
+//! kernels/gelu.cu (`erff`). f32 only.
 
 use super::cpu;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};

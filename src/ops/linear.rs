@@ -52,19 +52,6 @@ impl Geometry {
     }
 }
 
-cpu::multiversion! {
-    /// Adds `b` to every `b.len()`-long row of `y`.
-    fn add_rows(y: &mut [f32], b: &[f32]) {
-        let n = b.len();
-        for row in y.chunks_exact_mut(n.max(1)) {
-            let row = &mut row[..n];
-            for j in 0..n {
-                row[j] += b[j];
-            }
-        }
-    }
-}
-
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
         "alignfuse-linear"
@@ -78,7 +65,7 @@ impl CustomOp3 for Linear {
         let CpuStorage::F32(mut y) = s1.matmul(s2, (1, g.m, g.n, g.k), &g.x, &g.wt)? else {
             bail!("linear: the fused CPU op takes f32, got {:?}", s1.dtype())
         };
-        cpu::map_parts(&mut y, g.n, |_, rows| add_rows(rows, b));
+        cpu::map_parts(&mut y, g.n, |_, rows| bias::add_rows(rows, b));
         Ok((CpuStorage::F32(y), g.out))
     }
 
