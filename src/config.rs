@@ -291,6 +291,10 @@ pub struct TrainConfig {
     /// Also write the logged scalars (losses, lr, temp, alpha, ITM accuracy, grad norm, pairs/s,
     /// validation R@K) to a TensorBoard event file in the run folder.
     pub tensorboard: bool,
+    /// Run the backward pass in segments, one per ViT block, each freed when done (src/train/backward.rs):
+    /// the same gradients with a lower peak memory, since candle otherwise keeps every activation until
+    /// the whole backward has returned.
+    pub segmented_backward: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -470,6 +474,7 @@ impl Default for TrainConfig {
             select: Select::Rerank,
             precision: Precision::Fp32,
             tensorboard: true,
+            segmented_backward: true,
         }
     }
 }

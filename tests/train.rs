@@ -156,10 +156,9 @@ fn itm_alone_overfits_one_batch() {
     let mut accuracy = 0.0;
     for step in 0..200 {
         setup.model.update_momentum().unwrap();
-        let out = setup.forward(&batch, step, 0.0).unwrap();
+        let mut out = setup.forward(&batch, step, 0.0).unwrap();
         accuracy = out.metrics.get("itm_acc").unwrap().to_scalar::<f32>().unwrap();
-        let loss = alignfuse::train::sum(&out.losses, &setup.device).unwrap();
-        setup.opt.accumulate(&loss.backward().unwrap()).unwrap();
+        setup.opt.accumulate(&alignfuse::train::backward(&mut out, &setup.device).unwrap().1).unwrap();
         setup.opt.step(1e-3, 0.0).unwrap();
     }
     assert!(accuracy > 0.95, "ITM accuracy {accuracy} after 200 steps on one batch");
@@ -230,13 +229,41 @@ fn bf16_tracks_fp32_and_reaches_every_parameter() {
     let cfg = micro_config(&["train.precision=bf16"]);
     let mut setup = alignfuse::train::Setup::new(cfg, &scratch("precision-grads")).unwrap();
     let batch = setup.loader.epoch(0, 0, None).unwrap().next().unwrap().unwrap();
-    let out = setup.forward(&batch, 0, 0.4).unwrap();
-    let grads = alignfuse::train::sum(&out.losses, &setup.device).unwrap().backward().unwrap();
+    let mut out = setup.forward(&batch, 0, 0.4).unwrap();
+    let (_, grads) = alignfuse::train::backward(&mut out, &setup.device).unwrap();
     for (name, var) in setup.model.params().vars() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} gets no gradient"));
         assert_eq!(g.dtype(), candle_core::DType::F32, "{name}");
         let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
         assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|&v| v != 0.0), "{name}: {g:?}");
+    }
+}
+
+/// `train.segmented_backward` (the graph cut after every ViT block, each segment run and dropped in turn)
+/// gives the one-graph gradients bit for bit, and leaves nothing of the forward's graph behind.
+#[test]
+fn segmented_backward_gives_the_same_gradients() {
+    let grads = |segmented: bool| {
+        let cfg = micro_config(&["model.vision.vision_depth=2", &format!("train.segmented_backward={segmented}")]);
+        let mut setup = alignfuse::train::Setup::new(cfg, &scratch(&format!("segmented-{segmented}"))).unwrap();
+        let batch = setup.loader.epoch(0, 0, None).unwrap().next().unwrap().unwrap();
+        let mut out = setup.forward(&batch, 0, 0.4).unwrap();
+        assert_eq!(out.cuts.len(), if segmented { 2 } else { 0 });
+        let (loss, grads) = alignfuse::train::backward(&mut out, &setup.device).unwrap();
+        assert!(out.cuts.is_empty() && out.losses.iter().all(|(_, t)| !t.track_op()) && !loss.track_op());
+        let vars = setup.model.params().vars();
+        let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let grads: Vec<(String, Vec<f32>)> = vars
+            .iter()
+            .map(|(name, var)| (name.clone(), grads.get(var.as_tensor()).map(flat).unwrap_or_default()))
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    };
+    let (one, cut) = (grads(false), grads(true));
+    assert_eq!(one.0.to_bits(), cut.0.to_bits());
+    for ((name, a), (_, b)) in one.1.iter().zip(&cut.1) {
+        assert!(!a.is_empty(), "{name} gets no gradient");
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len(), "{name} differs");
     }
 }
 

@@ -2,7 +2,7 @@
 //! feature queue, and the pre-training forward that returns the ITC, ITM and MLM losses by name.
 
 use super::bert::{ImageKv, ImageSide, TextEncoder};
-use super::layers::{Ctx, Linear};
+use super::layers::{Ctx, Cut, Linear};
 use super::momentum::{FeatureQueue, Momentum};
 use super::params::{Init, ParamStore, Pb};
 use super::vit::Vit;
@@ -109,6 +109,8 @@ pub struct Output {
     pub losses: Named,
     pub metrics: Named,
     pub queue_update: Option<QueueUpdate>,
+    /// Where `ctx` cut the graph, for `train::backward`.
+    pub cuts: Vec<Cut>,
 }
 
 /// Every rank's momentum features (no gradient) and image ids of a micro-batch, in rank order: the
@@ -365,7 +367,7 @@ impl Albef {
             let loss = self.mlm(batch, &online.image_embeds, image_embeds_m, alpha, draws, ctx, ctx_m)?;
             losses.insert("mlm", loss.map_or_else(|| Tensor::zeros((), DType::F32, self.device()), Ok)?);
         }
-        Ok(Output { losses, metrics, queue_update: gathered })
+        Ok(Output { losses, metrics, queue_update: gathered, cuts: ctx.take_cuts() })
     }
 
     /// The momentum encoders on the batch: features for ITC and hard negatives, image tokens for MLM

@@ -4,7 +4,7 @@
 use super::params::{Init, Pb};
 use crate::config::{Kernels, Precision};
 use crate::ops::AttnDropout;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
@@ -16,11 +16,40 @@ pub struct Ctx {
     pub kernels: Kernels,
     pub precision: Precision,
     rng: RefCell<ChaCha8Rng>,
+    /// Where the training backward is cut into segments (`train.segmented_backward`); None: one graph.
+    cuts: Option<RefCell<Vec<Cut>>>,
+}
+
+/// A place where the graph is cut: `output` (with its graph) was handed on as `leaf`, a copy that starts
+/// a graph of its own. `train::backward` runs the graph downstream of `leaf` first, then `output`'s
+/// with `leaf`'s gradient, so an encoder block's activations go as soon as its gradient is done.
+pub struct Cut {
+    pub output: Tensor,
+    pub leaf: Tensor,
 }
 
 impl Ctx {
     pub fn new(train: bool, kernels: Kernels, rng: ChaCha8Rng) -> Self {
-        Ctx { train, kernels, precision: Precision::Fp32, rng: RefCell::new(rng) }
+        Ctx { train, kernels, precision: Precision::Fp32, rng: RefCell::new(rng), cuts: None }
+    }
+
+    /// The same context, cutting the graph where [`Ctx::cut`] is called.
+    pub fn with_cuts(self) -> Self {
+        Ctx { cuts: Some(RefCell::new(Vec::new())), ..self }
+    }
+
+    /// `x`, or with cuts on and `x` in the graph, a leaf copy of it that the rest of the forward builds on
+    /// (recorded as a [`Cut`]).
+    pub fn cut(&self, x: Tensor) -> Result<Tensor> {
+        let Some(cuts) = self.cuts.as_ref().filter(|_| x.track_op()) else { return Ok(x) };
+        let leaf = Var::from_tensor(&x.detach())?.as_tensor().clone();
+        cuts.borrow_mut().push(Cut { output: x, leaf: leaf.clone() });
+        Ok(leaf)
+    }
+
+    /// The cuts made so far, in forward order.
+    pub fn take_cuts(&self) -> Vec<Cut> {
+        self.cuts.as_ref().map(|c| c.take()).unwrap_or_default()
     }
 
     /// The same context with matmuls in `precision` (`train.precision`).

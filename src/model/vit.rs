@@ -102,7 +102,7 @@ impl Vit {
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
         for blk in &self.blocks {
-            x = blk.forward(&x, ctx)?;
+            x = ctx.cut(blk.forward(&x, ctx)?)?;
         }
         self.norm.forward(&x, ctx)
     }

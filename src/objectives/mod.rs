@@ -23,6 +23,11 @@ impl Named {
         self.0.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
     }
 
+    /// The same values, cut from the graph that computed them.
+    pub fn detached(&self) -> Named {
+        Named(self.0.iter().map(|(n, t)| (*n, t.detach())).collect())
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &Tensor)> {
         self.0.iter().map(|(n, t)| (*n, t))
     }

@@ -1,7 +1,7 @@
 //! `alignfuse bench train`: times training steps on the configured data and model, split into phases
 //! (data wait, forward, EMA update, backward, optimiser), and reports pairs/s and peak memory.
 
-use super::{schedule, sum, Setup};
+use super::{backward, schedule, Setup};
 use crate::config::Config;
 use anyhow::{ensure, Result};
 use serde::Serialize;
@@ -115,14 +115,14 @@ pub fn bench_train(cfg: Config, work_dir: &Path, steps: usize) -> Result<TrainBe
         ema += lap(t)?;
         let t = Instant::now();
         let alpha = schedule::alpha(cfg.effective_alpha(), cfg.objectives.alpha_ramp_epochs, i, run.steps_per_epoch);
-        let out = run.forward(&batch, i as u64, alpha)?;
-        let loss = sum(&out.losses, &run.device)?;
+        let mut out = run.forward(&batch, i as u64, alpha)?;
         fwd += lap(t)?;
         let t = Instant::now();
-        let grads = loss.backward()?;
+        let (_, grads) = backward(&mut out, &run.device)?;
         bwd += lap(t)?;
         let t = Instant::now();
         run.opt.accumulate(&grads)?;
+        drop(grads);
         run.opt.all_reduce(&run.dist)?;
         run.opt.step(cfg.train.lr, cfg.train.grad_clip)?;
         if let Some(update) = &out.queue_update {

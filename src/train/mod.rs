@@ -6,6 +6,7 @@
 //! ITM negatives, MLM masking — and the data order and augmentation from (seed, epoch, sample), so a
 //! checkpoint needs only the tensors (weights, momentum twin, queues, AdamW moments) and the position.
 
+pub mod backward;
 pub mod bench;
 pub mod checkpoint;
 pub mod log;
@@ -16,6 +17,7 @@ mod setup;
 pub mod signals;
 pub mod tensorboard;
 
+pub use backward::backward;
 pub use setup::Setup;
 pub use signals::Interrupted;
 
@@ -24,7 +26,6 @@ use crate::data::annotations::RetrievalSet;
 use crate::data::loader::Batch;
 use crate::data::shards::StreamPosition;
 use crate::eval::RetrievalReport;
-use crate::objectives::Named;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use checkpoint::{Checkpoints, TrainState};
@@ -217,9 +218,8 @@ impl Trainer {
             self.state.step,
             self.setup.steps_per_epoch,
         );
-        let out = self.setup.forward(batch, micro, alpha)?;
-        let total = sum(&out.losses, self.setup.model.device())?;
-        let mut grads = total.backward()?;
+        let mut out = self.setup.forward(batch, micro, alpha)?;
+        let (total, mut grads) = backward(&mut out, self.setup.model.device())?;
         poison_point(self.state.step + 1, &mut grads, &self.setup.model)?;
         self.setup.opt.accumulate(&grads)?;
         step.add(&total, &out, alpha, batch.image_ids.len() * self.setup.dist.world())?;
@@ -402,21 +402,6 @@ fn dump_point(setup: &Setup, step: usize) -> Result<()> {
     Ok(())
 }
 
-/// The micro-batch's loss: its named losses summed in order (zero when there are none).
-pub fn sum(losses: &Named, device: &candle_core::Device) -> Result<Tensor> {
-    let mut total: Option<Tensor> = None;
-    for (_, loss) in losses.iter() {
-        total = Some(match total {
-            Some(t) => (t + loss)?,
-            None => loss.clone(),
-        });
-    }
-    Ok(match total {
-        Some(t) => t,
-        None => Tensor::zeros((), DType::F32, device)?,
-    })
-}
-
 /// What the micro-batches of one optimiser step leave for it: their losses and metrics, still on the
 /// device, and their queue updates.
 #[derive(Default)]
@@ -431,10 +416,12 @@ struct Accumulated {
 }
 
 impl Accumulated {
+    /// Keeps the micro-batch's losses and metrics, detached: a loss still tracking its graph would hold
+    /// every activation of the forward (and, with `grad_accum` > 1, of every micro-batch) until the step.
     fn add(&mut self, total: &Tensor, out: &crate::model::albef::Output, alpha: f64, pairs: usize) -> Result<()> {
         let scalars = std::iter::once(total)
             .chain(out.losses.iter().chain(out.metrics.iter()).map(|(_, t)| t))
-            .map(|t| t.to_dtype(DType::F64)?.reshape(1))
+            .map(|t| t.detach().to_dtype(DType::F64)?.reshape(1))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let names = |n: &crate::objectives::Named| n.iter().map(|(name, _)| name).collect();
         self.micro.push((names(&out.losses), names(&out.metrics), Tensor::cat(&scalars, 0)?));
@@ -484,5 +471,28 @@ impl Accumulated {
             pairs_per_s: if secs > 0.0 { self.pairs as f64 / secs } else { 0.0 },
         };
         (record, bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::albef::Output;
+    use crate::objectives::Named;
+
+    /// A micro-batch's values are kept without their graph: with `grad_accum` > 1 a tracked loss would
+    /// hold every micro-batch's activations until the optimiser step.
+    #[test]
+    fn accumulated_values_hold_no_graph() -> Result<()> {
+        let w = candle_core::Var::new(&[1f32, 2.0], &candle_core::Device::Cpu)?;
+        let loss = w.as_tensor().sqr()?.sum_all()?;
+        let mut losses = Named::default();
+        losses.insert("itc", loss.clone());
+        let out = Output { losses, metrics: Named::default(), queue_update: None, cuts: Vec::new() };
+        let mut step = Accumulated::default();
+        step.add(&loss, &out, 0.4, 2)?;
+        assert!(loss.track_op() && !step.values()?.track_op());
+        assert_eq!(step.values()?.to_vec1::<f64>()?, [5.0, 5.0]);
+        Ok(())
     }
 }

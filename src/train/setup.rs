@@ -167,7 +167,10 @@ impl Setup {
             self.device.set_seed(crate::rng::splitmix(seed ^ micro ^ ((self.dist.rank() as u64) << 40)))?;
         }
         let dropout = |which: &str| crate::rng::stream(seed, "dropout", &format!("{which}{rank}"), micro);
-        let ctx = Ctx::new(true, cfg.kernels, dropout("online")).with_precision(cfg.train.precision);
+        let mut ctx = Ctx::new(true, cfg.kernels, dropout("online")).with_precision(cfg.train.precision);
+        if cfg.train.segmented_backward {
+            ctx = ctx.with_cuts();
+        }
         let ctx_m = Ctx::new(true, cfg.kernels, dropout("momentum")).with_precision(cfg.train.precision);
         let image_ids: Vec<i64> = batch.image_ids.iter().map(|&i| i as i64).collect();
         let inputs = Inputs {
