@@ -8,7 +8,8 @@
 #     is the same plumbing on the CPU with small sizes (what this repository's machine can try).
 # Checks: (a) bench kernels: every custom op against the plain composition, values and gradients, and GB/s next
 # to a measured device copy; (b) bench train on configs/albef-base.toml (ViT-B/16 at 256 px, batch 64) in fp32,
-# tf32 and bf16 with the fused kernels, and fp32 with the reference ones; (c) the PyTorch eager baseline of the same step (benches/torch_step.py: same model, batch and
+# tf32 and bf16 with the fused kernels, fp32 with the reference ones, and fp32 with the ViT blocks recomputed
+# (train.grad_checkpoint); (c) the PyTorch eager baseline of the same step (benches/torch_step.py: same model, batch and
 # caption length) in fp32, tf32 and bf16 autocast, and the alignfuse / PyTorch ratio; (d) the README main job
 # (configs/tiny.toml) on the device, with its test table; (e) bench rerank and a standalone eval of the main job's
 # checkpoint; (f) the same seed twice gives the same 10 steps; (g) the NCCL engine with a world of one
@@ -55,6 +56,7 @@ for precision in fp32 tf32 bf16; do
     run "$bin" bench train "${base[@]}" --set train.precision=$precision --steps "$steps" --json "$out/train-$precision.json"
 done
 run "$bin" bench train "${base[@]}" --set kernels=reference --steps "$steps" --json "$out/train-reference.json"
+run "$bin" bench train "${base[@]}" --set train.grad_checkpoint=true --steps "$steps" --json "$out/train-checkpoint.json"
 tokens=$("$py" -c "import json, sys; print(round(json.load(open(sys.argv[1]))['tokens']))" "$out/train-fp32.json")
 for precision in fp32 tf32 bf16; do
     run "$py" benches/torch_step.py --config "$cfg" --device "${device%%:*}" --precision $precision --steps "$steps" \
@@ -82,10 +84,10 @@ python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 rows = []
-for name in ("fp32", "tf32", "bf16", "reference"):
+for name in ("fp32", "tf32", "bf16", "reference", "checkpoint"):
     t = json.loads((out / f"train-{name}.json").read_text())
     ms = t["data_ms"] + t["forward_ms"] + t["ema_ms"] + t["backward_ms"] + t["optimizer_ms"]
-    what = "fp32, reference kernels" if name == "reference" else f"{name}, fused kernels"
+    what = {"reference": "fp32, reference kernels", "checkpoint": "fp32, ViT blocks recomputed"}.get(name, f"{name}, fused kernels")
     mem = f"GPU in use {t['peak_device_mib']:.0f} MiB" if t.get("peak_device_mib") else f"peak RSS {t['peak_rss_mib'] or 0:.0f} MiB"
     rows.append((f"alignfuse bench train ({what}) b{t['batch_size']} on {t['device']}",
                  f"{t['compute_pairs_per_s']:.1f} pairs/s", f"{ms:.1f} ms/step", mem))

@@ -295,6 +295,9 @@ pub struct TrainConfig {
     /// the same gradients with a lower peak memory, since candle otherwise keeps every activation until
     /// the whole backward has returned.
     pub segmented_backward: bool,
+    /// Activation recomputation: keep only each ViT block's input from the forward and run the block again
+    /// in the backward (one more ViT forward per step, far less activation memory). Same gradients.
+    pub grad_checkpoint: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -475,6 +478,7 @@ impl Default for TrainConfig {
             precision: Precision::Fp32,
             tensorboard: true,
             segmented_backward: true,
+            grad_checkpoint: false,
         }
     }
 }

@@ -240,30 +240,43 @@ fn bf16_tracks_fp32_and_reaches_every_parameter() {
 }
 
 /// `train.segmented_backward` (the graph cut after every ViT block, each segment run and dropped in turn)
-/// gives the one-graph gradients bit for bit, and leaves nothing of the forward's graph behind.
+/// and `train.grad_checkpoint` (each block run again in the backward) give the one-graph gradients bit for
+/// bit, and leave nothing of the forward's graph behind.
 #[test]
-fn segmented_backward_gives_the_same_gradients() {
-    let grads = |segmented: bool| {
-        let cfg = micro_config(&["model.vision.vision_depth=2", &format!("train.segmented_backward={segmented}")]);
-        let mut setup = alignfuse::train::Setup::new(cfg, &scratch(&format!("segmented-{segmented}"))).unwrap();
+fn segmented_and_recomputed_backward_give_the_same_gradients() {
+    let grads = |segmented: bool, recompute: bool| {
+        let sets = [
+            "model.vision.vision_depth=2".to_string(),
+            format!("train.segmented_backward={segmented}"),
+            format!("train.grad_checkpoint={recompute}"),
+        ];
+        let cfg = micro_config(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+        let dir = scratch(&format!("segmented-{segmented}-{recompute}"));
+        let mut setup = alignfuse::train::Setup::new(cfg, &dir).unwrap();
         let batch = setup.loader.epoch(0, 0, None).unwrap().next().unwrap().unwrap();
         let mut out = setup.forward(&batch, 0, 0.4).unwrap();
-        assert_eq!(out.cuts.len(), if segmented { 2 } else { 0 });
+        assert_eq!(out.cuts.len(), if segmented || recompute { 2 } else { 0 });
         let (loss, grads) = alignfuse::train::backward(&mut out, &setup.device).unwrap();
         assert!(out.cuts.is_empty() && out.losses.iter().all(|(_, t)| !t.track_op()) && !loss.track_op());
-        let vars = setup.model.params().vars();
         let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let grads: Vec<(String, Vec<f32>)> = vars
+        let grads: Vec<(String, Vec<f32>)> = setup
+            .model
+            .params()
+            .vars()
             .iter()
             .map(|(name, var)| (name.clone(), grads.get(var.as_tensor()).map(flat).unwrap_or_default()))
             .collect();
         (loss.to_scalar::<f32>().unwrap(), grads)
     };
-    let (one, cut) = (grads(false), grads(true));
-    assert_eq!(one.0.to_bits(), cut.0.to_bits());
-    for ((name, a), (_, b)) in one.1.iter().zip(&cut.1) {
-        assert!(!a.is_empty(), "{name} gets no gradient");
-        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len(), "{name} differs");
+    let one = grads(false, false);
+    for (segmented, recompute) in [(true, false), (false, true), (true, true)] {
+        let cut = grads(segmented, recompute);
+        assert_eq!(one.0.to_bits(), cut.0.to_bits());
+        for ((name, a), (_, b)) in one.1.iter().zip(&cut.1) {
+            assert!(!a.is_empty(), "{name} gets no gradient");
+            let same = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name} differs (segmented {segmented}, recomputed {recompute})");
+        }
     }
 }
 

@@ -2,9 +2,10 @@
 //! feature queue, and the pre-training forward that returns the ITC, ITM and MLM losses by name.
 
 use super::bert::{ImageKv, ImageSide, TextEncoder};
-use super::layers::{Ctx, Cut, Linear};
+use super::layers::{Ctx, Linear};
 use super::momentum::{FeatureQueue, Momentum};
 use super::params::{Init, ParamStore, Pb};
+use super::segments::Cut;
 use super::vit::Vit;
 use crate::config::{Config, ItcKeys, Kernels, ModelConfig, Negatives, ObjectivesConfig};
 use crate::dist::Dist;

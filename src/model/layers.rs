@@ -2,9 +2,10 @@
 //! (CANDLE-NOTES.md), so both go through `ops` (fused with their own backward, or composed).
 
 use super::params::{Init, Pb};
+use super::segments::{Cut, Cuts};
 use crate::config::{Kernels, Precision};
 use crate::ops::AttnDropout;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
@@ -17,15 +18,7 @@ pub struct Ctx {
     pub precision: Precision,
     rng: RefCell<ChaCha8Rng>,
     /// Where the training backward is cut into segments (`train.segmented_backward`); None: one graph.
-    cuts: Option<RefCell<Vec<Cut>>>,
-}
-
-/// A place where the graph is cut: `output` (with its graph) was handed on as `leaf`, a copy that starts
-/// a graph of its own. `train::backward` runs the graph downstream of `leaf` first, then `output`'s
-/// with `leaf`'s gradient, so an encoder block's activations go as soon as its gradient is done.
-pub struct Cut {
-    pub output: Tensor,
-    pub leaf: Tensor,
+    cuts: Option<Cuts>,
 }
 
 impl Ctx {
@@ -33,23 +26,31 @@ impl Ctx {
         Ctx { train, kernels, precision: Precision::Fp32, rng: RefCell::new(rng), cuts: None }
     }
 
-    /// The same context, cutting the graph where [`Ctx::cut`] is called.
-    pub fn with_cuts(self) -> Self {
-        Ctx { cuts: Some(RefCell::new(Vec::new())), ..self }
+    /// The same context, cutting the graph at [`Ctx::cut`] and [`Ctx::segment`]; with `recompute`, the
+    /// segments are computed again in the backward instead of kept.
+    pub fn with_cuts(self, recompute: bool) -> Self {
+        Ctx { cuts: Some(Cuts::new(recompute)), ..self }
     }
 
-    /// `x`, or with cuts on and `x` in the graph, a leaf copy of it that the rest of the forward builds on
-    /// (recorded as a [`Cut`]).
-    pub fn cut(&self, x: Tensor) -> Result<Tensor> {
-        let Some(cuts) = self.cuts.as_ref().filter(|_| x.track_op()) else { return Ok(x) };
-        let leaf = Var::from_tensor(&x.detach())?.as_tensor().clone();
-        cuts.borrow_mut().push(Cut { output: x, leaf: leaf.clone() });
-        Ok(leaf)
+    /// A training context like this one, without cuts, for running a segment again in the backward.
+    pub fn replay(&self) -> Ctx {
+        Ctx::new(self.train, self.kernels, crate::rng::stream(0, "replay", "", 0)).with_precision(self.precision)
+    }
+
+    /// `f(x, self)`, where the graph is cut after when cuts are on ([`Cuts::segment`]).
+    pub fn segment<F>(&self, x: &Tensor, f: F) -> Result<Tensor>
+    where
+        F: Fn(&Tensor, &Ctx) -> Result<Tensor> + 'static,
+    {
+        match &self.cuts {
+            Some(cuts) => cuts.segment(x, self, f),
+            None => f(x, self),
+        }
     }
 
     /// The cuts made so far, in forward order.
     pub fn take_cuts(&self) -> Vec<Cut> {
-        self.cuts.as_ref().map(|c| c.take()).unwrap_or_default()
+        self.cuts.as_ref().map(Cuts::take).unwrap_or_default()
     }
 
     /// The same context with matmuls in `precision` (`train.precision`).

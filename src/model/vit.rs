@@ -6,6 +6,7 @@ use super::params::{Init, Pb};
 use crate::config::VisionConfig;
 use candle_core::{Result, Tensor};
 
+#[derive(Clone)]
 struct Block {
     norm1: LayerNorm,
     qkv: Linear,
@@ -102,7 +103,8 @@ impl Vit {
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
         for blk in &self.blocks {
-            x = ctx.cut(blk.forward(&x, ctx)?)?;
+            let blk = blk.clone();
+            x = ctx.segment(&x, move |x, ctx| blk.forward(x, ctx))?;
         }
         self.norm.forward(&x, ctx)
     }

@@ -3,9 +3,11 @@
 //! candle's backward holds every node of the graph (every activation) until it returns, while the
 //! parameter gradients fill up: its peak is all activations plus all gradients (PyTorch frees each
 //! node's saved tensors as its backward runs). With `train.segmented_backward`, the forward cuts the
-//! graph after every ViT block ([`crate::model::layers::Ctx::cut`]); the loss's graph runs back to the
-//! last cut, is dropped, and each block's graph then runs with the gradient of its output and is dropped
-//! in turn. The gradients are the same to the bit: a block's output gets exactly its leaf's gradient.
+//! graph after every ViT block ([`crate::model::segments`]); the loss's graph runs back to the last cut,
+//! is dropped, and each block's graph then runs with the gradient of its output and is dropped in turn.
+//! With `train.grad_checkpoint`, a block's graph is not kept from the forward but computed again here.
+//! The gradients are the same to the bit: a block's output gets exactly its leaf's gradient, and a block
+//! computed again computes the same values.
 
 use crate::model::albef::Output;
 use crate::objectives::Named;
@@ -40,7 +42,7 @@ pub fn backward(out: &mut Output, device: &Device) -> Result<(Tensor, GradStore)
     for cut in cuts.into_iter().rev() {
         // A cut whose leaf the loss does not reach carries no gradient.
         let Some(grad) = grads.remove(&cut.leaf) else { continue };
-        let mut more = (&cut.output * &grad)?.sum_all()?.backward()?;
+        let mut more = (&cut.segment.output()? * &grad)?.sum_all()?.backward()?;
         more.remove(&grad);
         grads.extend(more)?;
     }

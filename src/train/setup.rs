@@ -168,8 +168,8 @@ impl Setup {
         }
         let dropout = |which: &str| crate::rng::stream(seed, "dropout", &format!("{which}{rank}"), micro);
         let mut ctx = Ctx::new(true, cfg.kernels, dropout("online")).with_precision(cfg.train.precision);
-        if cfg.train.segmented_backward {
-            ctx = ctx.with_cuts();
+        if cfg.train.segmented_backward || cfg.train.grad_checkpoint {
+            ctx = ctx.with_cuts(cfg.train.grad_checkpoint);
         }
         let ctx_m = Ctx::new(true, cfg.kernels, dropout("momentum")).with_precision(cfg.train.precision);
         let image_ids: Vec<i64> = batch.image_ids.iter().map(|&i| i as i64).collect();

@@ -1,0 +1,80 @@
+//! Where the training graph is cut into segments for `train::backward`, and which segments are
+//! recomputed in the backward instead of kept (`train.grad_checkpoint`).
+//!
+//! candle's backward keeps every activation until it returns; cut after each encoder block, the backward
+//! runs one segment at a time and drops each when done. A recomputed segment keeps nothing from the
+//! forward but its input: the backward runs it again, with its graph, just before it needs it.
+
+use super::layers::Ctx;
+use candle_core::{Result, Tensor, Var};
+use std::cell::RefCell;
+
+/// A place where the graph is cut: the segment's output was handed on as `leaf`, a copy that starts a
+/// graph of its own.
+pub struct Cut {
+    pub leaf: Tensor,
+    pub segment: Segment,
+}
+
+/// The output of a segment, with its graph: kept from the forward, or computed again.
+pub enum Segment {
+    Kept(Tensor),
+    Recompute(Box<dyn Fn() -> Result<Tensor>>),
+}
+
+impl Segment {
+    pub fn output(self) -> Result<Tensor> {
+        match self {
+            Segment::Kept(output) => Ok(output),
+            Segment::Recompute(run) => run(),
+        }
+    }
+}
+
+/// The cuts of one forward, in forward order.
+pub struct Cuts {
+    cuts: RefCell<Vec<Cut>>,
+    recompute: bool,
+}
+
+impl Cuts {
+    /// With `recompute`, [`Cuts::segment`] keeps only its input (activation recomputation).
+    pub fn new(recompute: bool) -> Self {
+        Cuts { cuts: RefCell::new(Vec::new()), recompute }
+    }
+
+    /// A leaf copy of `output` (which is in the graph) for the rest of the forward to build on.
+    fn cut(&self, output: Tensor) -> Result<Tensor> {
+        self.push(Segment::Kept(output.clone()), &output)
+    }
+
+    /// `f(x, ctx)`, cut after. `f` must draw no randomness from `ctx` when recomputing: its second run
+    /// has to compute the same values (the ViT blocks draw none).
+    pub fn segment<F>(&self, x: &Tensor, ctx: &Ctx, f: F) -> Result<Tensor>
+    where
+        F: Fn(&Tensor, &Ctx) -> Result<Tensor> + 'static,
+    {
+        let output = f(x, ctx)?;
+        if !output.track_op() {
+            return Ok(output);
+        }
+        if !self.recompute {
+            return self.cut(output);
+        }
+        // Only the output's values stay; the block's graph is dropped with `output`.
+        let values = output.detach();
+        drop(output);
+        let (x, replay) = (x.clone(), ctx.replay());
+        self.push(Segment::Recompute(Box::new(move || f(&x, &replay))), &values)
+    }
+
+    fn push(&self, segment: Segment, output: &Tensor) -> Result<Tensor> {
+        let leaf = Var::from_tensor(&output.detach())?.as_tensor().clone();
+        self.cuts.borrow_mut().push(Cut { leaf: leaf.clone(), segment });
+        Ok(leaf)
+    }
+
+    pub fn take(&self) -> Vec<Cut> {
+        self.cuts.take()
+    }
+}
