@@ -17,7 +17,8 @@ pub struct Ctx {
     pub kernels: Kernels,
     pub precision: Precision,
     rng: RefCell<ChaCha8Rng>,
-    /// Where the training backward is cut into segments (`train.segmented_backward`); None: one graph.
+    /// Where the training backward is cut into segments (`train.segmented_backward`, `train.grad_checkpoint`);
+    /// None: one graph.
     cuts: Option<Cuts>,
 }
 
@@ -26,8 +27,8 @@ impl Ctx {
         Ctx { train, kernels, precision: Precision::Fp32, rng: RefCell::new(rng), cuts: None }
     }
 
-    /// The same context, cutting the graph at [`Ctx::cut`] and [`Ctx::segment`]; with `recompute`, the
-    /// segments are computed again in the backward instead of kept.
+    /// The same context, cutting the graph after each [`Ctx::segment`]; with `recompute`, the segments are
+    /// computed again in the backward instead of kept.
     pub fn with_cuts(self, recompute: bool) -> Self {
         Ctx { cuts: Some(Cuts::new(recompute)), ..self }
     }
