@@ -244,14 +244,15 @@ fn bf16_tracks_fp32_and_reaches_every_parameter() {
 /// bit, and leave nothing of the forward's graph behind.
 #[test]
 fn segmented_and_recomputed_backward_give_the_same_gradients() {
-    let grads = |segmented: bool, recompute: bool| {
+    let grads = |kernels: &str, segmented: bool, recompute: bool| {
         let sets = [
             "model.vision.vision_depth=2".to_string(),
+            format!("kernels={kernels}"),
             format!("train.segmented_backward={segmented}"),
             format!("train.grad_checkpoint={recompute}"),
         ];
         let cfg = micro_config(&sets.iter().map(String::as_str).collect::<Vec<_>>());
-        let dir = scratch(&format!("segmented-{segmented}-{recompute}"));
+        let dir = scratch(&format!("segmented-{kernels}-{segmented}-{recompute}"));
         let mut setup = alignfuse::train::Setup::new(cfg, &dir).unwrap();
         let batch = setup.loader.epoch(0, 0, None).unwrap().next().unwrap().unwrap();
         let mut out = setup.forward(&batch, 0, 0.4).unwrap();
@@ -268,14 +269,17 @@ fn segmented_and_recomputed_backward_give_the_same_gradients() {
             .collect();
         (loss.to_scalar::<f32>().unwrap(), grads)
     };
-    let one = grads(false, false);
-    for (segmented, recompute) in [(true, false), (false, true), (true, true)] {
-        let cut = grads(segmented, recompute);
-        assert_eq!(one.0.to_bits(), cut.0.to_bits());
-        for ((name, a), (_, b)) in one.1.iter().zip(&cut.1) {
-            assert!(!a.is_empty(), "{name} gets no gradient");
-            let same = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{name} differs (segmented {segmented}, recomputed {recompute})");
+    // Both kernel sets: the reference ones compose each block from candle's ops, a different graph to cut.
+    for kernels in ["fused", "reference"] {
+        let one = grads(kernels, false, false);
+        for (segmented, recompute) in [(true, false), (false, true), (true, true)] {
+            let cut = grads(kernels, segmented, recompute);
+            assert_eq!(one.0.to_bits(), cut.0.to_bits());
+            for ((name, a), (_, b)) in one.1.iter().zip(&cut.1) {
+                assert!(!a.is_empty(), "{name} gets no gradient");
+                let same = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{name} differs ({kernels}, segmented {segmented}, recomputed {recompute})");
+            }
         }
     }
 }

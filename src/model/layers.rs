@@ -33,9 +33,10 @@ impl Ctx {
         Ctx { cuts: Some(Cuts::new(recompute)), ..self }
     }
 
-    /// A training context like this one, without cuts, for running a segment again in the backward.
+    /// A context like this one, without cuts, whose stream starts where this one stands: a segment run
+    /// again in the backward draws what it drew in the forward.
     pub fn replay(&self) -> Ctx {
-        Ctx::new(self.train, self.kernels, crate::rng::stream(0, "replay", "", 0)).with_precision(self.precision)
+        Ctx::new(self.train, self.kernels, self.rng.borrow().clone()).with_precision(self.precision)
     }
 
     /// `f(x, self)`, where the graph is cut after when cuts are on ([`Cuts::segment`]).

@@ -48,12 +48,14 @@ impl Cuts {
         self.push(Segment::Kept(output.clone()), &output)
     }
 
-    /// `f(x, ctx)`, cut after. `f` must draw no randomness from `ctx` when recomputing: its second run
-    /// has to compute the same values (the ViT blocks draw none).
+    /// `f(x, ctx)`, cut after. When recomputing, the second run starts from the same state of the
+    /// context's stream, but `f` must not draw from the GPU's generator (dropout masks on a GPU), which
+    /// cannot replay: the ViT blocks draw nothing; the text and fusion layers are not segmented.
     pub fn segment<F>(&self, x: &Tensor, ctx: &Ctx, f: F) -> Result<Tensor>
     where
         F: Fn(&Tensor, &Ctx) -> Result<Tensor> + 'static,
     {
+        let replay = ctx.replay();
         let output = f(x, ctx)?;
         if !output.track_op() {
             return Ok(output);
@@ -64,7 +66,7 @@ impl Cuts {
         // Only the output's values stay; the block's graph is dropped with `output`.
         let values = output.detach();
         drop(output);
-        let (x, replay) = (x.clone(), ctx.replay());
+        let x = x.clone();
         self.push(Segment::Recompute(Box::new(move || f(&x, &replay))), &values)
     }
 
