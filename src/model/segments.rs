@@ -55,19 +55,19 @@ impl Cuts {
     where
         F: Fn(&Tensor, &Ctx) -> Result<Tensor> + 'static,
     {
-        let replay = ctx.replay();
+        let replay = self.recompute.then(|| ctx.replay());
         let output = f(x, ctx)?;
-        if !output.track_op() {
-            return Ok(output);
+        match replay {
+            _ if !output.track_op() => Ok(output),
+            None => self.cut(output),
+            Some(replay) => {
+                // Only the output's values stay; the block's graph is dropped with `output`.
+                let values = output.detach();
+                drop(output);
+                let x = x.clone();
+                self.push(Segment::Recompute(Box::new(move || f(&x, &replay))), &values)
+            }
         }
-        if !self.recompute {
-            return self.cut(output);
-        }
-        // Only the output's values stay; the block's graph is dropped with `output`.
-        let values = output.detach();
-        drop(output);
-        let x = x.clone();
-        self.push(Segment::Recompute(Box::new(move || f(&x, &replay))), &values)
     }
 
     fn push(&self, segment: Segment, output: &Tensor) -> Result<Tensor> {
