@@ -87,7 +87,8 @@ mod tests {
     use rayon::prelude::*;
 
     /// Woken helpers spin, take part in parallel sections, and go back to sleep once work stops; the
-    /// driver is never held by a spin loop, and nothing spins outside the pool.
+    /// driver is never held by a spin loop, and nothing spins outside the pool. (How long they spin is
+    /// not checked: under a loaded machine a helper's last job can end long before the section does.)
     #[test]
     fn helpers_spin_while_there_is_work_then_sleep() -> std::io::Result<()> {
         wake();
@@ -107,7 +108,6 @@ mod tests {
                 assert!(t.elapsed() < Duration::from_secs(5), "helpers still spinning");
                 std::thread::sleep(IDLE_LIMIT);
             }
-            assert!(t.elapsed() >= IDLE_LIMIT / 2, "helpers stopped before the idle limit");
         })
     }
 }

@@ -35,8 +35,8 @@ pub fn itc(
 ) -> Result<Tensor> {
     let image_feat_all = Tensor::cat(&[&keys.image.t()?, queue.image], 1)?;
     let text_feat_all = Tensor::cat(&[&keys.text.t()?, queue.text], 1)?;
-    let sim_i2t = image_feat.matmul(&text_feat_all)?;
-    let sim_t2i = text_feat.matmul(&image_feat_all)?;
+    let sim_i2t = crate::ops::matmul_by_constant(image_feat, &text_feat_all, kernels)?;
+    let sim_t2i = crate::ops::matmul_by_constant(text_feat, &image_feat_all, kernels)?;
     let sim_i2t_m = image_feat_m.matmul(&text_feat_all)?;
     let sim_t2i_m = text_feat_m.matmul(&image_feat_all)?;
     let b = image_feat.dim(0)?;

@@ -10,6 +10,7 @@ mod adamw;
 mod attention;
 mod bench;
 mod bias;
+mod constant;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -135,6 +136,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> R
             }
             rows.matmul(&weight.t()?)?.broadcast_add(bias)?.reshape(out)
         }
+    }
+}
+
+/// `a @ b` for a [m, k] and a constant `b` [k, n]: no gradient flows to `b` and none is computed for it.
+/// Fused for f32 (one node whose backward returns `a`'s gradient only); otherwise candle's matmul.
+pub fn matmul_by_constant(a: &Tensor, b: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match (kernels, a.dtype(), b.dtype()) {
+        (Kernels::Fused, DType::F32, DType::F32) => constant::matmul_by_constant_fused(a, b),
+        _ => a.matmul(b),
     }
 }
 
