@@ -3,7 +3,10 @@
 //! measures the device's copy bandwidth to put the times in scale. Backs `alignfuse bench kernels`.
 
 use super::testing::{max_err, rng, uniform};
-use super::{add_bias, attention, attention_softmax, gelu, itc_loss, layer_norm, linear, AttnDropout, Positives};
+use super::{
+    add_bias, attention, attention_softmax, gelu, itc_loss, layer_norm, linear, matmul_by_constant, AttnDropout,
+    Positives,
+};
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -140,6 +143,12 @@ enum Case {
         rows: usize,
         d: usize,
     },
+    /// ITC's similarities: b features [b, k] against n keys and queued features [k, n], a constant.
+    ByConstant {
+        b: usize,
+        k: usize,
+        n: usize,
+    },
 }
 
 /// The row-wise ops, benchmarked on [rows, d].
@@ -156,7 +165,7 @@ enum RowOp {
 /// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
 /// ITC against the batch plus a 65536 queue; LayerNorm, a bias add and the MLP's GELU over the ViT's 64 x 257
 /// tokens, and one of its 768 x 768 linear layers; MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole attention core for the same three attentions (BERT's with its 0.1 dropout; the ViT's
-/// at 256 px, 16 images).
+/// at 256 px, 16 images); ITC's similarities of 64 features against the batch's keys and the queue.
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
     vec![
@@ -175,6 +184,7 @@ fn cases() -> Vec<Case> {
         Case::Rows { op: RowOp::Bias, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Gelu, rows: 64 * 257, d: 3072 },
         Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768 },
+        Case::ByConstant { b, k: 256, n: b + q },
     ]
 }
 
@@ -276,6 +286,7 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
                 compare(device, reps, format!("mlm_loss [{n}, {vocab}]"), DType::F32, &["loss", "d logits"], run)?
             }
             Case::Rows { op, rows, d } => bench_rows(device, reps, &mut r, op, rows, d)?,
+            Case::ByConstant { b, k, n } => bench_by_constant(device, reps, &mut r, b, k, n)?,
         });
     }
     Ok(BenchReport { device: format!("{device:?}"), reps, ops, copy: copy_bandwidth(device, reps)? })
@@ -359,6 +370,24 @@ fn bench_rows(
         RowOp::Linear => ("linear", &["y", "dx", "dw", "db"]),
     };
     compare(device, reps, format!("{name} [{rows}, {d}]"), DType::F32, outputs, run)
+}
+
+fn bench_by_constant(
+    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, b: usize, k: usize, n: usize,
+) -> Result<OpBench> {
+    let a = Inputs::<Var>::new(uniform(r, &[b, k], 1.0, device)?, DType::F32)?;
+    let keys = Inputs::<Tensor>::new(uniform(r, &[k, n], 1.0, device)?, DType::F32)?;
+    let probe = Inputs::<Tensor>::new(uniform(r, &[b, n], 1.0, device)?, DType::F32)?;
+    let run = |kernels: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
+        let a = a.get(exact).as_tensor();
+        let y = matmul_by_constant(a, keys.get(exact), kernels)?;
+        if !backward {
+            return Ok(vec![y]);
+        }
+        let grads = (&y * probe.get(exact))?.sum_all()?.backward()?;
+        Ok(vec![y, grad(&grads, a)?])
+    };
+    compare(device, reps, format!("matmul_by_constant [{b}, {k}] @ [{k}, {n}]"), DType::F32, &["y", "da"], run)
 }
 
 fn grad(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Result<Tensor> {
