@@ -43,11 +43,6 @@ impl Cuts {
         Cuts { cuts: RefCell::new(Vec::new()), recompute }
     }
 
-    /// A leaf copy of `output` (which is in the graph) for the rest of the forward to build on.
-    fn cut(&self, output: Tensor) -> Result<Tensor> {
-        self.push(Segment::Kept(output.clone()), &output)
-    }
-
     /// `f(x, ctx)`, cut after. When recomputing, the second run starts from the same state of the
     /// context's stream, but `f` must not draw from the GPU's generator (dropout masks on a GPU), which
     /// cannot replay: the ViT blocks draw nothing; the text and fusion layers are not segmented.
@@ -57,21 +52,20 @@ impl Cuts {
     {
         let replay = self.recompute.then(|| ctx.replay());
         let output = f(x, ctx)?;
-        match replay {
-            _ if !output.track_op() => Ok(output),
-            None => self.cut(output),
+        if !output.track_op() {
+            return Ok(output);
+        }
+        // The rest of the forward builds on a leaf copy of the output's values.
+        let leaf = Var::from_tensor(&output.detach())?.as_tensor().clone();
+        let segment = match replay {
+            None => Segment::Kept(output),
             Some(replay) => {
-                // Only the output's values stay; the block's graph is dropped with `output`.
-                let values = output.detach();
+                // Only the values stay; the block's graph is dropped with `output`.
                 drop(output);
                 let x = x.clone();
-                self.push(Segment::Recompute(Box::new(move || f(&x, &replay))), &values)
+                Segment::Recompute(Box::new(move || f(&x, &replay)))
             }
-        }
-    }
-
-    fn push(&self, segment: Segment, output: &Tensor) -> Result<Tensor> {
-        let leaf = Var::from_tensor(&output.detach())?.as_tensor().clone();
+        };
         self.cuts.borrow_mut().push(Cut { leaf: leaf.clone(), segment });
         Ok(leaf)
     }
