@@ -92,7 +92,7 @@ impl Layer {
         if let (Some(cross), Some((k, v))) = (&self.crossattention, image_kv) {
             x = cross.attend_to(&x, k, v, None, ctx)?;
         }
-        let h = crate::ops::gelu(&self.intermediate.forward(&x, ctx)?, ctx.kernels)?;
+        let h = self.intermediate.forward_gelu(&x, ctx)?;
         let h = ctx.dropout(&self.output.forward(&h, ctx)?, self.p_hidden)?;
         self.output_norm.forward(&(h + x)?, ctx)
     }
@@ -245,7 +245,7 @@ impl MlmHead {
 
     /// hidden [.., H] -> logits [.., V] with `word_embeddings` [V, H] as the decoder.
     pub fn forward(&self, hidden: &Tensor, word_embeddings: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let x = self.norm.forward(&crate::ops::gelu(&self.dense.forward(hidden, ctx)?, ctx.kernels)?, ctx)?;
+        let x = self.norm.forward(&self.dense.forward_gelu(hidden, ctx)?, ctx)?;
         let mut dims = x.dims().to_vec();
         let h = dims.pop().unwrap_or(0);
         let logits = ctx.matmul(&x.reshape(((), h))?, &word_embeddings.t()?)?.broadcast_add(&self.bias)?;

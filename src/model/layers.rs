@@ -136,6 +136,14 @@ impl Linear {
         }
     }
 
+    /// `gelu(self.forward(x))`, as one fused node where the layer has a bias and matmuls run in f32.
+    pub fn forward_gelu(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if let (Some(b), Precision::Fp32 | Precision::Tf32) = (&self.bias, ctx.precision) {
+            return crate::ops::linear_gelu(x, &self.weight, b, ctx.kernels);
+        }
+        crate::ops::gelu(&self.forward(x, ctx)?, ctx.kernels)
+    }
+
     /// The output split into `n` equal parts along its last dimension, computed as `n` products with the
     /// weight's row blocks. Narrowing the output instead would cost the backward `n` zero-padded
     /// gradients of the full output width (candle's narrow backward), on activations; here the padding

@@ -44,7 +44,7 @@ impl Block {
             .expect("three parts");
         let a = self.proj.forward(&attend(&q, &k, &v, self.heads, None, 0.0, ctx)?, ctx)?;
         let x = (x + scale(a, &self.ls1)?)?;
-        let h = crate::ops::gelu(&self.fc1.forward(&self.norm2.forward(&x, ctx)?, ctx)?, ctx.kernels)?;
+        let h = self.fc1.forward_gelu(&self.norm2.forward(&x, ctx)?, ctx)?;
         let m = self.fc2.forward(&h, ctx)?;
         x + scale(m, &self.ls2)?
     }

@@ -288,7 +288,9 @@ impl Attention {
         let (ql, kl, vl) = (guards[0].1, guards[1].1, guards[2].1);
         self.with_cpu_args((qs, ql), (ks, kl), (vs, vl), |args| {
             let Dims { bh, lq, lk, dh } = args.dims;
-            let (mut dq, mut dk, mut dv) = (vec![0f32; qs.len()], vec![0f32; ks.len()], vec![0f32; vs.len()]);
+            // SAFETY: every head's backward writes its dq, dk and dv in full (gemm without reading them).
+            let (mut dq, mut dk, mut dv) =
+                unsafe { (cpu::output(qs.len()), cpu::output(ks.len()), cpu::output(vs.len())) };
             let heads: Vec<(usize, HeadGrads)> = dq
                 .chunks_mut(lq * dh)
                 .zip(dk.chunks_mut(lk * dh))
@@ -320,7 +322,8 @@ impl CustomOp3 for Attention {
         let v = cpu::f32_slice(s3, l3, "attention v")?;
         let (out, lse) = self.with_cpu_args((q, l1), (k, l2), (v, l3), |args| {
             let Dims { bh, lq, lk, dh } = args.dims;
-            let mut out = vec![0f32; bh * lq * dh];
+            // SAFETY: every head's forward writes its output rows in full.
+            let mut out = unsafe { cpu::output(bh * lq * dh) };
             let heads: Vec<(usize, &mut [f32])> = out.chunks_mut(lq * dh).enumerate().collect();
             let lse = cpu::par_map(heads, bh * lq * lk, Vec::new, |s, (h, o)| head_forward(args, h, o, s));
             Ok((out, lse.concat()))

@@ -4,8 +4,8 @@
 
 use super::testing::{max_err, rng, uniform};
 use super::{
-    add_bias, attention, attention_softmax, gelu, itc_loss, layer_norm, linear, matmul_by_constant, AttnDropout,
-    Positives,
+    add_bias, attention, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu, matmul_by_constant,
+    AttnDropout, Positives,
 };
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -159,12 +159,14 @@ enum RowOp {
     Gelu,
     /// A square [d, d] linear layer with bias.
     Linear,
+    /// The same layer with the GELU after it, as one op.
+    LinearGelu,
 }
 
 /// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
 /// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
 /// ITC against the batch plus a 65536 queue; LayerNorm, a bias add and the MLP's GELU over the ViT's 64 x 257
-/// tokens, and one of its 768 x 768 linear layers; MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole attention core for the same three attentions (BERT's with its 0.1 dropout; the ViT's
+/// tokens, and one of its 768 x 768 linear layers (alone and with the GELU after it); MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole attention core for the same three attentions (BERT's with its 0.1 dropout; the ViT's
 /// at 256 px, 16 images); ITC's similarities of 64 features against the batch's keys and the queue.
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
@@ -184,6 +186,7 @@ fn cases() -> Vec<Case> {
         Case::Rows { op: RowOp::Bias, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Gelu, rows: 64 * 257, d: 3072 },
         Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768 },
+        Case::Rows { op: RowOp::LinearGelu, rows: 64 * 257, d: 768 },
         Case::ByConstant { b, k: 256, n: b + q },
     ]
 }
@@ -336,7 +339,9 @@ fn bench_rows(
     let b = Inputs::<Var>::new(uniform(r, &[d], 0.5, device)?, DType::F32)?;
     let probe = Inputs::<Tensor>::new(uniform(r, &[rows, d], 1.0, device)?, DType::F32)?;
     let wl = match op {
-        RowOp::Linear => Some(Inputs::<Var>::new(uniform(r, &[d, d], (d as f32).powf(-0.5), device)?, DType::F32)?),
+        RowOp::Linear | RowOp::LinearGelu => {
+            Some(Inputs::<Var>::new(uniform(r, &[d, d], (d as f32).powf(-0.5), device)?, DType::F32)?)
+        }
         _ => None,
     };
     let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
@@ -347,6 +352,7 @@ fn bench_rows(
             (RowOp::Bias, _) => add_bias(x, b, k)?,
             (RowOp::Gelu, _) => gelu(x, k)?,
             (RowOp::Linear, wl) => linear(x, wl.expect("the linear case has a weight"), b, k)?,
+            (RowOp::LinearGelu, wl) => linear_gelu(x, wl.expect("the linear case has a weight"), b, k)?,
         };
         if !backward {
             return Ok(vec![y]);
@@ -355,7 +361,7 @@ fn bench_rows(
         let mut out = vec![y, grad(&grads, x)?];
         match (op, wl) {
             (RowOp::LayerNorm, _) => out.push(grad(&grads, w)?),
-            (RowOp::Linear, Some(wl)) => out.push(grad(&grads, wl)?),
+            (RowOp::Linear | RowOp::LinearGelu, Some(wl)) => out.push(grad(&grads, wl)?),
             _ => {}
         }
         if op != RowOp::Gelu {
@@ -368,6 +374,7 @@ fn bench_rows(
         RowOp::Bias => ("add_bias", &["y", "dx", "db"]),
         RowOp::Gelu => ("gelu", &["y", "dx"]),
         RowOp::Linear => ("linear", &["y", "dx", "dw", "db"]),
+        RowOp::LinearGelu => ("linear_gelu", &["y", "dx", "dw", "db"]),
     };
     compare(device, reps, format!("{name} [{rows}, {d}]"), DType::F32, outputs, run)
 }

@@ -240,6 +240,67 @@ pub(super) fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, 
     }
 }
 
+/// `dst = a @ b` as [`matmul`], on the compute threads (gemm splits the output's blocks over them, so the
+/// bits do not depend on the thread count): candle's own matmul, without its zero-filled output.
+pub(super) fn par_matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, b: Mat) {
+    assert!(a.fits(m, k) && b.fits(k, n) && dst.len() >= m * n, "matmul operands smaller than {m}x{k} @ {k}x{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        crate::threads::wake();
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: as in `matmul`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// A buffer of `n` f32 left as the allocator hands it out, for a kernel's output. Zero-filled
+/// (`vec![0.0; n]`), every fused op paid a serial pass over its output on the driver thread before its
+/// parallel kernel ran: 1.5% of a tiny step on one thread, more on two.
+///
+/// # Safety
+/// The caller writes every element before anything reads it.
+pub(super) unsafe fn output(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n, and f32 has no invalid bit patterns; the caller writes every element
+    // before it is read (candle's `alloc_uninit` does the same for its outputs).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(n)
+    };
+    v
+}
+
 /// Whether element `index` of a dropout mask survives: the top 32 bits of splitmix64's output for
 /// `seed + index` against `threshold` = p * 2^32. A hash rather than a stream, so a backward (or a CUDA
 /// kernel) regenerates any element of the mask instead of storing it.

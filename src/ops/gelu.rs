@@ -57,10 +57,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu::f32_slice(s, l, "gelu x")?;
-        let mut y = vec![0f32; x.len()];
-        cpu::map_parts(&mut y, 1, |i, part| forward(&x[i..], part));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_cpu(cpu::f32_slice(s, l, "gelu x")?)), l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -69,8 +66,21 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluBwd)?))
+        Ok(Some(gelu_grad(x, g)?))
     }
+}
+
+/// `gelu(x)` on the CPU, on the compute threads.
+pub(super) fn gelu_cpu(x: &[f32]) -> Vec<f32> {
+    // SAFETY: map_parts writes every element.
+    let mut y = unsafe { cpu::output(x.len()) };
+    cpu::map_parts(&mut y, 1, |i, part| forward(&x[i..], part));
+    y
+}
+
+/// The gradient at the input `x` of GELU from the gradient `g` of its output (no graph).
+pub(super) fn gelu_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(&g.contiguous()?, &GeluBwd)
 }
 
 /// (x, g) -> g * (Phi(x) + x * phi(x)).
@@ -86,7 +96,8 @@ impl CustomOp2 for GeluBwd {
         if x.len() != g.len() {
             candle_core::bail!("gelu backward: gradient {:?} for input {:?}", l2.dims(), l1.dims());
         }
-        let mut dx = vec![0f32; x.len()];
+        // SAFETY: map_parts writes every element.
+        let mut dx = unsafe { cpu::output(x.len()) };
         cpu::map_parts(&mut dx, 1, |i, part| backward(&x[i..], &g[i..], part));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -100,7 +111,7 @@ impl CustomOp2 for GeluBwd {
 }
 
 #[cfg(feature = "cuda")]
-mod gpu {
+pub(super) mod gpu {
     use crate::ops::cuda::{contiguous, int, unsupported, GELU};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
@@ -109,7 +120,7 @@ mod gpu {
     const BLOCK: u32 = 256;
 
     /// `gelu_fwd(x, y, n)` or `gelu_bwd(x, g, dx, n)` over every element.
-    pub(super) fn launch(
+    pub(in crate::ops) fn launch(
         root: &str, (x, xl): (&CudaStorage, &Layout), g: Option<(&CudaStorage, &Layout)>,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = &x.device;

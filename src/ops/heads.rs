@@ -1,8 +1,8 @@
 //! Attention heads as one autograd node each way: [B, L, H * Dh] -> [B, H, L, Dh] (split) and back
 //! (merge). Composed, a split is a reshape, a transpose and a copy, and a merge a transpose and a reshape:
 //! five nodes per attention input and output, each of which candle's backward gives an activation-sized
-//! zeroed gradient and an add. Here one strided copy runs each way, through the backend's own copy (CPU
-//! and CUDA alike), and the backward is the opposite copy.
+//! zeroed gradient and an add. Here one strided copy runs each way (f32 on the CPU spread over the
+//! compute threads, otherwise the backend's own copy), and the backward is the opposite copy.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -50,7 +50,26 @@ impl CustomOp1 for Permute {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run(s, l)
+        let (CpuStorage::F32(_), Ok((b, n, h, dh))) = (s, self.view.dims4()) else { return self.run(s, l) };
+        let x = super::cpu::f32_slice(s, l, "split/merge heads input")?;
+        if x.len() != self.view.elem_count() {
+            bail!("split/merge heads: input {:?} is not a {:?}", l.dims(), self.view.dims());
+        }
+        // On the compute threads (the backend's strided copy runs on the calling thread): output row
+        // (i, j, t) of [b, h, n, dh] is input row (i, t, j) of [b, n, h, dh].
+        // SAFETY: map_rows writes every row.
+        let mut y = unsafe { super::cpu::output(x.len()) };
+        super::cpu::map_rows(
+            &mut y,
+            dh,
+            || (),
+            |_, r, row| {
+                let (i, j, t) = (r / (h * n), r / n % h, r % n);
+                let src = ((i * n + t) * h + j) * dh;
+                row.copy_from_slice(&x[src..src + dh]);
+            },
+        );
+        Ok((CpuStorage::F32(y), Shape::from((b, h, n, dh))))
     }
 
     #[cfg(feature = "cuda")]

@@ -197,7 +197,8 @@ impl CustomOp3 for Itc {
             bail!("itc_loss: positive index {bad} is out of range for {n} columns");
         }
         let alpha = self.alpha;
-        let mut dsim = vec![0f32; b * n];
+        // SAFETY: map_rows writes every row (itc_row writes all of `out`).
+        let mut dsim = unsafe { cpu::output(b * n) };
         let rows = cpu::map_rows(
             &mut dsim,
             n,

@@ -79,7 +79,8 @@ impl CustomOp3 for LayerNorm {
             cpu::f32_slice(s3, l3, "layer_norm bias")?,
         );
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: map_rows writes every row.
+        let mut y = unsafe { cpu::output(x.len()) };
         cpu::map_rows(&mut y, d, || (), |_, r, yr| forward_row(&x[r * d..(r + 1) * d], w, b, yr, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -124,7 +125,8 @@ impl CustomOp3 for LayerNormBwd {
             bail!("layer_norm backward: gradient {:?} for input {:?}", l3.dims(), l1.dims());
         }
         let (n, d) = (x.len(), w.len());
-        let mut out = vec![0f32; n + 2 * d];
+        // SAFETY: map_rows writes every row of dx, and dw and db are written below.
+        let mut out = unsafe { cpu::output(n + 2 * d) };
         let (dx, dwb) = out.split_at_mut(n);
         let stats = cpu::map_rows(dx, d, Vec::new, |gw: &mut Vec<f32>, r, dr| {
             backward_row(&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d], w, gw, dr, self.eps)

@@ -1,29 +1,59 @@
 //! Fused linear layer `y = x W^T + b` for x [.., in], W [out, in], b [out], as one autograd node. Composed,
 //! a layer is five nodes (flatten x, W^T, the product, unflatten, bias add), and candle's backward zeroes
 //! and accumulates a gradient for every node: two activation-sized passes per node, a sixth of the CPU
-//! training step. Here the product reads x flat and W transposed in place (the backend's matmul: gemm on
-//! the CPU, cuBLAS on CUDA), the bias is added in place, and the backward returns dx = g W, dW = g^T x
-//! and db = the column sums of g directly. f32 only.
+//! training step. Here the product reads x flat and W transposed in place (gemm on the CPU, into an
+//! output it does not zero first; cuBLAS through candle on CUDA), the bias is added in place, and the
+//! backward returns dx = g W, dW = g^T x and db = the column sums of g directly. f32 only.
+//!
+//! With GELU after it (BERT's intermediate layer, the ViT's fc1) the op outputs `gelu(x W^T + b)` and keeps
+//! the pre-activation itself: as two nodes, the backward zeroed and accumulated a gradient for that
+//! pre-activation too, four times the layer's width, on the driver thread.
 
-use super::{bias, cpu};
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use super::bias;
+use super::cpu::{self, Mat};
+use super::gelu;
+use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Mutex;
 
-/// The fused path of [`super::linear`], for f32 x, weight and bias.
-pub(super) fn linear_fused(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
+/// The fused path of [`super::linear`] (and of [`super::linear_gelu`] with `gelu`), for f32 x, weight and
+/// bias.
+pub(super) fn linear_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
+    let op = Linear { gelu: gelu.then(|| Mutex::new(None)) };
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
-struct Linear;
+struct Linear {
+    /// With GELU after the product: the pre-activation `x W^T + b`, kept by the forward for the backward.
+    gelu: Option<Mutex<Option<Tensor>>>,
+}
 
-/// The product's geometry: rows m, inputs k, outputs n, x as [m, k], W^T as [k, n] (a transposed view of
-/// the contiguous [n, k] weight) and the output shape.
+impl Linear {
+    /// Keeps the pre-activation for the backward.
+    fn keep(&self, pre: Tensor) -> Result<()> {
+        match self.gelu.as_ref().map(|saved| saved.lock()) {
+            Some(Ok(mut saved)) => *saved = Some(pre),
+            Some(Err(_)) => bail!("linear: a previous forward panicked"),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// The gradient at the pre-activation from the gradient `g` of the output.
+    fn pre_activation_grad(&self, g: &Tensor) -> Result<Tensor> {
+        let Some(saved) = &self.gelu else { return Ok(g.clone()) };
+        match saved.lock().map(|s| s.clone()) {
+            Ok(Some(pre)) => gelu::gelu_grad(&pre, g),
+            Ok(None) => bail!("linear: backward before forward"),
+            Err(_) => bail!("linear: a previous forward panicked"),
+        }
+    }
+}
+
+/// The product's geometry: rows m, inputs k, outputs n, and the output shape.
 struct Geometry {
     m: usize,
     k: usize,
     n: usize,
-    x: Layout,
-    wt: Layout,
     out: Shape,
 }
 
@@ -41,14 +71,7 @@ impl Geometry {
         let m = xl.shape().elem_count() / k.max(1);
         let mut out = xl.dims().to_vec();
         *out.last_mut().expect("x is at least 1-d") = n;
-        Ok(Geometry {
-            m,
-            k,
-            n,
-            x: Layout::contiguous_with_offset((m, k), xl.start_offset()),
-            wt: Layout::new(Shape::from((k, n)), vec![1, k], wl.start_offset()),
-            out: Shape::from(out),
-        })
+        Ok(Geometry { m, k, n, out: Shape::from(out) })
     }
 }
 
@@ -61,12 +84,19 @@ impl CustomOp3 for Linear {
         &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(l1, l2, l3)?;
+        let x = cpu::f32_slice(s1, l1, "linear x")?;
+        let w = cpu::f32_slice(s2, l2, "linear weight")?;
         let b = cpu::f32_slice(s3, l3, "linear bias")?;
-        let CpuStorage::F32(mut y) = s1.matmul(s2, (1, g.m, g.n, g.k), &g.x, &g.wt)? else {
-            bail!("linear: the fused CPU op takes f32, got {:?}", s1.dtype())
-        };
+        // SAFETY: the product writes every element without reading it.
+        let mut y = unsafe { cpu::output(g.m * g.n) };
+        cpu::par_matmul(&mut y, (g.m, g.n, g.k), Mat::rows(x, g.k), Mat::transposed(w, g.k));
         cpu::map_parts(&mut y, g.n, |_, rows| bias::add_rows(rows, b));
-        Ok((CpuStorage::F32(y), g.out))
+        if self.gelu.is_none() {
+            return Ok((CpuStorage::F32(y), g.out));
+        }
+        let h = gelu::gelu_cpu(&y);
+        self.keep(Tensor::from_vec(y, g.out.clone(), &Device::Cpu)?)?;
+        Ok((CpuStorage::F32(h), g.out))
     }
 
     #[cfg(feature = "cuda")]
@@ -74,10 +104,20 @@ impl CustomOp3 for Linear {
         &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
         s3: &candle_core::CudaStorage, l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
         let g = Geometry::new(l1, l2, l3)?;
-        let y = s1.matmul(s2, (1, g.m, g.n, g.k), &g.x, &g.wt)?;
+        // x as [m, k] and W^T as [k, n], a transposed view of the contiguous [n, k] weight.
+        let x = Layout::contiguous_with_offset((g.m, g.k), l1.start_offset());
+        let wt = Layout::new(Shape::from((g.k, g.n)), vec![1, g.k], l2.start_offset());
+        let y = s1.matmul(s2, (1, g.m, g.n, g.k), &x, &wt)?;
         let (y, _) = bias::gpu::add_bias(&y, &Layout::contiguous((g.m, g.n)), s3, l3)?;
-        Ok((y, g.out))
+        if self.gelu.is_none() {
+            return Ok((y, g.out));
+        }
+        let (h, _) = gelu::gpu::launch("gelu_fwd", (&y, &Layout::contiguous(g.out.clone())), None)?;
+        let none = candle_core::op::BackpropOp::none();
+        self.keep(Tensor::from_storage(Storage::Cuda(y), g.out.clone(), none, false))?;
+        Ok((h, g.out))
     }
 
     fn bwd(
@@ -86,23 +126,45 @@ impl CustomOp3 for Linear {
         // Detached: products with the tracked x and W would record them, and W's gradient (kept to the end
         // of the backward) would then hold g, activation-sized, for every layer (ALBEF-B: +2.6 GiB).
         let (n, k) = w.dims2()?;
+        let g = self.pre_activation_grad(g)?;
         let (g, x, w) = (g.contiguous()?.reshape(((), n))?, x.detach(), w.detach());
-        let dx = g.matmul(&w)?.reshape(x.shape())?;
-        let dw = g.t()?.matmul(&x.reshape(((), k))?)?;
+        let (dx, dw) = match x.device() {
+            Device::Cpu => cpu_backward(&x, &w, &g)?,
+            _ => (g.matmul(&w)?.reshape(x.shape())?, g.t()?.matmul(&x.reshape(((), k))?)?),
+        };
         Ok((Some(dx), Some(dw), Some(bias::column_sum(&g)?)))
     }
 }
 
+/// dx = g W and dW = g^T x on the CPU: candle's products, without zero-filling their outputs first.
+fn cpu_backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let ((n, k), m) = (w.dims2()?, g.dim(0)?);
+    let guards = [x, w, g].map(|t| t.storage_and_layout());
+    let slice = |i: usize, what: &str| match &*guards[i].0 {
+        Storage::Cpu(s) => cpu::f32_slice(s, guards[i].1, what),
+        _ => bail!("linear backward: {what} is not on the CPU"),
+    };
+    let (xs, ws, gs) = (slice(0, "linear x")?, slice(1, "linear weight")?, slice(2, "linear gradient")?);
+    // SAFETY: each product writes every element of its output without reading it.
+    let (mut dx, mut dw) = unsafe { (cpu::output(m * k), cpu::output(n * k)) };
+    cpu::par_matmul(&mut dx, (m, k, n), Mat::rows(gs, n), Mat::rows(ws, k));
+    cpu::par_matmul(&mut dw, (n, k, m), Mat::transposed(gs, n), Mat::rows(xs, k));
+    Ok((Tensor::from_vec(dx, x.shape(), &Device::Cpu)?, Tensor::from_vec(dw, (n, k), &Device::Cpu)?))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::{linear, testing::*};
+    use super::super::{linear, linear_gelu, testing::*};
     use crate::config::Kernels;
     use candle_core::{Device, Result, Tensor, Var};
 
+    /// With and without the GELU after it; the reference composes candle's ops (and the reference GELU).
     #[test]
     fn fused_matches_composition_values_and_gradients() -> Result<()> {
         let mut r = rng(13);
-        for (dims, out) in [(vec![5usize, 3], 4usize), (vec![4, 33, 96], 384), (vec![2, 3, 70, 64], 1)] {
+        let cases = [(vec![5usize, 3], 4usize), (vec![4, 33, 96], 384), (vec![2, 3, 70, 64], 1)];
+        for ((dims, out), gelu) in cases.iter().flat_map(|c| [(c.clone(), false), (c.clone(), true)]) {
+            let layer = if gelu { linear_gelu } else { linear };
             let k = *dims.last().unwrap();
             let x = Var::from_tensor(&uniform(&mut r, &dims, 2.0, &Device::Cpu)?)?;
             let w = Var::from_tensor(&uniform(&mut r, &[out, k], 0.5, &Device::Cpu)?)?;
@@ -111,7 +173,7 @@ mod tests {
             *out_dims.last_mut().unwrap() = out;
             let probe = uniform(&mut r, &out_dims, 1.0, &Device::Cpu)?;
             let run = |kernels: Kernels| -> Result<Vec<Tensor>> {
-                let y = linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), kernels)?;
+                let y = layer(x.as_tensor(), w.as_tensor(), b.as_tensor(), kernels)?;
                 let g = (&y * &probe)?.sum_all()?.backward()?;
                 let grad = |v: &Var| g.get(v.as_tensor()).cloned().expect("a gradient");
                 Ok(vec![y.clone(), grad(&x), grad(&w), grad(&b)])
@@ -120,9 +182,9 @@ mod tests {
             // A gradient that records its own graph keeps every layer's output gradient alive.
             assert!(fused[1..].iter().all(|g| !g.track_op()), "{dims:?}: a gradient holds a graph");
             for (what, (f, rf)) in ["y", "dx", "dw", "db"].iter().zip(fused.iter().zip(&reference)) {
-                assert_eq!(f.dims(), rf.dims(), "{dims:?} {what}");
+                assert_eq!(f.dims(), rf.dims(), "{dims:?} gelu {gelu} {what}");
                 let (_, err) = max_err(f, rf)?;
-                assert!(err < 1e-5, "{dims:?} {what}: relative error {err:.2e}");
+                assert!(err < 1e-5, "{dims:?} gelu {gelu} {what}: relative error {err:.2e}");
             }
         }
         Ok(())

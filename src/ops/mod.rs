@@ -126,7 +126,7 @@ pub fn merge_heads(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
 /// the backward a gradient); other dtypes compose candle's matmul and broadcast add.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
     match (kernels, x.dtype(), weight.dtype(), bias.dtype()) {
-        (Kernels::Fused, DType::F32, DType::F32, DType::F32) => linear::linear_fused(x, weight, bias),
+        (Kernels::Fused, DType::F32, DType::F32, DType::F32) => linear::linear_fused(x, weight, bias, false),
         _ => {
             let (n, k) = weight.dims2()?;
             let rows = x.reshape(((), k))?;
@@ -136,6 +136,16 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> R
             }
             rows.matmul(&weight.t()?)?.broadcast_add(bias)?.reshape(out)
         }
+    }
+}
+
+/// `gelu(x W^T + b)`: [`linear`] then [`gelu`], as BERT's intermediate layer and the ViT's fc1. Fused for
+/// f32 as one node that keeps the pre-activation itself (the backward then neither zeroes nor accumulates a
+/// gradient for it); otherwise the two ops.
+pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    match (kernels, x.dtype(), weight.dtype(), bias.dtype()) {
+        (Kernels::Fused, DType::F32, DType::F32, DType::F32) => linear::linear_fused(x, weight, bias, true),
+        _ => gelu(&linear(x, weight, bias, kernels)?, kernels),
     }
 }
 

@@ -98,7 +98,8 @@ impl AttnSoftmax {
     fn cpu(&self, x: &[f32], shape: &Shape, mask: Option<(&[f32], MaskGeom)>) -> Result<(CpuStorage, Shape)> {
         let cols = cols(shape)?;
         let scale = self.scale;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: map_rows writes every row.
+        let mut y = unsafe { cpu::output(x.len()) };
         cpu::map_rows(
             &mut y,
             cols,
@@ -193,7 +194,8 @@ impl CustomOp2 for AttnSoftmaxBwd {
         }
         let cols = cols(l1.shape())?;
         let scale = self.scale;
-        let mut dx = vec![0f32; y.len()];
+        // SAFETY: map_rows writes every row.
+        let mut dx = unsafe { cpu::output(y.len()) };
         cpu::map_rows(
             &mut dx,
             cols,
