@@ -212,15 +212,13 @@ impl Embedding {
 pub fn attend(
     q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, p: f64, ctx: &Ctx,
 ) -> Result<Tensor> {
-    let dh = q.dim(2)? / heads;
-    let split = |x: &Tensor| crate::ops::split_heads(x, heads, ctx.kernels);
-    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-    let (q, k, v) = match ctx.precision {
-        Precision::Bf16 => (q.to_dtype(DType::BF16)?, k.to_dtype(DType::BF16)?, v.to_dtype(DType::BF16)?),
-        Precision::Fp32 | Precision::Tf32 => (q, k, v),
-    };
+    let scale = 1.0 / ((q.dim(2)? / heads) as f64).sqrt();
     let dropout = (ctx.train && p > 0.0).then(|| AttnDropout { p, seed: ctx.seed() });
-    let o = crate::ops::attention(&q, &k, &v, 1.0 / (dh as f64).sqrt(), mask, dropout, ctx.kernels)?;
+    if ctx.precision != Precision::Bf16 {
+        return crate::ops::multi_head_attention(q, k, v, heads, scale, mask, dropout, ctx.kernels);
+    }
+    let split = |x: &Tensor| crate::ops::split_heads(x, heads, ctx.kernels)?.to_dtype(DType::BF16);
+    let o = crate::ops::attention(&split(q)?, &split(k)?, &split(v)?, scale, mask, dropout, ctx.kernels)?;
     crate::ops::merge_heads(&o.to_dtype(DType::F32)?, ctx.kernels)
 }
 

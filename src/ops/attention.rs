@@ -12,8 +12,10 @@
 //! kernels/attention.cu, one warp per query row (forward, dQ) or key row (dK, dV) with an online softmax.
 
 use super::cpu::{self, Mat};
+use super::heads::Permute;
 use super::softmax::MaskGeom;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
 /// Dropout on the attention probabilities inside the fused op: element (b, h, i, j) is kept when a hash of
@@ -82,6 +84,111 @@ pub(super) fn attention_fused(
     };
     let op = Attention { scale: scale as f32, mask, dropout, lse: Mutex::new(None) };
     qw.apply_op3(&kw, &vw, op)?.to_dtype(q.dtype())
+}
+
+/// The fused path of [`super::multi_head_attention`]: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh], f32.
+pub(super) fn multi_head_fused(
+    q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, mask: Option<&Tensor>, dropout: Option<AttnDropout>,
+) -> Result<Tensor> {
+    let ((b, lq, d), (kb, lk, kd)) = (q.dims3()?, k.dims3()?);
+    if (kb, kd) != (b, d) || v.dims() != k.dims() {
+        bail!("attention: q {:?}, k {:?} and v {:?} do not fit [B, L, H * Dh]", q.dims(), k.dims(), v.dims());
+    }
+    Permute::split(q.shape(), heads)?;
+    let mask = match mask {
+        Some(m) => {
+            m.layout().broadcast_as((b, heads, lq, lk))?;
+            Some(m.to_dtype(DType::F32)?.detach())
+        }
+        None => None,
+    };
+    let core = Attention { scale: scale as f32, mask, dropout, lse: Mutex::new(None) };
+    let op = Heads { heads, core, saved: Mutex::new(None) };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`Attention`] on tokens [B, L, H * Dh]: the heads are split and merged inside the node. As three nodes
+/// (split, core, merge), the backward zeroed and accumulated a gradient for each of q, k and v split
+/// and for the core's output, on the driver thread. The split inputs and the output in heads stay with
+/// the op for the backward, as the graph kept them before.
+struct Heads {
+    heads: usize,
+    core: Attention,
+    /// q, k, v and o in heads [B, H, L, Dh], from the forward.
+    saved: Mutex<Option<[Tensor; 4]>>,
+}
+
+impl Heads {
+    /// The forward on one backend: `permute` runs a split or merge on its storage, `wrap` and `unwrap`
+    /// move storage in and out of tensors.
+    fn forward<S>(
+        &self, inputs: [(&S, &Layout); 3], permute: impl Fn(&Permute, &S, &Layout) -> Result<(S, Shape)>,
+        wrap: impl Fn(S) -> Storage, unwrap: fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let split = |(s, l): (&S, &Layout)| -> Result<Tensor> {
+            let (storage, shape) = permute(&Permute::split(l.shape(), self.heads)?, s, l)?;
+            Ok(Tensor::from_storage(wrap(storage), shape, BackpropOp::none(), false))
+        };
+        let [q, k, v] = [split(inputs[0])?, split(inputs[1])?, split(inputs[2])?];
+        let o = q.apply_op3_no_bwd(&k, &v, &self.core)?;
+        let (storage, layout) = o.storage_and_layout();
+        let Some(os) = unwrap(&storage) else { bail!("attention: the output is on another device") };
+        let (merged, _) = permute(&Permute::merge(layout.shape())?, os, layout)?;
+        drop(storage);
+        match self.saved.lock() {
+            Ok(mut saved) => *saved = Some([q, k, v, o]),
+            Err(_) => bail!("attention: a previous forward panicked"),
+        }
+        Ok((merged, inputs[0].1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for Heads {
+    fn name(&self) -> &'static str {
+        "alignfuse-multi-head-attention"
+    }
+
+    fn cpu_fwd(
+        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn unwrap(s: &Storage) -> Option<&CpuStorage> {
+            match s {
+                Storage::Cpu(s) => Some(s),
+                _ => None,
+            }
+        }
+        self.forward([(s1, l1), (s2, l2), (s3, l3)], |p, s, l| p.cpu_fwd(s, l), Storage::Cpu, unwrap)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
+        s3: &candle_core::CudaStorage, l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        fn unwrap(s: &Storage) -> Option<&candle_core::CudaStorage> {
+            match s {
+                Storage::Cuda(s) => Some(s),
+                _ => None,
+            }
+        }
+        self.forward([(s1, l1), (s2, l2), (s3, l3)], |p, s, l| p.cuda_fwd(s, l), Storage::Cuda, unwrap)
+    }
+
+    fn bwd(
+        &self, xq: &Tensor, xk: &Tensor, xv: &Tensor, _out: &Tensor, grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [q, k, v, o] = match self.saved.lock().map(|s| s.clone()) {
+            Ok(Some(saved)) => saved,
+            Ok(None) => bail!("attention: backward before forward"),
+            Err(_) => bail!("attention: a previous forward panicked"),
+        };
+        let grad = grad.contiguous()?.apply_op1_no_bwd(&Permute::split(grad.shape(), self.heads)?)?;
+        let merge = |d: Option<Tensor>, like: &Tensor| -> Result<Option<Tensor>> {
+            d.map(|d| d.apply_op1_no_bwd(&Permute::merge(d.shape())?)?.reshape(like.shape())).transpose()
+        };
+        let (dq, dk, dv) = self.core.bwd(&q, &k, &v, &o, &grad)?;
+        Ok((merge(dq, xq)?, merge(dk, xk)?, merge(dv, xv)?))
+    }
 }
 
 struct Attention {
@@ -644,6 +751,40 @@ mod tests {
                 let got = run([&q, &k, &v], m, d, &w, Kernels::Fused)?;
                 let want = run([&q, &k, &v], m, d, &w, Kernels::Reference)?;
                 compare(&label, &got, &want, 1e-5)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// On tokens [B, L, H * Dh], the one-node op equals the fused split, core and merge to the bit and the
+    /// reference composition to 1e-5, values and gradients.
+    #[test]
+    fn heads_inside_match_split_core_and_merge() -> Result<()> {
+        use super::super::{merge_heads, multi_head_attention, split_heads};
+        let mut r = rng(23);
+        for (b, h, lq, lk, dh) in [(1, 1, 1, 1, 1), (3, 4, 25, 25, 16), (2, 2, 9, 17, 8)] {
+            let t = |l: usize, range: f32, r: &mut _| uniform(r, &[b, l, h * dh], range, &Device::Cpu);
+            let (q, k, v, w) = (t(lq, 2.0, &mut r)?, t(lk, 2.0, &mut r)?, t(lk, 1.0, &mut r)?, t(lq, 1.0, &mut r)?);
+            let mask = padding(&mut r, b, lk)?;
+            for (m, p) in [(None, 0.0), (Some(&mask), 0.1)] {
+                let d = Some(AttnDropout { p, seed: 3 });
+                let run = |one_node: bool, kernels: Kernels| -> Result<Vec<Tensor>> {
+                    let [q, k, v] = [&q, &k, &v].map(|x| Var::from_tensor(x).expect("a variable"));
+                    let (q, k, v) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+                    let o = if one_node {
+                        multi_head_attention(q, k, v, h, 0.125, m, d, kernels)?
+                    } else {
+                        let split = |x: &Tensor| split_heads(x, h, kernels);
+                        merge_heads(&attention(&split(q)?, &split(k)?, &split(v)?, 0.125, m, d, kernels)?, kernels)?
+                    };
+                    let grads = (&o * &w)?.sum_all()?.backward()?;
+                    let get = |t: &Tensor| grads.get(t).cloned().expect("a gradient");
+                    Ok(vec![o.clone(), get(q), get(k), get(v)])
+                };
+                let label = format!("[{b}, {lq}, {h} x {dh}] keys {lk} p={p}");
+                let got = run(true, Kernels::Fused)?;
+                compare(&label, &got, &run(false, Kernels::Fused)?, 0.0)?;
+                compare(&label, &got, &run(true, Kernels::Reference)?, 1e-5)?;
             }
         }
         Ok(())

@@ -4,8 +4,8 @@
 
 use super::testing::{max_err, rng, uniform};
 use super::{
-    add_bias, attention, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu, matmul_by_constant,
-    AttnDropout, Positives,
+    add_bias, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu, matmul_by_constant,
+    multi_head_attention, AttnDropout, Positives,
 };
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -120,7 +120,8 @@ enum Case {
         scale: f64,
         dtype: DType,
     },
-    /// The whole attention core on q [B, H, Lq, Dh], k and v [B, H, Lk, Dh] (`dims` = [B, H, Lq, Lk]).
+    /// The whole multi-head attention on tokens, q [B, Lq, H * Dh], k and v [B, Lk, H * Dh] (`dims` = [B, H,
+    /// Lq, Lk]): the head split, the core and the merge.
     Core {
         dims: [usize; 4],
         dh: usize,
@@ -166,8 +167,10 @@ enum RowOp {
 /// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
 /// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
 /// ITC against the batch plus a 65536 queue; LayerNorm, a bias add and the MLP's GELU over the ViT's 64 x 257
-/// tokens, and one of its 768 x 768 linear layers (alone and with the GELU after it); MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole attention core for the same three attentions (BERT's with its 0.1 dropout; the ViT's
-/// at 256 px, 16 images); ITC's similarities of 64 features against the batch's keys and the queue.
+/// tokens, and one of its 768 x 768 linear layers (alone and with the GELU after it); MLM's loss at 15% of
+/// 64 x 25 tokens over BERT's vocabulary; the whole multi-head attention (heads split and merged) for the
+/// same three attentions (BERT's with its 0.1 dropout; the ViT's at 256 px, 16 images); ITC's similarities of
+/// 64 features against the batch's keys and the queue.
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
     vec![
@@ -307,15 +310,15 @@ fn bench_core(
     device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, [b, h, lq, lk]: [usize; 4], dh: usize, mask: bool,
     p: f64,
 ) -> Result<OpBench> {
-    let mut input = |l: usize, range: f32| Inputs::<Var>::new(uniform(r, &[b, h, l, dh], range, device)?, DType::F32);
+    let mut input = |l: usize, range: f32| Inputs::<Var>::new(uniform(r, &[b, l, h * dh], range, device)?, DType::F32);
     let (q, k, v) = (input(lq, 2.0)?, input(lk, 2.0)?, input(lk, 1.0)?);
-    let probe = Inputs::<Tensor>::new(uniform(r, &[b, h, lq, dh], 1.0, device)?, DType::F32)?;
+    let probe = Inputs::<Tensor>::new(uniform(r, &[b, lq, h * dh], 1.0, device)?, DType::F32)?;
     let m = mask.then(|| Inputs::<Tensor>::new(padding_mask(r, b, lk, device)?, DType::F32)).transpose()?;
     let dropout = Some(AttnDropout { p, seed: 99 });
     let scale = 1.0 / (dh as f64).sqrt();
     let run = |kernels: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
         let (q, k, v) = (q.get(exact).as_tensor(), k.get(exact).as_tensor(), v.get(exact).as_tensor());
-        let o = attention(q, k, v, scale, m.as_ref().map(|m| m.get(exact)), dropout, kernels)?;
+        let o = multi_head_attention(q, k, v, h, scale, m.as_ref().map(|m| m.get(exact)), dropout, kernels)?;
         if !backward {
             return Ok(vec![o]);
         }

@@ -9,25 +9,35 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `x` [B, L, H * Dh] -> [B, H, L, Dh], contiguous.
 pub(super) fn split(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, l, d) = x.dims3()?;
-    if heads == 0 || d % heads != 0 {
-        bail!("split_heads: width {d} is not a multiple of {heads} heads");
-    }
-    x.contiguous()?.apply_op1(Permute { view: Shape::from((b, l, heads, d / heads)) })
+    x.contiguous()?.apply_op1(Permute::split(x.shape(), heads)?)
 }
 
 /// `x` [B, H, L, Dh] -> [B, L, H * Dh], contiguous.
 pub(super) fn merge(x: &Tensor) -> Result<Tensor> {
     let (b, h, l, dh) = x.dims4()?;
-    x.contiguous()?.apply_op1(Permute { view: Shape::from((b, h, l, dh)) })?.reshape((b, l, h * dh))
+    x.contiguous()?.apply_op1(Permute::merge(x.shape())?)?.reshape((b, l, h * dh))
 }
 
 /// Reads a contiguous tensor as `view` (4-d) and writes it with its middle two dimensions swapped.
-struct Permute {
+pub(super) struct Permute {
     view: Shape,
 }
 
 impl Permute {
+    /// The split of a [B, L, H * Dh] tensor into `heads` heads ([B, H, L, Dh]).
+    pub(super) fn split(shape: &Shape, heads: usize) -> Result<Self> {
+        let (b, l, d) = shape.dims3()?;
+        if heads == 0 || d % heads != 0 {
+            bail!("split_heads: width {d} is not a multiple of {heads} heads");
+        }
+        Ok(Permute { view: Shape::from((b, l, heads, d / heads)) })
+    }
+
+    /// The merge of [B, H, L, Dh] heads ([B, L, H, Dh], to be read as [B, L, H * Dh]).
+    pub(super) fn merge(shape: &Shape) -> Result<Self> {
+        Ok(Permute { view: Shape::from(shape.dims4()?) })
+    }
+
     fn run<S: BackendStorage>(&self, s: &S, l: &Layout) -> Result<(S, Shape)>
     where
         S::Device: BackendDevice<Storage = S>,

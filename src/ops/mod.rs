@@ -66,13 +66,8 @@ pub fn attention(
     q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>, dropout: Option<AttnDropout>,
     kernels: Kernels,
 ) -> Result<Tensor> {
-    if let Some(d) = dropout {
-        if !(0.0..1.0).contains(&d.p) {
-            bail!("attention: dropout probability {} is outside [0, 1)", d.p);
-        }
-    }
     attention::check_shapes(q.shape(), k.shape(), v.shape())?;
-    let dropout = dropout.filter(|d| d.p > 0.0);
+    let dropout = active(dropout)?;
     match (kernels, fused_dtype(q)) {
         (Kernels::Fused, Some(work)) => attention::attention_fused(q, k, v, scale, mask, dropout, work),
         _ => {
@@ -85,6 +80,34 @@ pub fn attention(
                 probs = (probs * d.mask(scores.dims(), scores.device())?.to_dtype(work)?)?;
             }
             probs.to_dtype(v.dtype())?.matmul(v)?.to_dtype(q.dtype())
+        }
+    }
+}
+
+/// The dropout an attention applies: none for p = 0, an error outside [0, 1).
+fn active(dropout: Option<AttnDropout>) -> Result<Option<AttnDropout>> {
+    match dropout {
+        Some(d) if !(0.0..1.0).contains(&d.p) => bail!("attention: dropout probability {} is outside [0, 1)", d.p),
+        d => Ok(d.filter(|d| d.p > 0.0)),
+    }
+}
+
+/// Multi-head attention on tokens: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh] with `heads` heads -> [B, Lq,
+/// H * Dh]; `scale`, `mask` and `dropout` as in [`attention`]. Fused for f32: one node that splits and merges
+/// the heads inside; otherwise [`split_heads`], [`attention`] and [`merge_heads`].
+#[allow(clippy::too_many_arguments)]
+pub fn multi_head_attention(
+    q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, mask: Option<&Tensor>, dropout: Option<AttnDropout>,
+    kernels: Kernels,
+) -> Result<Tensor> {
+    let dropout = active(dropout)?;
+    match (kernels, q.dtype(), k.dtype(), v.dtype()) {
+        (Kernels::Fused, DType::F32, DType::F32, DType::F32) => {
+            attention::multi_head_fused(q, k, v, heads, scale, mask, dropout)
+        }
+        _ => {
+            let split = |x: &Tensor| split_heads(x, heads, kernels);
+            merge_heads(&attention(&split(q)?, &split(k)?, &split(v)?, scale, mask, dropout, kernels)?, kernels)
         }
     }
 }
