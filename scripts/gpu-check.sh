@@ -105,9 +105,12 @@ if (out / "train-nccl.json").exists():
                  f"{n['compute_pairs_per_s'] / f['compute_pairs_per_s']:.3f}x of one process", f"optimizer {n['optimizer_ms']:.1f} vs {f['optimizer_ms']:.1f} ms"))
 k = json.loads((out / "kernels.json").read_text())
 for op in k["ops"]:
-    err = max(e["fused_vs_reference"] for e in op["errors"])
+    # Against the f64 answer: in bf16 the reference composition can be the less accurate one (ITC's
+    # log-softmax over 65600 columns: 3e0 off where the fused op is 6e-3 off).
+    err = max(e["fused_vs_exact"] for e in op["errors"])
+    ref = max(e["reference_vs_exact"] for e in op["errors"])
     rows.append((f"op {op['name']} {op['dtype']}", f"fused {op['fused_ms']:.3f} ms", f"reference {op['reference_ms']:.3f} ms",
-                 f"max rel err {err:.1e}"))
+                 f"err vs f64 {err:.1e} (ref {ref:.1e})"))
 rows.append(("device copy", f"{k['copy']['gbps']:.0f} GB/s", "", ""))
 e = json.loads((out / "eval.json").read_text())
 rows.append(("main job test r_mean", f"ITC {e['itc']['r_mean']:.2f}", f"re-ranked {e['rerank']['r_mean']:.2f}", ""))
