@@ -87,9 +87,10 @@ impl CustomOp1 for ColumnSum {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = cpu::f32_slice(s, l, "add_bias gradient")?;
-        let mut acc = vec![0f64; self.cols];
-        column_sums(g, &mut acc);
+        let (g, cols) = (cpu::f32_slice(s, l, "add_bias gradient")?, self.cols);
+        let acc = cpu::row_sums(g.len().checked_div(cols).unwrap_or(0), cols, |rows, acc| {
+            column_sums(&g[rows.start * cols..rows.end * cols], acc)
+        });
         Ok((CpuStorage::F32(acc.into_iter().map(|v| v as f32).collect()), Shape::from(self.cols)))
     }
 

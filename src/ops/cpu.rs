@@ -177,6 +177,27 @@ pub(super) fn map_parts(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f3
     map_rows(out, part, || (), |_, r, rows| f(r * part, rows));
 }
 
+/// Rows per block of [`row_sums`] (ROWS_PER_CHUNK of the CUDA column sums).
+const SUM_BLOCK_ROWS: usize = 128;
+
+/// The sum over `rows` rows of what `add(block, acc)` adds for the rows of `block` into an f64 accumulator
+/// of `width`: blocks of `SUM_BLOCK_ROWS` rows run on the compute threads and their sums are added in block
+/// order, so the bits do not depend on the thread count. (Column sums of gradients: run after the parallel
+/// part of a backward, on the driver thread alone, they were 1% of its samples at 2 threads.)
+pub(super) fn row_sums(rows: usize, width: usize, add: impl Fn(std::ops::Range<usize>, &mut [f64]) + Sync) -> Vec<f64> {
+    let blocks: Vec<usize> = (0..rows.div_ceil(SUM_BLOCK_ROWS)).collect();
+    let partial = |_: &mut (), b: usize| {
+        let mut acc = vec![0f64; width];
+        add(b * SUM_BLOCK_ROWS..rows.min((b + 1) * SUM_BLOCK_ROWS), &mut acc);
+        acc
+    };
+    let mut total = vec![0f64; width];
+    for p in par_map(blocks, rows * width, || (), partial) {
+        total.iter_mut().zip(&p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
 /// A matrix operand of [`matmul`]: its elements and the strides of its rows and columns, so a transposed
 /// operand is read in place.
 #[derive(Clone, Copy)]
@@ -422,13 +443,12 @@ mod tests {
         assert!(exp(f32::NAN).is_nan());
     }
 
-    /// Every fused CPU op, forward and backward, gives the same bits at each vector level this CPU has
-    /// (the claim `Simd` rests on). Other tests may run meanwhile at whichever level is set: by that
-    /// claim their results do not change.
-    #[test]
-    fn every_simd_level_computes_the_same_bits() -> candle_core::Result<()> {
+    /// The bits of every fused CPU op's outputs and gradients, on inputs large enough for the parallel
+    /// paths (gemm's threads, the row sums' blocks).
+    fn fused_bits() -> candle_core::Result<Vec<Vec<u32>>> {
         use super::super::testing::{rng, uniform};
-        use super::super::{attention, attention_softmax, gelu, itc_loss, layer_norm, linear, Positives};
+        use super::super::{attention, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu};
+        use super::super::{multi_head_attention, Positives};
         use crate::config::Kernels::Fused;
         use candle_core::{Device, Tensor, Var};
         let dev = &Device::Cpu;
@@ -439,34 +459,69 @@ mod tests {
         let (q, k, v) = (var(&mut r, &[2, 3, 70, 16])?, var(&mut r, &[2, 3, 70, 16])?, var(&mut r, &[2, 3, 70, 16])?);
         let (sim, sim_m) = (var(&mut r, &[8, 40])?, uniform(&mut r, &[8, 40], 1.0, dev)?);
         let temp = Var::from_tensor(&Tensor::new(&[0.07f32], dev)?)?;
-        let run = || -> candle_core::Result<Vec<Vec<u32>>> {
-            let outputs = [
-                gelu(&x, Fused)?,
-                layer_norm(&x, &w, &b, 1e-6, Fused)?,
-                linear(&x, &wl, &wl.narrow(1, 0, 1)?.squeeze(1)?, Fused)?,
-                attention_softmax(&scores, 0.3, None, Fused)?,
-                attention(&q, &k, &v, 0.25, None, None, Fused)?,
-                itc_loss(&sim, &sim_m, &temp, 0.4, Positives::Diagonal, Fused)?,
-            ];
-            let mut bits = Vec::new();
-            for y in &outputs {
-                let grads = y.sqr()?.sum_all()?.backward()?;
-                bits.push(y.flatten_all()?.to_vec1::<f32>()?);
-                for t in [&x, &w, &b, &wl, &scores, &q, &k, &v, &sim, &temp] {
-                    if let Some(g) = grads.get(t) {
-                        bits.push(g.flatten_all()?.to_vec1::<f32>()?);
-                    }
+        let bias = wl.narrow(1, 0, 1)?.squeeze(1)?;
+        let outputs = [
+            gelu(&x, Fused)?,
+            layer_norm(&x, &w, &b, 1e-6, Fused)?,
+            linear(&x, &wl, &bias, Fused)?,
+            linear_gelu(&x, &wl, &bias, Fused)?,
+            attention_softmax(&scores, 0.3, None, Fused)?,
+            attention(&q, &k, &v, 0.25, None, None, Fused)?,
+            multi_head_attention(&x, &x, &w.broadcast_mul(&x)?, 4, 0.25, None, None, Fused)?,
+            itc_loss(&sim, &sim_m, &temp, 0.4, Positives::Diagonal, Fused)?,
+        ];
+        let mut bits = Vec::new();
+        for y in &outputs {
+            let grads = y.sqr()?.sum_all()?.backward()?;
+            bits.push(y.flatten_all()?.to_vec1::<f32>()?);
+            for t in [&x, &w, &b, &wl, &scores, &q, &k, &v, &sim, &temp] {
+                if let Some(g) = grads.get(t) {
+                    bits.push(g.flatten_all()?.to_vec1::<f32>()?);
                 }
             }
-            Ok(bits.into_iter().map(|v| v.into_iter().map(f32::to_bits).collect()).collect())
-        };
+        }
+        Ok(bits.into_iter().map(|v| v.into_iter().map(f32::to_bits).collect()).collect())
+    }
+
+    /// Every fused CPU op, forward and backward, gives the same bits at each vector level this CPU has
+    /// (the claim `Simd` rests on). Other tests may run meanwhile at whichever level is set: by that
+    /// claim their results do not change.
+    #[test]
+    fn every_simd_level_computes_the_same_bits() -> candle_core::Result<()> {
         let before = Simd::current();
-        let levels = [Simd::Baseline, Simd::Avx2, Simd::Avx512].map(|l| (l, Simd::set(l), run()));
+        let levels = [Simd::Baseline, Simd::Avx2, Simd::Avx512].map(|l| (l, Simd::set(l), fused_bits()));
         Simd::set(before);
         let baseline = levels[0].2.as_ref().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         for (asked, got, bits) in &levels[1..] {
             assert!(bits.as_ref().is_ok_and(|b| b == baseline), "{asked:?} (ran at {got:?}) differs from the baseline");
         }
+        Ok(())
+    }
+
+    /// ... and the same bits on one compute thread as on three (gemm splits output blocks, the row sums add
+    /// fixed blocks in order).
+    #[test]
+    fn every_thread_count_computes_the_same_bits() -> candle_core::Result<()> {
+        // A plain rayon pool: the compute pool's spin bookkeeping is global, and its own test checks it.
+        let on = |threads| {
+            let pool =
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(candle_core::Error::wrap)?;
+            pool.install(fused_bits)
+        };
+        assert!(on(1)? == on(3)?, "the fused ops' bits depend on the thread count");
+        // The row sums in f64 directly (rounded to f32, an order's effect rarely shows): terms of 1e15 and
+        // fractions, whose sum depends on the order they are added in.
+        let sums = || {
+            let term = |r: usize, j: usize| ((r * 7919 + j) % 1000) as f64 * 1e12 + 0.37 * r as f64;
+            row_sums(1000, 40, |rows, acc| {
+                rows.for_each(|r| acc.iter_mut().enumerate().for_each(|(j, a)| *a += term(r, j)))
+            })
+            .into_iter()
+            .map(f64::to_bits)
+            .collect::<Vec<_>>()
+        };
+        let sums_on = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().map(|p| p.install(sums));
+        assert_eq!(sums_on(1).map_err(candle_core::Error::wrap)?, sums_on(3).map_err(candle_core::Error::wrap)?);
         Ok(())
     }
 

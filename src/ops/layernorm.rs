@@ -132,17 +132,17 @@ impl CustomOp3 for LayerNormBwd {
             backward_row(&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d], w, gw, dr, self.eps)
         });
         // dw, db: column sums over the rows, accumulated row by row (contiguous, vectorised), in f64.
-        let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
-        for (r, &(mean, rstd)) in stats.iter().enumerate() {
-            let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-            for j in 0..d {
-                dw[j] += (gr[j] * (xr[j] - mean) * rstd) as f64;
-                db[j] += gr[j] as f64;
+        let sums = cpu::row_sums(stats.len(), 2 * d, |rows, acc| {
+            let (dw, db) = acc.split_at_mut(d);
+            for r in rows {
+                let ((mean, rstd), xr, gr) = (stats[r], &x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+                for j in 0..d {
+                    dw[j] += (gr[j] * (xr[j] - mean) * rstd) as f64;
+                    db[j] += gr[j] as f64;
+                }
             }
-        }
-        let (dwo, dbo) = dwb.split_at_mut(d);
-        dwo.iter_mut().zip(&dw).for_each(|(o, &v)| *o = v as f32);
-        dbo.iter_mut().zip(&db).for_each(|(o, &v)| *o = v as f32);
+        });
+        dwb.iter_mut().zip(&sums).for_each(|(o, &v)| *o = v as f32);
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
     }
 
