@@ -183,7 +183,7 @@ pub struct DataConfig {
     pub caption_style: CaptionStyle,
     /// Captions are cut to this many words before tokenising (30).
     pub max_words: usize,
-    /// Token sequences are cut to this length, [CLS] and [SEP] included (ALBEF pre-training: 25).
+    /// Token sequences are cut to this length, `[CLS]` and `[SEP]` included (ALBEF pre-training: 25).
     pub max_tokens: usize,
     /// RandomResizedCrop scale range of the training transform (ALBEF pre-training: [0.2, 1.0]).
     pub crop_scale: [f64; 2],

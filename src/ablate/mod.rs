@@ -5,7 +5,7 @@
 //! Runs differ only in their objectives (and seed, with several): the parameters are drawn per name from
 //! the seed, so every variant starts from the same weights, and the data are resolved once (the synthetic
 //! set generated once under DIR/data), so every variant reads the same pairs in the same order. Each run
-//! keeps its own directory DIR/runs/<name>; a re-run skips the finished ones and resumes an interrupted one.
+//! keeps its own directory `DIR/runs/<name>`; a re-run skips the finished ones and resumes an interrupted one.
 
 pub mod plot;
 pub mod progress;

@@ -463,7 +463,7 @@ impl Stream {
     }
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 pub struct Written {
     pub shards: Vec<PathBuf>,
     pub samples: usize,

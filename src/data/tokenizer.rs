@@ -28,7 +28,7 @@ pub struct TextTokenizer {
     pad_id: u32,
     cls_id: u32,
     mask_id: u32,
-    /// Tokens the post-processor adds around a single sequence ([CLS] and [SEP]: 2).
+    /// Tokens the post-processor adds around a single sequence (`[CLS]` and `[SEP]`: 2).
     added: usize,
 }
 

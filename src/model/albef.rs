@@ -49,7 +49,7 @@ impl Encoders {
     }
 }
 
-/// The [CLS] token of [B, L, D] -> [B, D].
+/// The `[CLS]` token of [B, L, D] -> [B, D].
 fn cls(x: &Tensor) -> Result<Tensor> {
     x.narrow(1, 0, 1)?.squeeze(1)
 }
@@ -259,7 +259,7 @@ impl Albef {
     }
 
     /// Online image encoder: images [B, 3, H, W] -> (image_embeds [B, N, W], image_feat [B, embed_dim],
-    /// the L2-normalised projection of [CLS]).
+    /// the L2-normalised projection of `[CLS]`).
     pub fn image(&self, images: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
         self.online.image(images, ctx)
     }
@@ -276,7 +276,7 @@ impl Albef {
     }
 
     /// ITM logits [B, 2] (column 1: match) of text_embeds [B, L, H] with padding mask [B, L] against
-    /// their images: the fusion encoder's [CLS] through `itm_head`. Training and re-ranking both score
+    /// their images: the fusion encoder's `[CLS]` through `itm_head`. Training and re-ranking both score
     /// pairs here.
     pub fn itm_logits(&self, text_embeds: &Tensor, mask: &Tensor, image: ImageSide, ctx: &Ctx) -> Result<Tensor> {
         self.itm_head.forward(&self.online.text_encoder.bert.fusion_cls(text_embeds, mask, image, ctx)?, ctx)

@@ -81,7 +81,7 @@ impl Layer {
     }
 
     /// `image_kv`: this layer's cross-attention keys and values of the image tokens (fusion layers only).
-    /// `cls_only`: compute the output for the [CLS] position only ([B, 1, H]); it still attends to every
+    /// `cls_only`: compute the output for the `[CLS]` position only ([B, 1, H]); it still attends to every
     /// token, and every later sublayer works per position, so its value is unchanged.
     fn forward(
         &self, x: &Tensor, mask: &Tensor, image_kv: Option<&(Tensor, Tensor)>, cls_only: bool, ctx: &Ctx,
@@ -158,7 +158,7 @@ impl Bert {
         ctx.dropout(&self.embed_norm.forward(&x, ctx)?, self.p_hidden)
     }
 
-    /// Runs `layers` on hidden states `x`; with `cls_only`, the last of them computes [CLS] only.
+    /// Runs `layers` on hidden states `x`; with `cls_only`, the last of them computes `[CLS]` only.
     fn run(
         &self, mut x: Tensor, mask: &Tensor, layers: std::ops::Range<usize>, image: Option<ImageSide>, cls_only: bool,
         ctx: &Ctx,
@@ -195,8 +195,8 @@ impl Bert {
         self.run(text_embeds.clone(), mask, self.fusion_range(), Some(ImageSide::Tokens(image_embeds)), false, ctx)
     }
 
-    /// The fusion-mode [CLS] [B, H] (what `itm_head` reads): [`Bert::forward_fusion`] with the last layer
-    /// computed for [CLS] only. With keys/values of G = B images it is the token path op for op; with
+    /// The fusion-mode `[CLS]` [B, H] (what `itm_head` reads): [`Bert::forward_fusion`] with the last layer
+    /// computed for `[CLS]` only. With keys/values of G = B images it is the token path op for op; with
     /// images shared by several texts it equals it up to float rounding.
     pub fn fusion_cls(&self, text_embeds: &Tensor, mask: &Tensor, image: ImageSide, ctx: &Ctx) -> Result<Tensor> {
         self.run(text_embeds.clone(), mask, self.fusion_range(), Some(image), true, ctx)?.squeeze(1)
@@ -274,7 +274,7 @@ impl TextEncoder {
         self.cls.forward(&hidden, self.bert.word_embeddings(), ctx)
     }
 
-    /// The rows of [`TextEncoder::mlm_logits`] at `positions` (u32 [N], row-major indices into B x L):
+    /// The rows of [`TextEncoder::mlm_logits`] at `positions` (u32 \[N\], row-major indices into B x L):
     /// [N, V]. The head works per position, so it runs on those rows only: the loss reads only masked
     /// positions, and the decoder over the vocabulary (30522 wide in BERT) is the costliest part of it.
     pub fn mlm_logits_at(

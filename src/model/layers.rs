@@ -100,7 +100,7 @@ impl Ctx {
     }
 }
 
-/// y = x W^T + b, weights `weight` [out, in] and `bias` [out] as in PyTorch.
+/// y = x W^T + b, weights `weight` \[out, in\] and `bias` \[out\] as in PyTorch.
 #[derive(Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -109,7 +109,7 @@ pub struct Linear {
 
 impl Linear {
     /// Fresh weights are LeCun-normal (std 1/sqrt(in_dim)): BERT's fixed 0.02 suits width 768, but at
-    /// small widths it makes every attention path nearly silent, so all inputs start with the same [CLS]
+    /// small widths it makes every attention path nearly silent, so all inputs start with the same `[CLS]`
     /// feature and contrastive training stalls at the uniform loss.
     pub fn new(pb: &Pb, in_dim: usize, out_dim: usize) -> Result<Self> {
         let weight = pb.get("weight", (out_dim, in_dim), Init::Normal(1.0 / (in_dim as f64).sqrt()))?;

@@ -126,7 +126,7 @@ pub fn pairs(text_embeds: &Tensor, text_mask: &Tensor, image_embeds: &Tensor, ne
     })
 }
 
-/// Cross-entropy of ITM logits [N, 2] against labels [N] (1 = match), and the fraction of pairs the head
+/// Cross-entropy of ITM logits \[N, 2\] against labels \[N\] (1 = match), and the fraction of pairs the head
 /// classifies correctly (a scalar tensor, read only when logged).
 pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let loss = candle_nn::loss::cross_entropy(logits, labels)?;

@@ -23,8 +23,8 @@ pub struct MaskedTokens {
     pub labels: Vec<i64>,
 }
 
-/// BERT masking as the reference: each position is masked with probability `p` except [PAD] and [CLS]
-/// ([SEP] can be; the attention mask is not consulted); a masked position becomes [MASK] (80%), a random
+/// BERT masking as the reference: each position is masked with probability `p` except `[PAD]` and `[CLS]`
+/// (`[SEP]` can be; the attention mask is not consulted); a masked position becomes `[MASK]` (80%), a random
 /// id (10%) or stays (10%).
 pub fn mask_tokens(ids: &[u32], special: SpecialTokens, p: f64, rng: &mut impl Rng) -> MaskedTokens {
     let mut out = ids.to_vec();
@@ -44,7 +44,7 @@ pub fn mask_tokens(ids: &[u32], special: SpecialTokens, p: f64, rng: &mut impl R
     MaskedTokens { ids: out, labels }
 }
 
-/// The masked positions of `labels` (row-major indices, u32, as [`crate::model::TextEncoder::mlm_logits_at`]
+/// The masked positions of `labels` (row-major indices, u32, as [`crate::model::bert::TextEncoder::mlm_logits_at`]
 /// takes them) and their original ids; None when nothing is masked (the reference would return a NaN
 /// loss).
 pub fn masked_positions(labels: &[i64]) -> Option<(Vec<u32>, Vec<u32>)> {

@@ -144,7 +144,7 @@ pub fn merge_heads(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
     }
 }
 
-/// `x W^T + b` for x [.., in], `weight` [out, in] and `bias` [out], as PyTorch's `nn.Linear`. Fused for f32
+/// `x W^T + b` for x \[.., in\], `weight` \[out, in\] and `bias` \[out\], as PyTorch's `nn.Linear`. Fused for f32
 /// (one autograd node: the composition's flatten, transpose, product, unflatten and bias add each cost
 /// the backward a gradient); other dtypes compose candle's matmul and broadcast add.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
@@ -214,7 +214,7 @@ pub enum Positives<'a> {
     /// A [B, N] 0/1 f32 mask (same image id = positive); targets are `mask / mask.sum(1)` (a row without
     /// positives gives a NaN loss in both implementations).
     Mask(&'a Tensor),
-    /// Row i's positive is column `index[i]`, a u32 [B] tensor with entries below N (MLM: the masked tokens'
+    /// Row i's positive is column `index[i]`, a u32 \[B\] tensor with entries below N (MLM: the masked tokens'
     /// ids over the vocabulary).
     Index(&'a Tensor),
 }

@@ -14,7 +14,7 @@ pub struct TrainBench {
     /// Trainable parameters: the f32 gradients a data-parallel step all-reduces.
     pub parameters: usize,
     pub batch_size: usize,
-    /// Mean caption length of the timed batches (tokens, [CLS] and [SEP] included).
+    /// Mean caption length of the timed batches (tokens, `[CLS]` and `[SEP]` included).
     pub tokens: f64,
     pub pairs_per_s: f64,
     /// Pairs/s without the data wait: what a baseline fed from memory compares with.

@@ -90,7 +90,7 @@ impl AdamW {
     }
 
     /// Data parallel: sums the accumulated gradients over the ranks, in buckets of at most
-    /// [`BUCKET`] elements (few large transfers instead of one per parameter, as PyTorch's DDP), so
+    /// `BUCKET` elements (few large transfers instead of one per parameter, as PyTorch's DDP), so
     /// the step averages every rank's micro-batches and all ranks apply the same update.
     pub fn all_reduce(&mut self, dist: &Dist) -> Result<()> {
         if dist.solo() {
