@@ -225,7 +225,18 @@ impl<'a> Mat<'a> {
 
 /// `dst = scale * a @ b` for a [m, k], b [k, n] and a row-major dst [m, n], on the calling thread (callers
 /// spread independent products over the pool); gemm's kernels, as candle's matmul.
-pub(super) fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, b: Mat, scale: f32) {
+pub(super) fn matmul(dst: &mut [f32], dims: (usize, usize, usize), a: Mat, b: Mat, scale: f32) {
+    product(dst, dims, a, b, scale, false)
+}
+
+/// `dst = a @ b` as [`matmul`], on the compute threads (gemm splits the output's blocks over them, so the
+/// bits do not depend on the thread count): candle's own matmul, without its zero-filled output.
+pub(super) fn par_matmul(dst: &mut [f32], dims: (usize, usize, usize), a: Mat, b: Mat) {
+    product(dst, dims, a, b, 1.0, true)
+}
+
+/// [`matmul`], and with `threaded` on the compute threads.
+fn product(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, b: Mat, scale: f32, threaded: bool) {
     assert!(a.fits(m, k) && b.fits(k, n) && dst.len() >= m * n, "matmul operands smaller than {m}x{k} @ {k}x{n}");
     if m == 0 || n == 0 {
         return;
@@ -234,6 +245,13 @@ pub(super) fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, 
         dst[..m * n].fill(0.0);
         return;
     }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threaded && threads > 1 {
+        crate::threads::wake();
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the assertion above keeps every element gemm reads or writes inside the three slices, and
     // `dst` is borrowed mutably while `a` and `b` are shared borrows, so they do not overlap.
     unsafe {
@@ -253,50 +271,6 @@ pub(super) fn matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, 
             b.row_stride as isize,
             0.0,
             scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
-/// `dst = a @ b` as [`matmul`], on the compute threads (gemm splits the output's blocks over them, so the
-/// bits do not depend on the thread count): candle's own matmul, without its zero-filled output.
-pub(super) fn par_matmul(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, b: Mat) {
-    assert!(a.fits(m, k) && b.fits(k, n) && dst.len() >= m * n, "matmul operands smaller than {m}x{k} @ {k}x{n}");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        crate::threads::wake();
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: as in `matmul`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            0.0,
-            1.0,
             false,
             false,
             false,
