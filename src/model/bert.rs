@@ -55,7 +55,7 @@ impl Attention {
         let q = self.query.forward(x, ctx)?.reshape((g, b / g * l, h))?;
         let a = attend(&q, k, v, self.heads, mask, self.p_attn, ctx)?.reshape((b, l, h))?;
         let a = ctx.dropout(&self.dense.forward(&a, ctx)?, self.p_hidden)?;
-        self.norm.forward(&(a + x)?, ctx)
+        self.norm.forward_sum(&a, x, ctx)
     }
 }
 
@@ -94,7 +94,7 @@ impl Layer {
         }
         let h = self.intermediate.forward_gelu(&x, ctx)?;
         let h = ctx.dropout(&self.output.forward(&h, ctx)?, self.p_hidden)?;
-        self.output_norm.forward(&(h + x)?, ctx)
+        self.output_norm.forward_sum(&h, &x, ctx)
     }
 }
 

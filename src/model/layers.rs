@@ -182,6 +182,11 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps, ctx.kernels)
     }
+
+    /// `self.forward(a + x)`: BERT's residual add and LayerNorm as one node ([`crate::ops::add_layer_norm`]).
+    pub fn forward_sum(&self, a: &Tensor, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        crate::ops::add_layer_norm(a, x, &self.weight, &self.bias, self.eps, ctx.kernels)
+    }
 }
 
 /// A lookup table `weight` [n, dim]; its backward is candle's index_add.

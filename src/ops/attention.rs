@@ -13,10 +13,10 @@
 
 use super::cpu::{self, Mat};
 use super::heads::Permute;
+use super::saved::Saved;
 use super::softmax::MaskGeom;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
-use std::sync::Mutex;
 
 /// Dropout on the attention probabilities inside the fused op: element (b, h, i, j) is kept when a hash of
 /// `seed` and its flat index clears `p` (see `cpu::dropout_keep`), so the backward regenerates the mask.
@@ -82,7 +82,7 @@ pub(super) fn attention_fused(
         }
         None => None,
     };
-    let op = Attention { scale: scale as f32, mask, dropout, lse: Mutex::new(None) };
+    let op = Attention { scale: scale as f32, mask, dropout, lse: Saved::new("attention") };
     qw.apply_op3(&kw, &vw, op)?.to_dtype(q.dtype())
 }
 
@@ -102,8 +102,8 @@ pub(super) fn multi_head_fused(
         }
         None => None,
     };
-    let core = Attention { scale: scale as f32, mask, dropout, lse: Mutex::new(None) };
-    let op = Heads { heads, core, saved: Mutex::new(None) };
+    let core = Attention { scale: scale as f32, mask, dropout, lse: Saved::new("attention") };
+    let op = Heads { heads, core, saved: Saved::new("attention") };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -115,7 +115,7 @@ struct Heads {
     heads: usize,
     core: Attention,
     /// q, k, v and o in heads [B, H, L, Dh], from the forward.
-    saved: Mutex<Option<[Tensor; 4]>>,
+    saved: Saved<[Tensor; 4]>,
 }
 
 impl Heads {
@@ -135,10 +135,7 @@ impl Heads {
         let Some(os) = unwrap(&storage) else { bail!("attention: the output is on another device") };
         let (merged, _) = permute(&Permute::merge(layout.shape())?, os, layout)?;
         drop(storage);
-        match self.saved.lock() {
-            Ok(mut saved) => *saved = Some([q, k, v, o]),
-            Err(_) => bail!("attention: a previous forward panicked"),
-        }
+        self.saved.keep([q, k, v, o])?;
         Ok((merged, inputs[0].1.shape().clone()))
     }
 }
@@ -177,11 +174,7 @@ impl CustomOp3 for Heads {
     fn bwd(
         &self, xq: &Tensor, xk: &Tensor, xv: &Tensor, _out: &Tensor, grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [q, k, v, o] = match self.saved.lock().map(|s| s.clone()) {
-            Ok(Some(saved)) => saved,
-            Ok(None) => bail!("attention: backward before forward"),
-            Err(_) => bail!("attention: a previous forward panicked"),
-        };
+        let [q, k, v, o] = self.saved.get()?;
         let grad = grad.contiguous()?.apply_op1_no_bwd(&Permute::split(grad.shape(), self.heads)?)?;
         let merge = |d: Option<Tensor>, like: &Tensor| -> Result<Option<Tensor>> {
             d.map(|d| d.apply_op1_no_bwd(&Permute::merge(d.shape())?)?.reshape(like.shape())).transpose()
@@ -197,7 +190,7 @@ struct Attention {
     mask: Option<Tensor>,
     dropout: Option<AttnDropout>,
     /// From the forward: each query row's log-sum-exp [B, H, Lq] (f32); -inf for a row with no finite logit.
-    lse: Mutex<Option<Tensor>>,
+    lse: Saved<Tensor>,
 }
 
 /// The inputs of one head on CPU and what every head shares.
@@ -341,24 +334,6 @@ struct Scratch {
 }
 
 impl Attention {
-    fn save_lse(&self, lse: Tensor) -> Result<()> {
-        match self.lse.lock() {
-            Ok(mut s) => {
-                *s = Some(lse);
-                Ok(())
-            }
-            Err(_) => bail!("attention: a previous forward panicked"),
-        }
-    }
-
-    fn saved_lse(&self) -> Result<Tensor> {
-        match self.lse.lock().map(|s| s.clone()) {
-            Ok(Some(lse)) => Ok(lse),
-            Ok(None) => bail!("attention: backward before forward"),
-            Err(_) => bail!("attention: a previous forward panicked"),
-        }
-    }
-
     fn dropout_consts(&self) -> Option<(u64, u32, f32)> {
         self.dropout.map(|d| (d.seed, cpu::dropout_threshold(d.p), 1.0 / (1.0 - d.p) as f32))
     }
@@ -384,7 +359,7 @@ impl Attention {
 
     fn cpu_backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, go: &Tensor) -> Result<[Tensor; 3]> {
         let go = go.to_dtype(DType::F32)?.contiguous()?;
-        let lse = self.saved_lse()?;
+        let lse = self.lse.get()?;
         let guards = [q, k, v, o, &go, &lse].map(|t| t.storage_and_layout());
         let slice = |i: usize, what: &str| match &*guards[i].0 {
             Storage::Cpu(s) => cpu::f32_slice(s, guards[i].1, what),
@@ -436,7 +411,7 @@ impl CustomOp3 for Attention {
             Ok((out, lse.concat()))
         })?;
         let d = l1.dims();
-        self.save_lse(Tensor::from_vec(lse, (d[0], d[1], d[2]), &Device::Cpu)?)?;
+        self.lse.keep(Tensor::from_vec(lse, (d[0], d[1], d[2]), &Device::Cpu)?)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -447,7 +422,7 @@ impl CustomOp3 for Attention {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let args = self.kernel_args(Dims::new(l1.shape(), l2.shape(), l3.shape())?)?;
         let (out, lse) = gpu::forward(args, (s1, l1), (s2, l2), (s3, l3), self.mask.as_ref())?;
-        self.save_lse(lse)?;
+        self.lse.keep(lse)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -460,7 +435,7 @@ impl CustomOp3 for Attention {
             Device::Cuda(_) => {
                 let dims = Dims::new(q.shape(), k.shape(), v.shape())?;
                 let grad = grad.to_dtype(o.dtype())?.contiguous()?;
-                gpu::backward(self.kernel_args(dims)?, [q, k, v, o, &grad], &self.saved_lse()?, self.mask.as_ref())?
+                gpu::backward(self.kernel_args(dims)?, [q, k, v, o, &grad], &self.lse.get()?, self.mask.as_ref())?
             }
             other => bail!("attention: no backward on {other:?}"),
         };

@@ -4,7 +4,7 @@
 
 use super::testing::{max_err, rng, uniform};
 use super::{
-    add_bias, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu, matmul_by_constant,
+    add_bias, add_layer_norm, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu, matmul_by_constant,
     multi_head_attention, AttnDropout, Positives,
 };
 use crate::config::Kernels;
@@ -156,6 +156,8 @@ enum Case {
 #[derive(Clone, Copy, PartialEq)]
 enum RowOp {
     LayerNorm,
+    /// LayerNorm of a residual sum (BERT's sublayer output), as one op.
+    AddLayerNorm,
     Bias,
     Gelu,
     /// A square [d, d] linear layer with bias.
@@ -186,6 +188,7 @@ fn cases() -> Vec<Case> {
         Case::Attention { dims: [64, 12, 25, 25], mask: true, scale: 0.125, dtype: DType::BF16 },
         Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::BF16 },
         Case::Rows { op: RowOp::LayerNorm, rows: 64 * 257, d: 768 },
+        Case::Rows { op: RowOp::AddLayerNorm, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Bias, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Gelu, rows: 64 * 257, d: 3072 },
         Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768 },
@@ -347,11 +350,17 @@ fn bench_rows(
         }
         _ => None,
     };
+    let residual = match op {
+        RowOp::AddLayerNorm => Some(Inputs::<Var>::new(uniform(r, &[rows, d], 1.0, device)?, DType::F32)?),
+        _ => None,
+    };
     let run = |k: Kernels, exact: bool, backward: bool| -> Result<Vec<Tensor>> {
         let (x, w, b) = (x.get(exact).as_tensor(), w.get(exact).as_tensor(), b.get(exact).as_tensor());
         let wl = wl.as_ref().map(|w| w.get(exact).as_tensor());
+        let a = residual.as_ref().map(|a| a.get(exact).as_tensor());
         let y = match (op, wl) {
             (RowOp::LayerNorm, _) => layer_norm(x, w, b, 1e-6, k)?,
+            (RowOp::AddLayerNorm, _) => add_layer_norm(a.expect("the residual case has a sum"), x, w, b, 1e-6, k)?,
             (RowOp::Bias, _) => add_bias(x, b, k)?,
             (RowOp::Gelu, _) => gelu(x, k)?,
             (RowOp::Linear, wl) => linear(x, wl.expect("the linear case has a weight"), b, k)?,
@@ -363,17 +372,21 @@ fn bench_rows(
         let grads = (&y * probe.get(exact))?.sum_all()?.backward()?;
         let mut out = vec![y, grad(&grads, x)?];
         match (op, wl) {
-            (RowOp::LayerNorm, _) => out.push(grad(&grads, w)?),
+            (RowOp::LayerNorm | RowOp::AddLayerNorm, _) => out.push(grad(&grads, w)?),
             (RowOp::Linear | RowOp::LinearGelu, Some(wl)) => out.push(grad(&grads, wl)?),
             _ => {}
         }
         if op != RowOp::Gelu {
             out.push(grad(&grads, b)?);
         }
+        if let Some(a) = a {
+            out.push(grad(&grads, a)?);
+        }
         Ok(out)
     };
     let (name, outputs): (&str, &[&'static str]) = match op {
         RowOp::LayerNorm => ("layer_norm", &["y", "dx", "dw", "db"]),
+        RowOp::AddLayerNorm => ("add_layer_norm", &["y", "dx", "dw", "db", "da"]),
         RowOp::Bias => ("add_bias", &["y", "dx", "db"]),
         RowOp::Gelu => ("gelu", &["y", "dx"]),
         RowOp::Linear => ("linear", &["y", "dx", "dw", "db"]),

@@ -421,7 +421,9 @@ mod tests {
     /// paths (gemm's threads, the row sums' blocks).
     fn fused_bits() -> candle_core::Result<Vec<Vec<u32>>> {
         use super::super::testing::{rng, uniform};
-        use super::super::{attention, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu};
+        use super::super::{
+            add_layer_norm, attention, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu,
+        };
         use super::super::{multi_head_attention, Positives};
         use crate::config::Kernels::Fused;
         use candle_core::{Device, Tensor, Var};
@@ -437,6 +439,14 @@ mod tests {
         let outputs = [
             gelu(&x, Fused)?,
             layer_norm(&x, &w, &b, 1e-6, Fused)?,
+            add_layer_norm(
+                &q.reshape((3, 70, 32))?,
+                &x.narrow(2, 0, 32)?,
+                &w.narrow(0, 0, 32)?,
+                &b.narrow(0, 0, 32)?,
+                1e-6,
+                Fused,
+            )?,
             linear(&x, &wl, &bias, Fused)?,
             linear_gelu(&x, &wl, &bias, Fused)?,
             attention_softmax(&scores, 0.3, None, Fused)?,

@@ -11,9 +11,9 @@
 //! the rows' upstream gradients. The composed version is ~10 launches and as many round trips over
 //! B x (B + 65536) for ALBEF's queue. CUDA kernel: kernels/itc.cu.
 
+use super::saved::Saved;
 use super::{cpu, Positives};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
-use std::sync::Mutex;
 
 /// The fused path of [`super::itc_loss`] (shapes already checked); `work` is the dtype the op reads.
 pub(super) fn itc_loss_fused(
@@ -24,7 +24,7 @@ pub(super) fn itc_loss_fused(
         Positives::Mask(m) => (Some(m.to_dtype(work)?.contiguous()?.detach()), None),
         Positives::Index(i) => (None, Some(i.contiguous()?.detach())),
     };
-    let op = Itc { alpha: alpha as f32, pos, cols, saved: Mutex::new(None) };
+    let op = Itc { alpha: alpha as f32, pos, cols, saved: Saved::new("itc_loss") };
     let sim = sim.to_dtype(work)?.contiguous()?;
     let sim_m = sim_m.to_dtype(work)?.contiguous()?.detach();
     let rows = sim.apply_op3(&sim_m, &temp.to_dtype(work)?, op)?;
@@ -38,19 +38,7 @@ struct Itc {
     /// Without `pos`: row i's positive column (u32 [B], contiguous); None: the diagonal (column i).
     cols: Option<Tensor>,
     /// From the forward: d loss_i / d sim [B, N] (working dtype) and d loss_i / d temp [B] (f32).
-    saved: Mutex<Option<(Tensor, Tensor)>>,
-}
-
-impl Itc {
-    fn save(&self, dsim: Tensor, dtemp: Tensor) -> Result<()> {
-        match self.saved.lock() {
-            Ok(mut s) => {
-                *s = Some((dsim, dtemp));
-                Ok(())
-            }
-            Err(_) => bail!("itc_loss: a previous forward panicked"),
-        }
-    }
+    saved: Saved<(Tensor, Tensor)>,
 }
 
 /// Per-row constants of pass 3 (see [`itc_span`]); reciprocals so that the pass divides only for `s`.
@@ -211,7 +199,7 @@ impl CustomOp3 for Itc {
             },
         );
         let (loss, dtemp): (Vec<f32>, Vec<f32>) = rows.into_iter().unzip();
-        self.save(Tensor::from_vec(dsim, (b, n), &Device::Cpu)?, Tensor::from_vec(dtemp, b, &Device::Cpu)?)?;
+        self.saved.keep((Tensor::from_vec(dsim, (b, n), &Device::Cpu)?, Tensor::from_vec(dtemp, b, &Device::Cpu)?))?;
         Ok((CpuStorage::F32(loss), Shape::from(b)))
     }
 
@@ -225,18 +213,14 @@ impl CustomOp3 for Itc {
         let pos = gpu::on_gpu(&pos_guard, "positives mask")?;
         let cols = gpu::on_gpu(&cols_guard, "positive indices")?;
         let out = gpu::forward(self.alpha, (s1, l1), (s2, l2), (s3, l3), pos, cols)?;
-        self.save(out.dsim, out.dtemp)?;
+        self.saved.keep((out.dsim, out.dtemp))?;
         Ok((out.loss, Shape::from(l1.dims()[0])))
     }
 
     fn bwd(
         &self, _sim: &Tensor, _sim_m: &Tensor, temp: &Tensor, _loss: &Tensor, grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = match self.saved.lock() {
-            Ok(s) => s.clone(),
-            Err(_) => bail!("itc_loss: a previous forward panicked"),
-        };
-        let Some((dsim, dtemp)) = saved else { bail!("itc_loss: backward before forward") };
+        let (dsim, dtemp) = self.saved.get()?;
         let grad = grad.to_dtype(DType::F32)?;
         let dsim = dsim.broadcast_mul(&grad.to_dtype(dsim.dtype())?.unsqueeze(1)?)?;
         let dtemp = (dtemp * grad)?.sum_all()?.to_dtype(temp.dtype())?.reshape(temp.shape())?;

@@ -7,7 +7,8 @@
 //! f32 under bf16 autocast too.
 
 use super::cpu;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use super::saved::Saved;
+use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 
 /// The fused path of [`super::layer_norm`], for f32 `x`.
 pub(super) fn layer_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -20,6 +21,31 @@ pub(super) fn layer_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: 
 
 struct LayerNorm {
     eps: f32,
+}
+
+/// The fused path of [`super::add_layer_norm`]: `layer_norm(a + x)` for f32 `a` and `x` of one shape, as one
+/// node that keeps the sum itself. As two nodes (BERT's residual add, then its LayerNorm), the backward
+/// zeroed and accumulated a gradient for the sum, on the driver thread, and the add ran there too.
+/// `weight` and `bias` enter stacked ([2, D]): a custom op has three inputs.
+pub(super) fn add_layer_norm_fused(a: &Tensor, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = *x.dims().last().unwrap_or(&0);
+    if a.dims() != x.dims() || weight.dims() != [d] || bias.dims() != [d] {
+        bail!(
+            "add_layer_norm: a {:?}, x {:?}, weight {:?} and bias {:?} do not fit",
+            a.dims(),
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let op = AddLayerNorm { eps: eps as f32, sum: Saved::new("add_layer_norm") };
+    a.contiguous()?.apply_op3(&x.contiguous()?, &Tensor::stack(&[weight, bias], 0)?, op)
+}
+
+struct AddLayerNorm {
+    eps: f32,
+    /// `a + x`, from the forward.
+    sum: Saved<Tensor>,
 }
 
 /// Writes `x - mean` into `out` and returns (mean, rstd) of the row.
@@ -47,6 +73,16 @@ cpu::multiversion! {
 }
 
 cpu::multiversion! {
+    /// One row of `a + x` into `sum`.
+    fn add_row(a: &[f32], x: &[f32], sum: &mut [f32]) {
+        let (a, x) = (&a[..sum.len()], &x[..sum.len()]);
+        for j in 0..sum.len() {
+            sum[j] = a[j] + x[j];
+        }
+    }
+}
+
+cpu::multiversion! {
     /// One row of dx into `dx` (`gw` is scratch); returns the row's (mean, rstd) for dw.
     fn backward_row(x: &[f32], g: &[f32], w: &[f32], gw: &mut Vec<f32>, dx: &mut [f32], eps: f32) -> (f32, f32) {
         let d = dx.len();
@@ -65,6 +101,15 @@ cpu::multiversion! {
     }
 }
 
+/// LayerNorm of every row of `x` (rows of `w.len()`), on the compute threads.
+fn forward_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    // SAFETY: map_rows writes every row.
+    let mut y = unsafe { cpu::output(x.len()) };
+    cpu::map_rows(&mut y, d, || (), |_, r, yr| forward_row(&x[r * d..(r + 1) * d], w, b, yr, eps));
+    y
+}
+
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "alignfuse-layer-norm"
@@ -78,11 +123,7 @@ impl CustomOp3 for LayerNorm {
             cpu::f32_slice(s2, l2, "layer_norm weight")?,
             cpu::f32_slice(s3, l3, "layer_norm bias")?,
         );
-        let d = w.len();
-        // SAFETY: map_rows writes every row.
-        let mut y = unsafe { cpu::output(x.len()) };
-        cpu::map_rows(&mut y, d, || (), |_, r, yr| forward_row(&x[r * d..(r + 1) * d], w, b, yr, self.eps));
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(forward_rows(x, w, b, self.eps)), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -96,10 +137,63 @@ impl CustomOp3 for LayerNorm {
     fn bwd(
         &self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, d) = (x.elem_count(), w.elem_count());
-        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        Ok((Some(dx), Some(packed.narrow(0, n, d)?), Some(packed.narrow(0, n + d, d)?)))
+        let (dx, dwb) = backward(x, w, g, self.eps)?;
+        let d = w.elem_count();
+        Ok((Some(dx), Some(dwb.narrow(0, 0, d)?), Some(dwb.narrow(0, d, d)?)))
+    }
+}
+
+/// The gradients of LayerNorm's input `x` and of its weight and bias (concatenated, [2 * D]) from the output's
+/// gradient `g`.
+fn backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let (n, d) = (x.elem_count(), w.elem_count());
+    let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps })?;
+    Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, 2 * d)?))
+}
+
+impl CustomOp3 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "alignfuse-add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, x, wb) = (
+            cpu::f32_slice(s1, l1, "add_layer_norm a")?,
+            cpu::f32_slice(s2, l2, "add_layer_norm x")?,
+            cpu::f32_slice(s3, l3, "add_layer_norm weight and bias")?,
+        );
+        let d = wb.len() / 2;
+        let (w, b) = wb.split_at(d);
+        // SAFETY: map_rows writes every row.
+        let mut sum = unsafe { cpu::output(a.len()) };
+        cpu::map_rows(&mut sum, d, || (), |_, r, sr| add_row(&a[r * d..(r + 1) * d], &x[r * d..(r + 1) * d], sr));
+        let y = forward_rows(&sum, w, b, self.eps);
+        self.sum.keep(Tensor::from_vec(sum, l1.shape(), &Device::Cpu)?)?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
+        s3: &candle_core::CudaStorage, l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let sum = s1.binary_impl::<candle_core::op::Add>(s2, l1, l2)?;
+        let (d, at) = (l3.shape().elem_count() / 2, l3.start_offset());
+        let (w, b) = (Layout::contiguous_with_offset(d, at), Layout::contiguous_with_offset(d, at + d));
+        let (y, shape) = gpu::forward(self.eps, (&sum, &Layout::contiguous(l1.shape())), (s3, &w), (s3, &b))?;
+        let none = candle_core::op::BackpropOp::none();
+        self.sum.keep(Tensor::from_storage(candle_core::Storage::Cuda(sum), shape.clone(), none, false))?;
+        Ok((y, shape))
+    }
+
+    fn bwd(
+        &self, _a: &Tensor, _x: &Tensor, wb: &Tensor, _y: &Tensor, g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dsum, dwb) = backward(&self.sum.get()?, &wb.get(0)?, g, self.eps)?;
+        Ok((Some(dsum.clone()), Some(dsum), Some(dwb.reshape(wb.shape())?)))
     }
 }
 
@@ -257,31 +351,44 @@ mod gpu {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{layer_norm, testing::*};
+    use super::super::{add_layer_norm, layer_norm, testing::*};
     use crate::config::Kernels;
     use candle_core::{Device, Result, Tensor, Var};
 
-    /// Values and gradients (x, weight, bias) of the fused op against the composition, on rows that
-    /// straddle the thread-pool threshold and with a large mean (where a one-pass variance would cancel).
+    /// Values and gradients of the fused op against the composition, on rows that straddle the thread-pool
+    /// threshold and with a large mean (where a one-pass variance would cancel); alone (x, weight, bias) and
+    /// after a residual add (a, x, weight, bias; the reference adds, then composes the LayerNorm).
     #[test]
     fn fused_matches_composition_values_and_gradients() -> Result<()> {
         let mut r = rng(5);
-        for dims in [vec![3usize, 7], vec![4, 33, 96], vec![2, 1024, 64]] {
+        let cases = [vec![3usize, 7], vec![4, 33, 96], vec![2, 1024, 64]];
+        for (dims, residual) in cases.iter().flat_map(|c| [(c.clone(), false), (c.clone(), true)]) {
             let d = *dims.last().unwrap();
+            let a = Var::from_tensor(&uniform(&mut r, &dims, 1.0, &Device::Cpu)?)?;
             let x = Var::from_tensor(&(uniform(&mut r, &dims, 2.0, &Device::Cpu)? + 50.0)?)?;
             let w = Var::from_tensor(&(uniform(&mut r, &[d], 0.5, &Device::Cpu)? + 1.0)?)?;
             let b = Var::from_tensor(&uniform(&mut r, &[d], 0.5, &Device::Cpu)?)?;
             let probe = uniform(&mut r, &dims, 1.0, &Device::Cpu)?;
             let run = |k: Kernels| -> Result<Vec<Tensor>> {
-                let y = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6, k)?;
+                let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+                let y = match residual {
+                    true => add_layer_norm(a.as_tensor(), xt, wt, bt, 1e-6, k)?,
+                    false => layer_norm(xt, wt, bt, 1e-6, k)?,
+                };
                 let g = (&y * &probe)?.sum_all()?.backward()?;
                 let grad = |v: &Var| g.get(v.as_tensor()).cloned().expect("a gradient");
-                Ok(vec![y.clone(), grad(&x), grad(&w), grad(&b)])
+                let mut out = vec![y.clone(), grad(&x), grad(&w), grad(&b)];
+                if residual {
+                    out.push(grad(&a));
+                }
+                Ok(out)
             };
             let (fused, reference) = (run(Kernels::Fused)?, run(Kernels::Reference)?);
-            for (what, (f, rf)) in ["y", "dx", "dw", "db"].iter().zip(fused.iter().zip(&reference)) {
+            assert!(fused[1..].iter().all(|g| !g.track_op()), "{dims:?}: a gradient holds a graph");
+            for (what, (f, rf)) in ["y", "dx", "dw", "db", "da"].iter().zip(fused.iter().zip(&reference)) {
+                assert_eq!(f.dims(), rf.dims(), "{dims:?} residual {residual} {what}");
                 let (_, err) = max_err(f, rf)?;
-                assert!(err < 1e-5, "{dims:?} {what}: relative error {err:.2e}");
+                assert!(err < 1e-5, "{dims:?} residual {residual} {what}: relative error {err:.2e}");
             }
         }
         Ok(())

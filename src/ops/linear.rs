@@ -12,39 +12,32 @@
 use super::bias;
 use super::cpu::{self, Mat};
 use super::gelu;
+use super::saved::Saved;
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
-use std::sync::Mutex;
 
 /// The fused path of [`super::linear`] (and of [`super::linear_gelu`] with `gelu`), for f32 x, weight and
 /// bias.
 pub(super) fn linear_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
-    let op = Linear { gelu: gelu.then(|| Mutex::new(None)) };
+    let op = Linear { gelu: gelu.then(|| Saved::new("linear")) };
     x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
 struct Linear {
     /// With GELU after the product: the pre-activation `x W^T + b`, kept by the forward for the backward.
-    gelu: Option<Mutex<Option<Tensor>>>,
+    gelu: Option<Saved<Tensor>>,
 }
 
 impl Linear {
     /// Keeps the pre-activation for the backward.
     fn keep(&self, pre: Tensor) -> Result<()> {
-        match self.gelu.as_ref().map(|saved| saved.lock()) {
-            Some(Ok(mut saved)) => *saved = Some(pre),
-            Some(Err(_)) => bail!("linear: a previous forward panicked"),
-            None => {}
-        }
-        Ok(())
+        self.gelu.as_ref().map_or(Ok(()), |saved| saved.keep(pre))
     }
 
     /// The gradient at the pre-activation from the gradient `g` of the output.
     fn pre_activation_grad(&self, g: &Tensor) -> Result<Tensor> {
-        let Some(saved) = &self.gelu else { return Ok(g.clone()) };
-        match saved.lock().map(|s| s.clone()) {
-            Ok(Some(pre)) => gelu::gelu_grad(&pre, g),
-            Ok(None) => bail!("linear: backward before forward"),
-            Err(_) => bail!("linear: a previous forward panicked"),
+        match &self.gelu {
+            Some(saved) => gelu::gelu_grad(&saved.get()?, g),
+            None => Ok(g.clone()),
         }
     }
 }

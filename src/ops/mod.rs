@@ -19,6 +19,7 @@ mod heads;
 mod itc;
 mod layernorm;
 mod linear;
+mod saved;
 mod softmax;
 
 pub use adamw::{adamw_step, AdamWStep};
@@ -204,6 +205,20 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, kernels:
             let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
             xn.broadcast_mul(weight)?.broadcast_add(bias)
         }
+    }
+}
+
+/// `layer_norm(a + x)`: BERT's residual add and LayerNorm after each sublayer. Fused for f32 as one node
+/// that adds and normalises on the compute threads and keeps the sum itself; otherwise the add, then
+/// [`layer_norm`].
+pub fn add_layer_norm(
+    a: &Tensor, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, kernels: Kernels,
+) -> Result<Tensor> {
+    match (kernels, a.dtype(), x.dtype(), weight.dtype(), bias.dtype()) {
+        (Kernels::Fused, DType::F32, DType::F32, DType::F32, DType::F32) => {
+            layernorm::add_layer_norm_fused(a, x, weight, bias, eps)
+        }
+        _ => layer_norm(&(a + x)?, weight, bias, eps, kernels),
     }
 }
 
