@@ -121,8 +121,13 @@ impl Linear {
         &self.weight
     }
 
+    /// The bias, where the layer runs as one fused node: it has one and matmuls run in f32.
+    fn fused_bias(&self, ctx: &Ctx) -> Option<&Tensor> {
+        self.bias.as_ref().filter(|_| ctx.precision != Precision::Bf16)
+    }
+
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        if let (Some(b), Precision::Fp32 | Precision::Tf32) = (&self.bias, ctx.precision) {
+        if let Some(b) = self.fused_bias(ctx) {
             return crate::ops::linear(x, &self.weight, b, ctx.kernels);
         }
         let w = self.weight.t()?;
@@ -138,7 +143,7 @@ impl Linear {
 
     /// `gelu(self.forward(x))`, as one fused node where the layer has a bias and matmuls run in f32.
     pub fn forward_gelu(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        if let (Some(b), Precision::Fp32 | Precision::Tf32) = (&self.bias, ctx.precision) {
+        if let Some(b) = self.fused_bias(ctx) {
             return crate::ops::linear_gelu(x, &self.weight, b, ctx.kernels);
         }
         crate::ops::gelu(&self.forward(x, ctx)?, ctx.kernels)

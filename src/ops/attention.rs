@@ -73,17 +73,8 @@ pub(super) fn attention_fused(
 ) -> Result<Tensor> {
     let cast = |t: &Tensor| t.to_dtype(work)?.contiguous();
     let (qw, kw, vw) = (cast(q)?, cast(k)?, cast(v)?);
-    let dims = Dims::new(qw.shape(), kw.shape(), vw.shape())?;
-    let mask = match mask {
-        Some(m) => {
-            // Fail here, with the shapes named, rather than inside the op.
-            m.layout().broadcast_as(dims.scores(qw.shape()))?;
-            Some(m.to_dtype(work)?.detach())
-        }
-        None => None,
-    };
-    let op = Attention { scale: scale as f32, mask, dropout, lse: Saved::new("attention") };
-    qw.apply_op3(&kw, &vw, op)?.to_dtype(q.dtype())
+    let scores = Dims::new(qw.shape(), kw.shape(), vw.shape())?.scores(qw.shape());
+    qw.apply_op3(&kw, &vw, Attention::new(scale, mask, scores, dropout, work)?)?.to_dtype(q.dtype())
 }
 
 /// The fused path of [`super::multi_head_attention`]: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh], f32.
@@ -94,15 +85,9 @@ pub(super) fn multi_head_fused(
     if (kb, kd) != (b, d) || v.dims() != k.dims() {
         bail!("attention: q {:?}, k {:?} and v {:?} do not fit [B, L, H * Dh]", q.dims(), k.dims(), v.dims());
     }
+    // A width that is not a multiple of the heads fails here, before any work.
     Permute::split(q.shape(), heads)?;
-    let mask = match mask {
-        Some(m) => {
-            m.layout().broadcast_as((b, heads, lq, lk))?;
-            Some(m.to_dtype(DType::F32)?.detach())
-        }
-        None => None,
-    };
-    let core = Attention { scale: scale as f32, mask, dropout, lse: Saved::new("attention") };
+    let core = Attention::new(scale, mask, Shape::from((b, heads, lq, lk)), dropout, DType::F32)?;
     let op = Heads { heads, core, saved: Saved::new("attention") };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
@@ -334,6 +319,21 @@ struct Scratch {
 }
 
 impl Attention {
+    /// The core for scores of shape `scores`, read in `work`; a mask that does not broadcast to the scores
+    /// fails here, with the shapes named, rather than inside the op.
+    fn new(
+        scale: f64, mask: Option<&Tensor>, scores: Shape, dropout: Option<AttnDropout>, work: DType,
+    ) -> Result<Self> {
+        let mask = match mask {
+            Some(m) => {
+                m.layout().broadcast_as(scores)?;
+                Some(m.to_dtype(work)?.detach())
+            }
+            None => None,
+        };
+        Ok(Attention { scale: scale as f32, mask, dropout, lse: Saved::new("attention") })
+    }
+
     fn dropout_consts(&self) -> Option<(u64, u32, f32)> {
         self.dropout.map(|d| (d.seed, cpu::dropout_threshold(d.p), 1.0 / (1.0 - d.p) as f32))
     }
