@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Type-checks the CUDA build on a machine without a GPU: candle's CUDA backend, the NCCL engine and this crate's
 # kernels/*.cu (build.rs runs nvcc --ptx under `cargo check` too, so a kernel that does not compile
-# fails here). The CUDA 13.0 toolkit comes from PyPI wheels (scripts/cuda-env.sh); the check below enforces
-# PTX ISA <= 9.0, what the lent GPUs' driver 580 loads.
+# fails here). The CUDA 13.0 toolkit comes from PyPI wheels (scripts/cuda-env.sh); the checks below enforce
+# PTX ISA <= 9.0, what the lent GPUs' driver 580 loads, and assemble every kernel for sm_90 with ptxas (what
+# the driver's JIT does when the op first runs on the card), candle's too; for ours it prints registers, shared
+# memory and spills.
 #
 # Usage: .ci/cuda-check.sh [extra cargo check args]
 #   ALIGNFUSE_CRATE       crate to check (default: the repository holding this script)
@@ -28,5 +30,17 @@ for ptx in $(ls -t "$CARGO_TARGET_DIR"/debug/build/*/out/*.ptx 2>/dev/null | awk
         echo "cuda-check: $ptx has PTX .version ${version:-?}; the GPUs' driver needs <= 9.0 (nvvm 13.0)" >&2
         exit 1
     fi
+    # A kernel the driver could not JIT would otherwise first fail on a lent GPU.
+    arch=$(sed -n 's/^\.target \(sm_[0-9a-z]*\).*/\1/p' "$ptx" | head -n 1)
+    if ! report=$(ptxas -arch="${arch:-sm_$CUDA_COMPUTE_CAP}" -v "$ptx" -o /dev/null 2>&1); then
+        echo "cuda-check: ptxas cannot assemble $ptx for ${arch:-sm_$CUDA_COMPUTE_CAP}:" >&2
+        echo "$report" >&2
+        exit 1
+    fi
+    [[ "$ptx" == */build/alignfuse-*/out/* ]] || continue
+    echo "$report" | awk -v f="$(basename "$ptx")" '
+        /Compiling entry function/ { gsub(/\x27/, "", $7); k = $7 }
+        /spill stores/ { spills = $5 + $9 }
+        /Used [0-9]+ registers/ { sub(/.*Used /, ""); printf "cuda-check: %s %s: %s, %d bytes spilled\n", f, k, $0, spills }' >&2
 done
 echo "cuda-check: passed in $((SECONDS - start)) s (nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'))" >&2

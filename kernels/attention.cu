@@ -1,17 +1,16 @@
-// Fused attention core o = dropout(softmax(q k^T * scale + mask)) v without materialising the scores
-// (src/ops/attention.rs has the derivation). q, o, do: [bh, lq, dh]; k, v, dk, dv: [bh, lk, dh], all
-// contiguous; lse, dsum: [bh, lq] f32. One warp per query row (forward, dq) or key row (dk, dv): each lane
-// holds dh / 32 of the row's features in registers, dot products are warp sums, and the forward keeps an
-// online softmax (running max and sum) so a row is read once.
+// The row passes of the fused attention core o = dropout(softmax(q k^T * scale + mask)) v
+// (src/ops/attention.rs has the derivation). The products q k^T, p v and the backward's four go to cuBLAS
+// (tensor cores in bf16); these kernels are what lies between them, one warp per query row of the scores
+// s [bh * lq, lk] (contiguous), so the probabilities never exist outside one layer's call:
+// attn_probs_fwd: pz = dropout(softmax(s * scale + mask)) and the row's log-sum-exp lse;
+// attn_probs_bwd: from s, lse and dpz = do v^T, the recomputed pz (for dv = pz^T do) and
+// ds = scale * p * (z * dpz - D) with D = sum_j pz_j dpz_j (= do . o), for dq = ds k and dk = ds^T q.
 //
 // The mask of (i0, i1, i2, j) over the rank-4 view [B, H, lq, lk] is mask[i0*ms0 + i1*ms1 + i2*ms2 + j*ms3]
 // (mask == nullptr: none). Dropout keeps element (row, j) when dropout_keep(seed, row * lk + j) clears
 // `threshold` (p * 2^32; 0 keeps everything) and scales it by inv_keep: the same hash as the CPU path, so
 // both draw the same mask. A row whose every logit is -inf gives zeros and lse = -inf.
 #include "common.cuh"
-
-#define ATTN_MAX_DH 256
-#define ATTN_REGS (ATTN_MAX_DH / 32)
 
 __device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long index,
                                              unsigned int threshold) {
@@ -39,151 +38,64 @@ template <typename T> __device__ __forceinline__ const T *mask_row(const T *mask
     return mask + i0 * a.ms0 + i1 * a.ms1 + i2 * a.ms2;
 }
 
-template <typename T> __device__ __forceinline__ void load_row(const T *src, int dh, float (&dst)[ATTN_REGS]) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int t = 0; t < ATTN_REGS; t++) {
-        const int d = lane + 32 * t;
-        dst[t] = d < dh ? to_f32(src[d]) : 0.0f;
-    }
-}
-
-template <typename T> __device__ __forceinline__ void store_row(T *dst, int dh, const float (&src)[ATTN_REGS], float s) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int t = 0; t < ATTN_REGS; t++) {
-        const int d = lane + 32 * t;
-        if (d < dh) dst[d] = from_f32<T>(src[t] * s);
-    }
-}
-
-// Warp-wide dot product of a register row with a row in memory.
-template <typename T> __device__ __forceinline__ float dot_row(const float (&x)[ATTN_REGS], const T *y, int dh) {
-    const int lane = threadIdx.x % 32;
-    float s = 0.0f;
-#pragma unroll
-    for (int t = 0; t < ATTN_REGS; t++) {
-        const int d = lane + 32 * t;
-        if (d < dh) s += x[t] * to_f32(y[d]);
-    }
-    return warp_sum(s);
-}
-
-// acc += c * y for a row y in memory.
-template <typename T> __device__ __forceinline__ void axpy_row(float (&acc)[ATTN_REGS], float c, const T *y, int dh) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int t = 0; t < ATTN_REGS; t++) {
-        const int d = lane + 32 * t;
-        if (d < dh) acc[t] += c * to_f32(y[d]);
-    }
-}
-
 __device__ __forceinline__ int warp_row() { return blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; }
 
-template <typename T>
-__device__ __forceinline__ void attn_fwd(const T *q, const T *k, const T *v, const T *mask, T *o, float *lse,
-                                         AttnArgs a) {
-    const int row = warp_row();
-    if (row >= a.bh * a.lq) return;
-    const int h = row / a.lq;
-    const T *kh = k + (size_t)h * a.lk * a.dh, *vh = v + (size_t)h * a.lk * a.dh;
-    const T *mr = mask_row(mask, a, row);
-    float qv[ATTN_REGS], acc[ATTN_REGS];
-    load_row(q + (size_t)row * a.dh, a.dh, qv);
-#pragma unroll
-    for (int t = 0; t < ATTN_REGS; t++) acc[t] = 0.0f;
-    float m = -INFINITY, l = 0.0f;
-    for (int j = 0; j < a.lk; j++) {
-        float s = dot_row(qv, kh + (size_t)j * a.dh, a.dh) * a.scale;
-        if (mr != nullptr) s += to_f32(mr[j * a.ms3]);
-        if (s == -INFINITY) continue;
-        const float m_new = fmaxf(m, s);
-        const float corr = expf(m - m_new), e = expf(s - m_new);
-        l = l * corr + e;
-        const float ez = dropout_keep(a.seed, (unsigned long long)row * a.lk + j, a.threshold) ? e * a.inv_keep : 0.0f;
-#pragma unroll
-        for (int t = 0; t < ATTN_REGS; t++) acc[t] *= corr;
-        axpy_row(acc, ez, vh + (size_t)j * a.dh, a.dh);
-        m = m_new;
-    }
-    store_row(o + (size_t)row * a.dh, a.dh, acc, l > 0.0f ? 1.0f / l : 0.0f);
-    if (threadIdx.x % 32 == 0) lse[row] = l > 0.0f ? m + logf(l) : -INFINITY;
+template <typename T> __device__ __forceinline__ float logit(const T *sr, const T *mr, int j, const AttnArgs &a) {
+    const float x = to_f32(sr[j]) * a.scale;
+    return mr != nullptr ? x + to_f32(mr[j * a.ms3]) : x;
 }
 
-// dq and D_i = do_i . o_i (stored in dsum for attn_bwd_dkv).
+// The dropout factor of element (row, j): 0 or inv_keep.
+__device__ __forceinline__ float keep(const AttnArgs &a, int row, int j) {
+    return dropout_keep(a.seed, (unsigned long long)row * a.lk + j, a.threshold) ? a.inv_keep : 0.0f;
+}
+
 template <typename T>
-__device__ __forceinline__ void attn_bwd_dq(const T *q, const T *k, const T *v, const T *mask, const T *o,
-                                            const T *go, const float *lse, T *dq, float *dsum, AttnArgs a) {
-    const int row = warp_row();
+__device__ __forceinline__ void attn_probs_fwd(const T *s, const T *mask, T *pz, float *lse, AttnArgs a) {
+    const int row = warp_row(), lane = threadIdx.x % 32;
     if (row >= a.bh * a.lq) return;
-    const int h = row / a.lq;
-    const T *kh = k + (size_t)h * a.lk * a.dh, *vh = v + (size_t)h * a.lk * a.dh;
-    const T *mr = mask_row(mask, a, row);
-    float gv[ATTN_REGS], qv[ATTN_REGS], acc[ATTN_REGS];
-    load_row(go + (size_t)row * a.dh, a.dh, gv);
-    load_row(q + (size_t)row * a.dh, a.dh, qv);
-#pragma unroll
-    for (int t = 0; t < ATTN_REGS; t++) acc[t] = 0.0f;
-    const float d = dot_row(gv, o + (size_t)row * a.dh, a.dh);
+    const T *sr = s + (size_t)row * a.lk, *mr = mask_row(mask, a, row);
+    T *out = pz + (size_t)row * a.lk;
+    float mx = -INFINITY;
+    for (int j = lane; j < a.lk; j += 32) mx = fmaxf(mx, logit(sr, mr, j, a));
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    if (mx != -INFINITY)
+        for (int j = lane; j < a.lk; j += 32) sum += expf(logit(sr, mr, j, a) - mx);
+    sum = warp_sum(sum);
+    const float l = mx == -INFINITY ? -INFINITY : mx + logf(sum);  // a NaN logit stays NaN, as on the CPU
+    for (int j = lane; j < a.lk; j += 32)
+        out[j] = from_f32<T>(l == -INFINITY ? 0.0f : expf(logit(sr, mr, j, a) - l) * keep(a, row, j));
+    if (lane == 0) lse[row] = l;
+}
+
+template <typename T>
+__device__ __forceinline__ void attn_probs_bwd(const T *s, const T *mask, const float *lse, const T *dpz, T *pz,
+                                               T *ds, AttnArgs a) {
+    const int row = warp_row(), lane = threadIdx.x % 32;
+    if (row >= a.bh * a.lq) return;
+    const size_t at = (size_t)row * a.lk;
+    const T *sr = s + at, *gr = dpz + at, *mr = mask_row(mask, a, row);
     const float l = lse[row];
-    if (l != -INFINITY) {
-        for (int j = 0; j < a.lk; j++) {
-            float s = dot_row(qv, kh + (size_t)j * a.dh, a.dh) * a.scale;
-            if (mr != nullptr) s += to_f32(mr[j * a.ms3]);
-            const float p = expf(s - l);
-            const float z = dropout_keep(a.seed, (unsigned long long)row * a.lk + j, a.threshold) ? a.inv_keep : 0.0f;
-            const float ds = p * (z * dot_row(gv, vh + (size_t)j * a.dh, a.dh) - d);
-            axpy_row(acc, ds, kh + (size_t)j * a.dh, a.dh);
-        }
+    auto prob = [&](int j) { return l == -INFINITY ? 0.0f : expf(logit(sr, mr, j, a) - l); };
+    float d = 0.0f;
+    for (int j = lane; j < a.lk; j += 32) d += prob(j) * keep(a, row, j) * to_f32(gr[j]);
+    d = warp_sum(d);
+    for (int j = lane; j < a.lk; j += 32) {
+        const float p = prob(j), z = keep(a, row, j);
+        pz[at + j] = from_f32<T>(p * z);
+        ds[at + j] = from_f32<T>(a.scale * p * (z * to_f32(gr[j]) - d));
     }
-    store_row(dq + (size_t)row * a.dh, a.dh, acc, a.scale);
-    if (threadIdx.x % 32 == 0) dsum[row] = d;
-}
-
-template <typename T>
-__device__ __forceinline__ void attn_bwd_dkv(const T *q, const T *k, const T *v, const T *mask, const T *go,
-                                             const float *lse, const float *dsum, T *dk, T *dv, AttnArgs a) {
-    const int row = warp_row();  // a key row, over bh * lk
-    if (row >= a.bh * a.lk) return;
-    const int h = row / a.lk, j = row % a.lk;
-    float kv[ATTN_REGS], vv[ATTN_REGS], ak[ATTN_REGS], av[ATTN_REGS];
-    load_row(k + (size_t)row * a.dh, a.dh, kv);
-    load_row(v + (size_t)row * a.dh, a.dh, vv);
-#pragma unroll
-    for (int t = 0; t < ATTN_REGS; t++) ak[t] = av[t] = 0.0f;
-    for (int i = 0; i < a.lq; i++) {
-        const int qrow = h * a.lq + i;
-        const float l = lse[qrow];
-        if (l == -INFINITY) continue;
-        const T *qi = q + (size_t)qrow * a.dh, *gi = go + (size_t)qrow * a.dh;
-        const T *mr = mask_row(mask, a, qrow);
-        float s = dot_row(kv, qi, a.dh) * a.scale;
-        if (mr != nullptr) s += to_f32(mr[j * a.ms3]);
-        const float p = expf(s - l);
-        const float z = dropout_keep(a.seed, (unsigned long long)qrow * a.lk + j, a.threshold) ? a.inv_keep : 0.0f;
-        axpy_row(av, p * z, gi, a.dh);
-        const float ds = p * (z * dot_row(vv, gi, a.dh) - dsum[qrow]);
-        axpy_row(ak, ds, qi, a.dh);
-    }
-    store_row(dk + (size_t)row * a.dh, a.dh, ak, a.scale);
-    store_row(dv + (size_t)row * a.dh, a.dh, av, 1.0f);
 }
 
 #define ATTENTION(NAME, T)                                                                                    \
-    extern "C" __global__ void attn_fwd_##NAME(const T *q, const T *k, const T *v, const T *mask, T *o,      \
-                                               float *lse, AttnArgs a) {                                     \
-        attn_fwd<T>(q, k, v, mask, o, lse, a);                                                               \
+    extern "C" __global__ void attn_probs_fwd_##NAME(const T *s, const T *mask, T *pz, float *lse,           \
+                                                     AttnArgs a) {                                           \
+        attn_probs_fwd<T>(s, mask, pz, lse, a);                                                              \
     }                                                                                                        \
-    extern "C" __global__ void attn_bwd_dq_##NAME(const T *q, const T *k, const T *v, const T *mask,         \
-                                                  const T *o, const T *go, const float *lse, T *dq,          \
-                                                  float *dsum, AttnArgs a) {                                 \
-        attn_bwd_dq<T>(q, k, v, mask, o, go, lse, dq, dsum, a);                                              \
-    }                                                                                                        \
-    extern "C" __global__ void attn_bwd_dkv_##NAME(const T *q, const T *k, const T *v, const T *mask,        \
-                                                   const T *go, const float *lse, const float *dsum, T *dk, \
-                                                   T *dv, AttnArgs a) {                                      \
-        attn_bwd_dkv<T>(q, k, v, mask, go, lse, dsum, dk, dv, a);                                            \
+    extern "C" __global__ void attn_probs_bwd_##NAME(const T *s, const T *mask, const float *lse,            \
+                                                     const T *dpz, T *pz, T *ds, AttnArgs a) {               \
+        attn_probs_bwd<T>(s, mask, lse, dpz, pz, ds, a);                                                     \
     }
 
 ATTENTION(f32, float)

@@ -8,8 +8,12 @@
 //! `dV = (p z)^T dO`, `dp_ij = z_ij (dO_i . v_j)`, `ds_ij = p_ij (dp_ij - D_i)` with
 //! `D_i = sum_j p_ij dp_ij = dO_i . o_i`, `dQ = scale ds K`, `dK = scale ds^T Q`.
 //!
-//! CPU: one head at a time per thread, its [Lq, Lk] tile in scratch and the products by gemm. CUDA:
-//! kernels/attention.cu, one warp per query row (forward, dQ) or key row (dK, dV) with an online softmax.
+//! CPU: one head at a time per thread, its [Lq, Lk] tile in scratch and the products by gemm. CUDA: the same
+//! scheme over all heads at once, the products by cuBLAS (batched over B x H; tensor cores in bf16) and the
+//! row passes between them in kernels/attention.cu; a layer's [B, H, Lq, Lk] scores live only during its
+//! forward or backward call. Products done by the row kernels themselves (a warp per row, a shuffle
+//! reduction per key) would spare even that memory but leave the tensor cores idle, at several times
+//! cuBLAS's time for ViT-B's 257 tokens.
 
 use super::cpu::{self, Mat};
 use super::heads::Permute;
@@ -435,7 +439,7 @@ impl CustomOp3 for Attention {
             Device::Cuda(_) => {
                 let dims = Dims::new(q.shape(), k.shape(), v.shape())?;
                 let grad = grad.to_dtype(o.dtype())?.contiguous()?;
-                gpu::backward(self.kernel_args(dims)?, [q, k, v, o, &grad], &self.lse.get()?, self.mask.as_ref())?
+                gpu::backward(self.kernel_args(dims)?, [q, k, v, &grad], &self.lse.get()?, self.mask.as_ref())?
             }
             other => bail!("attention: no backward on {other:?}"),
         };
@@ -460,7 +464,9 @@ mod gpu {
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::op::BackpropOp;
-    use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
+    use candle_core::{
+        bail, CudaDevice, CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
+    };
 
     /// `AttnArgs` of kernels/attention.cu, field for field (`#[repr(C)]` lays it out as the C struct).
     #[repr(C)]
@@ -482,16 +488,11 @@ mod gpu {
     // SAFETY: a plain #[repr(C)] struct of numbers, passed by value as the kernels' `AttnArgs`.
     unsafe impl DeviceRepr for KernelArgs {}
 
-    /// The kernels keep a row's features in registers, 32 lanes x 8.
-    const MAX_DH: usize = 256;
-    /// Eight rows (warps) per block.
+    /// Eight score rows (warps) per block.
     const BLOCK: u32 = 256;
 
     impl KernelArgs {
         pub(super) fn new(dims: Dims, scale: f32, (seed, threshold, inv_keep): (u64, u32, f32)) -> Result<Self> {
-            if dims.dh > MAX_DH {
-                bail!("attention: the CUDA kernels take head widths up to {MAX_DH}, got {}", dims.dh);
-            }
             Ok(KernelArgs {
                 bh: int(dims.bh, "attention heads")?,
                 lq: int(dims.lq, "attention queries")?,
@@ -515,10 +516,14 @@ mod gpu {
             self
         }
 
-        fn launch(&self, rows: i32) -> LaunchConfig {
-            let warps = BLOCK / 32;
+        /// Score rows (query rows of every head).
+        fn rows(&self) -> usize {
+            self.bh as usize * self.lq as usize
+        }
+
+        fn launch(&self) -> LaunchConfig {
             LaunchConfig {
-                grid_dim: ((rows as u32).div_ceil(warps).max(1), 1, 1),
+                grid_dim: ((self.rows() as u32).div_ceil(BLOCK / 32).max(1), 1, 1),
                 block_dim: (BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             }
@@ -532,19 +537,6 @@ mod gpu {
         }
     }
 
-    /// Pushes the arguments every attention kernel starts with: q, k, v and the mask (or a null pointer).
-    fn push_inputs<'a, T>(
-        b: &mut LaunchArgs<'a>, [q, k, v]: [&'a CudaView<'a, T>; 3], mask: &'a Option<CudaView<'a, T>>,
-    ) {
-        b.arg(q);
-        b.arg(k);
-        b.arg(v);
-        match mask {
-            Some(m) => b.arg(m),
-            None => b.arg(&0usize),
-        };
-    }
-
     /// The mask's elements from its first entry on, and where each score row's entries sit, for q and k
     /// of layouts `ql` and `kl`; (None, None) without a mask.
     fn mask_arg<'a, T: CudaDType, G: std::ops::Deref<Target = Storage>>(
@@ -556,12 +548,30 @@ mod gpu {
         Ok((Some(on_gpu(s, "the mask")?.as_cuda_slice::<T>()?.slice(geom.offset..)), Some(geom)))
     }
 
+    /// The elements of a contiguous tensor on the GPU, from its `storage_and_layout()`.
+    fn view<'a, T: CudaDType + DeviceRepr, G: std::ops::Deref<Target = Storage>>(
+        (storage, layout): &'a (G, &Layout), what: &str,
+    ) -> Result<CudaView<'a, T>> {
+        contiguous(on_gpu(storage, what)?.as_cuda_slice::<T>()?, layout, what)
+    }
+
+    /// Pushes the scores and the mask (or a null pointer), the arguments both row kernels start with.
+    fn push_scores<'a, T>(b: &mut LaunchArgs<'a>, s: &'a CudaView<'a, T>, mask: &'a Option<CudaView<'a, T>>) {
+        b.arg(s);
+        match mask {
+            Some(m) => b.arg(m),
+            None => b.arg(&0usize),
+        };
+    }
+
     fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice, shape: &Shape) -> Tensor {
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
         Tensor::from_storage(storage, shape.clone(), BackpropOp::none(), false)
     }
 
-    /// The forward on the GPU: the output storage and the rows' log-sum-exp [B, H, Lq] (f32).
+    /// The forward on the GPU: s = q k^T (cuBLAS), pz = dropout(softmax(s * scale + mask)) with each row's
+    /// log-sum-exp (attn_probs_fwd), o = pz v (cuBLAS). Returns o's storage and lse [B, H, Lq] (f32); s and
+    /// pz are freed here.
     pub(super) fn forward(
         args: KernelArgs, q: (&CudaStorage, &Layout), k: (&CudaStorage, &Layout), v: (&CudaStorage, &Layout),
         mask: Option<&Tensor>,
@@ -578,32 +588,42 @@ mod gpu {
         (v, vl): (&CudaStorage, &Layout), mask: Option<&Tensor>,
     ) -> Result<(CudaStorage, Tensor)> {
         let dev = &q.device;
-        let qs = contiguous(q.as_cuda_slice::<T>()?, ql, "attention q")?;
-        let ks = contiguous(k.as_cuda_slice::<T>()?, kl, "attention k")?;
-        let vs = contiguous(v.as_cuda_slice::<T>()?, vl, "attention v")?;
+        let (bh, lq, lk, dh) = (args.bh as usize, args.lq as usize, args.lk as usize, args.dh as usize);
+        for (l, what) in [(ql, "q"), (kl, "k"), (vl, "v")] {
+            if !l.is_contiguous() {
+                bail!("attention: {what} must be contiguous");
+            }
+        }
+        // [B, H, L, Dh] as a batch of B * H matrices.
+        let heads = |l: &Layout, rows: usize| Layout::contiguous_with_offset((bh, rows, dh), l.start_offset());
+        let scores = q.matmul(k, (bh, lq, lk, dh), &heads(ql, lq), &heads(kl, lk).transpose(1, 2)?)?;
         let guard = mask.map(|m| m.storage_and_layout());
         let (mask_view, geom) = mask_arg::<T, _>(&guard, ql, kl)?;
         let args = args.with_mask(geom);
-        let rows = args.bh * args.lq;
-        // SAFETY: the kernel writes every element of both.
-        let (o, lse) = unsafe { (dev.alloc::<T>(ql.shape().elem_count())?, dev.alloc::<f32>(rows as usize)?) };
-        if rows > 0 {
-            let (func, stream) = ATTENTION.func::<T>(dev, "attn_fwd")?;
+        let s = scores.as_cuda_slice::<T>()?.slice(..);
+        // SAFETY: attn_probs_fwd writes every element of both.
+        let (pz, lse) = unsafe { (dev.alloc::<T>(args.rows() * lk)?, dev.alloc::<f32>(args.rows())?) };
+        if args.rows() > 0 {
+            let (func, stream) = ATTENTION.func::<T>(dev, "attn_probs_fwd")?;
             let mut b = stream.launch_builder(&func);
-            push_inputs(&mut b, [&qs, &ks, &vs], &mask_view);
-            b.arg(&o);
+            push_scores(&mut b, &s, &mask_view);
+            b.arg(&pz);
             b.arg(&lse);
             b.arg(&args);
-            // SAFETY: argument types and order match attn_fwd in kernels/attention.cu.
-            unsafe { b.launch(args.launch(rows)) }.w()?;
+            // SAFETY: argument types and order match attn_probs_fwd in kernels/attention.cu.
+            unsafe { b.launch(args.launch()) }.w()?;
         }
+        let pz = CudaStorage::wrap_cuda_slice(pz, dev.clone());
+        let o = pz.matmul(v, (bh, lq, dh, lk), &Layout::contiguous((bh, lq, lk)), &heads(vl, lk))?;
         let lse_shape = Shape::from((ql.dims()[0], ql.dims()[1], ql.dims()[2]));
-        Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), wrap(lse, dev, &lse_shape)))
+        Ok((o, wrap(lse, dev, &lse_shape)))
     }
 
-    /// The backward on the GPU from [q, k, v, o, upstream gradient] (all contiguous, one dtype): dq, dk, dv.
+    /// The backward on the GPU from [q, k, v, upstream gradient] (contiguous, one dtype) and the forward's
+    /// lse: s = q k^T and dpz = do v^T (cuBLAS), pz and ds (attn_probs_bwd), then dv = pz^T do, dq = ds k,
+    /// dk = ds^T q (cuBLAS).
     pub(super) fn backward(
-        args: KernelArgs, tensors: [&Tensor; 5], lse: &Tensor, mask: Option<&Tensor>,
+        args: KernelArgs, tensors: [&Tensor; 4], lse: &Tensor, mask: Option<&Tensor>,
     ) -> Result<[Tensor; 3]> {
         match tensors[0].dtype() {
             DType::F32 => bwd::<f32>(args, tensors, lse, mask),
@@ -613,57 +633,34 @@ mod gpu {
     }
 
     fn bwd<T: CudaDType + DeviceRepr + WithDType>(
-        args: KernelArgs, tensors: [&Tensor; 5], lse: &Tensor, mask: Option<&Tensor>,
+        args: KernelArgs, tensors: [&Tensor; 4], lse: &Tensor, mask: Option<&Tensor>,
     ) -> Result<[Tensor; 3]> {
-        let guards = tensors.map(|t| t.storage_and_layout());
-        let lse_guard = lse.storage_and_layout();
-        let names = ["q", "k", "v", "output", "gradient"];
-        let views = guards
-            .iter()
-            .zip(names)
-            .map(|((s, l), n)| contiguous(on_gpu(s, n)?.as_cuda_slice::<T>()?, l, n))
-            .collect::<Result<Vec<_>>>()?;
-        let lse_view =
-            contiguous(on_gpu(&lse_guard.0, "log-sum-exp")?.as_cuda_slice::<f32>()?, lse_guard.1, "log-sum-exp")?;
-        let dev = &on_gpu(&guards[0].0, "q")?.device;
+        let [q, k, v, go] = tensors.map(|t| t.detach());
+        let Device::Cuda(dev) = q.device() else { bail!("attention backward: q is not on the GPU") };
+        let (s, dpz) = (q.matmul(&k.t()?)?, go.matmul(&v.t()?)?);
         let guard = mask.map(|m| m.storage_and_layout());
-        let (mask_view, geom) = mask_arg::<T, _>(&guard, guards[0].1, guards[1].1)?;
+        let (mask_view, geom) = mask_arg::<T, _>(&guard, q.layout(), k.layout())?;
         let args = args.with_mask(geom);
-        let (q_rows, k_rows) = (args.bh * args.lq, args.bh * args.lk);
-        let (nq, nk) = (guards[0].1.shape().elem_count(), guards[1].1.shape().elem_count());
-        // SAFETY: the kernels write every element of all four.
-        let (dq, dk, dv, dsum) = unsafe {
-            (dev.alloc::<T>(nq)?, dev.alloc::<T>(nk)?, dev.alloc::<T>(nk)?, dev.alloc::<f32>(q_rows.max(0) as usize)?)
-        };
-        let [q, k, v, o, go] = [&views[0], &views[1], &views[2], &views[3], &views[4]];
-        if q_rows > 0 {
-            let (func, stream) = ATTENTION.func::<T>(dev, "attn_bwd_dq")?;
+        let n = args.rows() * args.lk as usize;
+        // SAFETY: attn_probs_bwd writes every element of both.
+        let (pz, ds) = unsafe { (dev.alloc::<T>(n)?, dev.alloc::<T>(n)?) };
+        if args.rows() > 0 {
+            let guards = [s.storage_and_layout(), dpz.storage_and_layout(), lse.storage_and_layout()];
+            let (s_view, dpz_view) = (view::<T, _>(&guards[0], "scores")?, view::<T, _>(&guards[1], "dpz")?);
+            let lse_view = view::<f32, _>(&guards[2], "log-sum-exp")?;
+            let (func, stream) = ATTENTION.func::<T>(dev, "attn_probs_bwd")?;
             let mut b = stream.launch_builder(&func);
-            push_inputs(&mut b, [q, k, v], &mask_view);
-            b.arg(o);
-            b.arg(go);
+            push_scores(&mut b, &s_view, &mask_view);
             b.arg(&lse_view);
-            b.arg(&dq);
-            b.arg(&dsum);
+            b.arg(&dpz_view);
+            b.arg(&pz);
+            b.arg(&ds);
             b.arg(&args);
-            // SAFETY: argument types and order match attn_bwd_dq in kernels/attention.cu.
-            unsafe { b.launch(args.launch(q_rows)) }.w()?;
+            // SAFETY: argument types and order match attn_probs_bwd in kernels/attention.cu.
+            unsafe { b.launch(args.launch()) }.w()?;
         }
-        if k_rows > 0 {
-            let (func, stream) = ATTENTION.func::<T>(dev, "attn_bwd_dkv")?;
-            let mut b = stream.launch_builder(&func);
-            push_inputs(&mut b, [q, k, v], &mask_view);
-            b.arg(go);
-            b.arg(&lse_view);
-            b.arg(&dsum);
-            b.arg(&dk);
-            b.arg(&dv);
-            b.arg(&args);
-            // SAFETY: argument types and order match attn_bwd_dkv in kernels/attention.cu.
-            unsafe { b.launch(args.launch(k_rows)) }.w()?;
-        }
-        let (qs, ks) = (guards[0].1.shape(), guards[1].1.shape());
-        Ok([wrap(dq, dev, qs), wrap(dk, dev, ks), wrap(dv, dev, ks)])
+        let (pz, ds) = (wrap(pz, dev, s.shape()), wrap(ds, dev, s.shape()));
+        Ok([ds.matmul(&k)?, ds.t()?.matmul(&q)?, pz.t()?.matmul(&go)?])
     }
 }
 

@@ -58,7 +58,8 @@ pub fn attention_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>, ker
 /// [`attention_softmax`]. Returns [B, H, Lq, Dh] in q's dtype.
 ///
 /// Fused keeps neither scores nor probabilities for the backward (it recomputes them), so a layer's
-/// attention holds O(L) memory instead of O(L^2), and spreads the heads over the compute threads (candle's
+/// attention holds O(L) memory instead of O(L^2) between its forward and backward (on CUDA the scores exist
+/// during each call, for cuBLAS), and spreads the heads over the compute threads (candle's
 /// batched products run on one thread below gemm's threading size: the tiny preset's 26 x 26 tiles; there
 /// the fused core costs one thread ~1.5% of the step and gains two threads ~10%). Reference composes candle
 /// ops, with the softmax in f32 (torch.autocast's rule) and the dropout mask materialised from the same
