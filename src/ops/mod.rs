@@ -22,7 +22,7 @@ mod linear;
 mod saved;
 mod softmax;
 
-pub use adamw::{adamw_step, AdamWStep};
+pub use adamw::{adamw_step_all, sum_squares, AdamWStep, AdamWUpdate};
 pub use attention::AttnDropout;
 pub use bench::{bench_ops, BenchReport, CopyBench, OpBench, OutputError};
 

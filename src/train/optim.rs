@@ -5,7 +5,7 @@ use crate::config::TrainConfig;
 use crate::dist::Dist;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use std::collections::HashMap;
 
 /// Gradient elements per all-reduce: 25 MiB of f32, PyTorch DDP's default bucket.
@@ -149,19 +149,9 @@ impl AdamW {
         }
         // The sums stay as accumulated; the average's 1/micro joins the update's gradient scale.
         let inv = 1.0 / self.micro as f64;
-        let squares: Vec<Tensor> = self
-            .slots
-            .iter()
-            .filter_map(|s| s.acc.as_ref())
-            .map(|a| a.sqr()?.sum_all()?.to_dtype(DType::F64))
-            .collect::<candle_core::Result<_>>()?;
-        Ok(match squares.is_empty() {
-            true => {
-                let device = self.slots.first().map_or(candle_core::Device::Cpu, |s| s.var.device().clone());
-                Tensor::zeros((), DType::F64, &device)?
-            }
-            false => (Tensor::stack(&squares, 0)?.sum_all()? * (inv * inv))?,
-        })
+        let accs: Vec<&Tensor> = self.slots.iter().filter_map(|s| s.acc.as_ref()).collect();
+        let device = self.slots.first().map_or(candle_core::Device::Cpu, |s| s.var.device().clone());
+        Ok((crate::ops::sum_squares(&accs, &device)? * (inv * inv))?)
     }
 
     /// Averages the accumulated gradients, clips them to `max_norm` (0 = off) given their finite global
@@ -174,22 +164,27 @@ impl AdamW {
         self.steps += 1;
         let t = self.steps as i32;
         let (bc1, bc2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
-        for s in &mut self.slots {
-            let Some(g) = s.acc.take() else { continue };
-            let lr = lr * s.lr_scale;
-            let decay = if s.decay && self.weight_decay > 0.0 { 1.0 - lr * self.weight_decay } else { 1.0 };
-            let step = crate::ops::AdamWStep {
-                beta1: self.beta1 as f32,
-                beta2: self.beta2 as f32,
-                eps: self.eps as f32,
-                lr: lr as f32,
-                decay: decay as f32,
-                bc1: bc1 as f32,
-                bc2: bc2 as f32,
-                scale: (clip / self.micro as f64) as f32,
-            };
-            crate::ops::adamw_step(s.var.as_tensor(), &s.m, &s.v, &g, step)?;
-        }
+        let updates: Vec<_> = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| {
+                let g = s.acc.take()?;
+                let lr = lr * s.lr_scale;
+                let decay = if s.decay && self.weight_decay > 0.0 { 1.0 - lr * self.weight_decay } else { 1.0 };
+                let step = crate::ops::AdamWStep {
+                    beta1: self.beta1 as f32,
+                    beta2: self.beta2 as f32,
+                    eps: self.eps as f32,
+                    lr: lr as f32,
+                    decay: decay as f32,
+                    bc1: bc1 as f32,
+                    bc2: bc2 as f32,
+                    scale: (clip / self.micro as f64) as f32,
+                };
+                Some(crate::ops::AdamWUpdate { p: s.var.as_tensor(), m: &s.m, v: &s.v, g, step })
+            })
+            .collect();
+        crate::ops::adamw_step_all(&updates)?;
         self.micro = 0;
         Ok(())
     }
