@@ -42,6 +42,13 @@ fn main() {
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }
+    // PTX of a kernel file since removed or renamed would stay in OUT_DIR (and in .ci/cuda-check.sh's checks).
+    for entry in std::fs::read_dir(&out_dir).expect("cargo creates OUT_DIR").flatten() {
+        if entry.path().extension().is_some_and(|e| e == "ptx") {
+            std::fs::remove_file(entry.path())
+                .unwrap_or_else(|e| panic!("cannot remove {}: {e}", entry.path().display()));
+        }
+    }
     for src in files.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
         let ptx = out_dir.join(src.file_stem().expect("a .cu file has a stem")).with_extension("ptx");
         let output = Command::new(&nvcc)

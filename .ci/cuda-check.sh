@@ -23,8 +23,18 @@ cd "$crate"
 start=$SECONDS
 cargo check --features cuda,nccl --all-targets "$@"
 
-# PTX ISA of our kernels (the newest build of each): the lent machines' driver loads at most 9.0.
-for ptx in $(ls -t "$CARGO_TARGET_DIR"/debug/build/*/out/*.ptx 2>/dev/null | awk -F/ '!seen[$NF]++'); do
+# The PTX of the newest build of each crate that has kernels (ours, candle's): older builds' folders stay.
+ptx_files=()
+for out in $(ls -td "$CARGO_TARGET_DIR"/debug/build/*/out); do
+    crate_dir=$(basename "$(dirname "$out")")
+    crate_name=${crate_dir%-*}
+    if compgen -G "$out/*.ptx" >/dev/null && [[ " ${seen_crates:-} " != *" $crate_name "* ]]; then
+        seen_crates="${seen_crates:-} $crate_name"
+        ptx_files+=("$out"/*.ptx)
+    fi
+done
+# PTX ISA of each: the lent machines' driver loads at most 9.0.
+for ptx in "${ptx_files[@]}"; do
     version=$(sed -n 's/^\.version \([0-9.]*\).*/\1/p' "$ptx" | head -n 1)
     if ! awk -v v="$version" 'BEGIN { exit !(v != "" && v + 0 <= 9.0) }'; then
         echo "cuda-check: $ptx has PTX .version ${version:-?}; the GPUs' driver needs <= 9.0 (nvvm 13.0)" >&2

@@ -40,11 +40,7 @@ impl Momentum {
 
     /// One EMA step over every pair.
     pub fn update(&self) -> Result<()> {
-        for (p, pm) in &self.pairs {
-            let next = ((pm.as_tensor() * self.m)? + (p.as_tensor().detach() * (1.0 - self.m))?)?;
-            pm.set(&next)?;
-        }
-        Ok(())
+        crate::ops::ema_all(&self.pairs, self.m)
     }
 }
 

@@ -4,8 +4,8 @@
 
 use super::testing::{max_err, rng, uniform};
 use super::{
-    adamw_step_all, add_bias, add_layer_norm, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu,
-    matmul_by_constant, multi_head_attention, AdamWStep, AdamWUpdate, AttnDropout, Positives,
+    adamw_step_all, add_bias, add_layer_norm, attention_softmax, ema_all, gelu, itc_loss, layer_norm, linear,
+    linear_gelu, matmul_by_constant, multi_head_attention, sum_squares, AdamWStep, AdamWUpdate, AttnDropout, Positives,
 };
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -150,8 +150,8 @@ enum Case {
         k: usize,
         n: usize,
     },
-    /// AdamW's update of the parameters of `blocks` ViT-B blocks.
-    AdamW {
+    /// The optimiser's per-parameter work (gradient norm, AdamW, EMA) over `blocks` ViT-B blocks' tensors.
+    Optimizer {
         blocks: usize,
     },
 }
@@ -176,7 +176,8 @@ enum RowOp {
 /// tokens, and one of its 768 x 768 linear layers (alone and with the GELU after it); MLM's loss at 15% of
 /// 64 x 25 tokens over BERT's vocabulary; the whole multi-head attention (heads split and merged) for the
 /// same three attentions (BERT's with its 0.1 dropout; the ViT's at 256 px, 16 images); ITC's similarities of
-/// 64 features against the batch's keys and the queue; AdamW over two ViT-B blocks' 24 tensors.
+/// 64 features against the batch's keys and the queue; the optimiser's gradient norm, AdamW and EMA over two
+/// ViT-B blocks' 24 tensors.
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
     vec![
@@ -198,7 +199,7 @@ fn cases() -> Vec<Case> {
         Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::LinearGelu, rows: 64 * 257, d: 768 },
         Case::ByConstant { b, k: 256, n: b + q },
-        Case::AdamW { blocks: 2 },
+        Case::Optimizer { blocks: 2 },
     ]
 }
 
@@ -301,7 +302,7 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
             }
             Case::Rows { op, rows, d } => bench_rows(device, reps, &mut r, op, rows, d)?,
             Case::ByConstant { b, k, n } => bench_by_constant(device, reps, &mut r, b, k, n)?,
-            Case::AdamW { blocks } => bench_adamw(device, reps, &mut r, blocks)?,
+            Case::Optimizer { blocks } => bench_optimizer(device, reps, &mut r, blocks)?,
         });
     }
     Ok(BenchReport { device: format!("{device:?}"), reps, ops, copy: copy_bandwidth(device, reps)? })
@@ -419,13 +420,15 @@ fn bench_by_constant(
     compare(device, reps, format!("matmul_by_constant [{b}, {k}] @ [{k}, {n}]"), DType::F32, &["y", "da"], run)
 }
 
-/// AdamW on fresh copies of the parameters and moments each run (the update is in place): the fused update
-/// of all tensors at once (one launch on CUDA) against the formula in candle ops per tensor. It has no
-/// backward: "f+b" runs the update again. Outputs: every tensor's new values, concatenated.
-fn bench_adamw(device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, blocks: usize) -> Result<OpBench> {
+/// The optimiser's per-parameter work over `blocks` ViT-B blocks' 24 tensors, on fresh copies each run (the
+/// updates are in place): the gradients' squared norm, AdamW's update and the EMA of momentum twins toward
+/// the parameters, fused (one launch each on CUDA) against their formulas in candle ops per tensor. Nothing
+/// here has a backward: "f+b" runs the same again.
+fn bench_optimizer(device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, blocks: usize) -> Result<OpBench> {
     let (d, mlp) = (768, 3072);
     let block: [&[usize]; 12] =
         [&[3 * d, d], &[3 * d], &[d, d], &[d], &[mlp, d], &[mlp], &[d, mlp], &[d], &[d], &[d], &[d], &[d]];
+    // Per tensor: parameter, m, v, gradient, momentum twin.
     let state = (0..blocks)
         .flat_map(|_| block)
         .map(|dims| {
@@ -433,44 +436,64 @@ fn bench_adamw(device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, bl
                 let x = uniform(r, dims, range, device)?;
                 Inputs::<Tensor>::new(if abs { x.abs()? } else { x }, DType::F32)
             };
-            Ok([t(1.0, false)?, t(0.01, false)?, t(1e-4, true)?, t(0.1, false)?])
+            Ok([t(1.0, false)?, t(0.01, false)?, t(1e-4, true)?, t(0.1, false)?, t(1.0, false)?])
         })
         .collect::<Result<Vec<_>>>()?;
     let h =
         AdamWStep { beta1: 0.9, beta2: 0.999, eps: 1e-8, lr: 1e-4, decay: 0.999998, bc1: 0.19, bc2: 0.002, scale: 0.5 };
-    let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
+    let (b1, b2, momentum) = (h.beta1 as f64, h.beta2 as f64, 0.995);
     let run = |kernels: Kernels, exact: bool, _backward: bool| -> Result<Vec<Tensor>> {
-        let updated = match kernels {
+        let (norm, updated) = match kernels {
             Kernels::Fused => {
+                let grads: Vec<&Tensor> = state.iter().map(|s| s[3].get(exact)).collect();
+                let norm = sum_squares(&grads, device)?;
                 let copies = state
                     .iter()
-                    .map(|[p, m, v, _]| Ok([p.get(exact).copy()?, m.get(exact).copy()?, v.get(exact).copy()?]))
+                    .map(|[p, m, v, _, _]| Ok([p.get(exact).copy()?, m.get(exact).copy()?, v.get(exact).copy()?]))
                     .collect::<Result<Vec<_>>>()?;
                 let updates: Vec<_> = copies
                     .iter()
-                    .zip(&state)
-                    .map(|([p, m, v], s)| AdamWUpdate { p, m, v, g: s[3].get(exact).clone(), step: h })
+                    .zip(&grads)
+                    .map(|([p, m, v], g)| AdamWUpdate { p, m, v, g: (*g).clone(), step: h })
                     .collect();
                 adamw_step_all(&updates)?;
-                copies
+                let pairs = state
+                    .iter()
+                    .map(|s| Ok((Var::from_tensor(s[0].get(exact))?, Var::from_tensor(s[4].get(exact))?)))
+                    .collect::<Result<Vec<_>>>()?;
+                ema_all(&pairs, momentum)?;
+                let updated = copies
+                    .into_iter()
+                    .zip(pairs)
+                    .map(|([p, m, v], (_, twin))| [p, m, v, twin.as_tensor().clone()])
+                    .collect();
+                (norm, updated)
             }
-            Kernels::Reference => state
-                .iter()
-                .map(|[p, m, v, g]| {
-                    let gs = (g.get(exact) * h.scale as f64)?;
-                    let m = ((m.get(exact) * b1)? + (&gs * (1.0 - b1))?)?;
-                    let v = ((v.get(exact) * b2)? + (gs.sqr()? * (1.0 - b2))?)?;
-                    let step = ((&m / h.bc1 as f64)? / ((&v / h.bc2 as f64)?.sqrt()? + h.eps as f64)?)?;
-                    Ok([((p.get(exact) * h.decay as f64)? - (step * h.lr as f64)?)?, m, v])
-                })
-                .collect::<Result<Vec<_>>>()?,
+            Kernels::Reference => {
+                let squares = state.iter().map(|s| s[3].get(exact).sqr()?.sum_all()).collect::<Result<Vec<_>>>()?;
+                let updated = state
+                    .iter()
+                    .map(|[p, m, v, g, twin]| {
+                        let gs = (g.get(exact) * h.scale as f64)?;
+                        let m = ((m.get(exact) * b1)? + (&gs * (1.0 - b1))?)?;
+                        let v = ((v.get(exact) * b2)? + (gs.sqr()? * (1.0 - b2))?)?;
+                        let step = ((&m / h.bc1 as f64)? / ((&v / h.bc2 as f64)?.sqrt()? + h.eps as f64)?)?;
+                        let p_next = ((p.get(exact) * h.decay as f64)? - (step * h.lr as f64)?)?;
+                        let twin = ((twin.get(exact) * momentum)? + (p.get(exact) * (1.0 - momentum))?)?;
+                        Ok([p_next, m, v, twin])
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (Tensor::stack(&squares, 0)?.sum_all()?, updated)
+            }
         };
-        (0..3)
-            .map(|i| Tensor::cat(&updated.iter().map(|t| t[i].flatten_all()).collect::<Result<Vec<_>>>()?, 0))
-            .collect()
+        let mut out = vec![norm];
+        for i in 0..4 {
+            out.push(Tensor::cat(&updated.iter().map(|t| t[i].flatten_all()).collect::<Result<Vec<_>>>()?, 0)?);
+        }
+        Ok(out)
     };
-    let name = format!("adamw {} tensors of {blocks} ViT-B blocks", block.len() * blocks);
-    compare(device, reps, name, DType::F32, &["params", "m", "v"], run)
+    let name = format!("optimizer {} tensors ({blocks} ViT-B blocks)", block.len() * blocks);
+    compare(device, reps, name, DType::F32, &["norm^2", "params", "m", "v", "ema"], run)
 }
 
 fn grad(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Result<Tensor> {

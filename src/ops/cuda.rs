@@ -14,8 +14,8 @@ pub(super) struct Module {
 
 pub(super) const SOFTMAX: Module =
     Module { name: "alignfuse_softmax", ptx: include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")) };
-pub(super) const ADAMW: Module =
-    Module { name: "alignfuse_adamw", ptx: include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")) };
+pub(super) const MULTI_TENSOR: Module =
+    Module { name: "alignfuse_multi_tensor", ptx: include_str!(concat!(env!("OUT_DIR"), "/multi_tensor.ptx")) };
 pub(super) const GELU: Module =
     Module { name: "alignfuse_gelu", ptx: include_str!(concat!(env!("OUT_DIR"), "/gelu.ptx")) };
 pub(super) const BIAS: Module =

@@ -19,12 +19,14 @@ mod heads;
 mod itc;
 mod layernorm;
 mod linear;
+mod multi_tensor;
 mod saved;
 mod softmax;
 
-pub use adamw::{adamw_step_all, sum_squares, AdamWStep, AdamWUpdate};
+pub use adamw::AdamWStep;
 pub use attention::AttnDropout;
 pub use bench::{bench_ops, BenchReport, CopyBench, OpBench, OutputError};
+pub use multi_tensor::{adamw_step_all, ema_all, sum_squares, AdamWUpdate};
 
 use crate::config::Kernels;
 use candle_core::{bail, DType, Device, Result, Tensor, D};
