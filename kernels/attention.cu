@@ -12,15 +12,6 @@
 // both draw the same mask. A row whose every logit is -inf gives zeros and lse = -inf.
 #include "common.cuh"
 
-__device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long index,
-                                             unsigned int threshold) {
-    unsigned long long z = seed + (index + 1ull) * 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return (unsigned int)(z >> 32) >= threshold;
-}
-
 struct AttnArgs {
     int bh, lq, lk, dh;
     float scale;

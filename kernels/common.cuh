@@ -76,3 +76,14 @@ __device__ __forceinline__ MaxSum block_max_sum(MaxSum s, float *scratch_m, floa
     s = lane < warps ? MaxSum{scratch_m[lane], scratch_d[lane]} : max_sum_empty();
     return warp_max_sum(s);
 }
+
+// Whether element `index` of a dropout mask survives: the top 32 bits of splitmix64's output for
+// seed + index against threshold = p * 2^32 (the CPU's cpu::dropout_keep, so both draw the same mask).
+__device__ __forceinline__ bool dropout_keep(unsigned long long seed, unsigned long long index,
+                                             unsigned int threshold) {
+    unsigned long long z = seed + (index + 1ull) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return (unsigned int)(z >> 32) >= threshold;
+}

@@ -79,24 +79,14 @@ impl Ctx {
         Self::new(false, kernels, crate::rng::stream(0, "eval", "", 0))
     }
 
-    /// Inverted dropout (identity outside training or for p = 0). The mask comes from the seeded ChaCha
-    /// stream on the CPU, and on a GPU from the device's generator (seeded per micro-batch by the trainer),
-    /// so no mask is drawn on the host and uploaded.
+    /// Inverted dropout (identity outside training or for p = 0), [`crate::ops::dropout`]: its mask is a hash
+    /// of one seed drawn from the context's stream, so either device draws the same mask, nothing of its size
+    /// is drawn, uploaded or kept, and a recomputed segment regenerates it.
     pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
         if !self.train || p <= 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 - p as f32;
-        let scale = 1.0 / keep;
-        let mask = if x.device().is_cpu() {
-            let mut rng = self.rng.borrow_mut();
-            let mask: Vec<f32> =
-                (0..x.elem_count()).map(|_| if rng.random::<f32>() < keep { scale } else { 0.0 }).collect();
-            Tensor::from_vec(mask, x.shape(), x.device())?
-        } else {
-            (Tensor::rand(0f32, 1f32, x.shape(), x.device())?.lt(keep as f64)?.to_dtype(DType::F32)? * scale as f64)?
-        };
-        x * mask.to_dtype(x.dtype())?
+        crate::ops::dropout(x, p, self.seed(), self.kernels)
     }
 }
 

@@ -44,8 +44,8 @@ impl Cuts {
     }
 
     /// `f(x, ctx)`, cut after. When recomputing, the second run starts from the same state of the
-    /// context's stream, but `f` must not draw from the GPU's generator (dropout masks on a GPU), which
-    /// cannot replay: the ViT blocks draw nothing; the text and fusion layers are not segmented.
+    /// context's stream, so its dropout masks (hashes of seeds drawn from it) are the ones of the first; `f`
+    /// must not draw from the GPU's generator (ITM's noise), which cannot replay.
     pub fn segment<F>(&self, x: &Tensor, ctx: &Ctx, f: F) -> Result<Tensor>
     where
         F: Fn(&Tensor, &Ctx) -> Result<Tensor> + 'static,

@@ -4,7 +4,7 @@
 
 use super::testing::{max_err, rng, uniform};
 use super::{
-    adamw_step_all, add_bias, add_layer_norm, attention_softmax, ema_all, gelu, itc_loss, layer_norm, linear,
+    adamw_step_all, add_bias, add_layer_norm, attention_softmax, dropout, ema_all, gelu, itc_loss, layer_norm, linear,
     linear_gelu, matmul_by_constant, multi_head_attention, sum_squares, AdamWStep, AdamWUpdate, AttnDropout, Positives,
 };
 use crate::config::Kernels;
@@ -164,6 +164,8 @@ enum RowOp {
     AddLayerNorm,
     Bias,
     Gelu,
+    /// BERT's hidden dropout at 0.1.
+    Dropout,
     /// A square [d, d] linear layer with bias.
     Linear,
     /// The same layer with the GELU after it, as one op.
@@ -173,8 +175,8 @@ enum RowOp {
 /// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
 /// image tokens (256 px), ViT self-attention over 577 tokens (384 px; 8 images to bound the CPU run), and
 /// ITC against the batch plus a 65536 queue; LayerNorm, a bias add and the MLP's GELU over the ViT's 64 x 257
-/// tokens, and one of its 768 x 768 linear layers (alone and with the GELU after it); MLM's loss at 15% of
-/// 64 x 25 tokens over BERT's vocabulary; the whole multi-head attention (heads split and merged) for the
+/// tokens (and BERT's hidden dropout over as many), one of its 768 x 768 linear layers (alone and with the
+/// GELU after it); MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole multi-head attention (heads split and merged) for the
 /// same three attentions (BERT's with its 0.1 dropout; the ViT's at 256 px, 16 images); ITC's similarities of
 /// 64 features against the batch's keys and the queue; the optimiser's gradient norm, AdamW and EMA over two
 /// ViT-B blocks' 24 tensors.
@@ -196,6 +198,7 @@ fn cases() -> Vec<Case> {
         Case::Rows { op: RowOp::AddLayerNorm, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Bias, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Gelu, rows: 64 * 257, d: 3072 },
+        Case::Rows { op: RowOp::Dropout, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768 },
         Case::Rows { op: RowOp::LinearGelu, rows: 64 * 257, d: 768 },
         Case::ByConstant { b, k: 256, n: b + q },
@@ -370,6 +373,7 @@ fn bench_rows(
             (RowOp::AddLayerNorm, _) => add_layer_norm(a.expect("the residual case has a sum"), x, w, b, 1e-6, k)?,
             (RowOp::Bias, _) => add_bias(x, b, k)?,
             (RowOp::Gelu, _) => gelu(x, k)?,
+            (RowOp::Dropout, _) => dropout(x, 0.1, 7, k)?,
             (RowOp::Linear, wl) => linear(x, wl.expect("the linear case has a weight"), b, k)?,
             (RowOp::LinearGelu, wl) => linear_gelu(x, wl.expect("the linear case has a weight"), b, k)?,
         };
@@ -383,7 +387,7 @@ fn bench_rows(
             (RowOp::Linear | RowOp::LinearGelu, Some(wl)) => out.push(grad(&grads, wl)?),
             _ => {}
         }
-        if op != RowOp::Gelu {
+        if !matches!(op, RowOp::Gelu | RowOp::Dropout) {
             out.push(grad(&grads, b)?);
         }
         if let Some(a) = a {
@@ -396,6 +400,7 @@ fn bench_rows(
         RowOp::AddLayerNorm => ("add_layer_norm", &["y", "dx", "dw", "db", "da"]),
         RowOp::Bias => ("add_bias", &["y", "dx", "db"]),
         RowOp::Gelu => ("gelu", &["y", "dx"]),
+        RowOp::Dropout => ("dropout", &["y", "dx"]),
         RowOp::Linear => ("linear", &["y", "dx", "dw", "db"]),
         RowOp::LinearGelu => ("linear_gelu", &["y", "dx", "dw", "db"]),
     };

@@ -422,7 +422,7 @@ mod tests {
     fn fused_bits() -> candle_core::Result<Vec<Vec<u32>>> {
         use super::super::testing::{rng, uniform};
         use super::super::{
-            add_layer_norm, attention, attention_softmax, gelu, itc_loss, layer_norm, linear, linear_gelu,
+            add_layer_norm, attention, attention_softmax, dropout, gelu, itc_loss, layer_norm, linear, linear_gelu,
         };
         use super::super::{multi_head_attention, Positives};
         use crate::config::Kernels::Fused;
@@ -438,6 +438,7 @@ mod tests {
         let bias = wl.narrow(1, 0, 1)?.squeeze(1)?;
         let outputs = [
             gelu(&x, Fused)?,
+            dropout(&x, 0.3, 17, Fused)?,
             layer_norm(&x, &w, &b, 1e-6, Fused)?,
             add_layer_norm(
                 &q.reshape((3, 70, 32))?,

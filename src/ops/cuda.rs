@@ -16,6 +16,8 @@ pub(super) const SOFTMAX: Module =
     Module { name: "alignfuse_softmax", ptx: include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")) };
 pub(super) const MULTI_TENSOR: Module =
     Module { name: "alignfuse_multi_tensor", ptx: include_str!(concat!(env!("OUT_DIR"), "/multi_tensor.ptx")) };
+pub(super) const DROPOUT: Module =
+    Module { name: "alignfuse_dropout", ptx: include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx")) };
 pub(super) const GELU: Module =
     Module { name: "alignfuse_gelu", ptx: include_str!(concat!(env!("OUT_DIR"), "/gelu.ptx")) };
 pub(super) const BIAS: Module =

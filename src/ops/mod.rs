@@ -14,6 +14,7 @@ mod constant;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dropout;
 mod gelu;
 mod heads;
 mod itc;
@@ -88,11 +89,23 @@ pub fn attention(
     }
 }
 
-/// The dropout an attention applies: none for p = 0, an error outside [0, 1).
+/// The dropout to apply: none for p = 0, an error outside [0, 1).
 fn active(dropout: Option<AttnDropout>) -> Result<Option<AttnDropout>> {
     match dropout {
-        Some(d) if !(0.0..1.0).contains(&d.p) => bail!("attention: dropout probability {} is outside [0, 1)", d.p),
+        Some(d) if !(0.0..1.0).contains(&d.p) => bail!("dropout probability {} is outside [0, 1)", d.p),
         d => Ok(d.filter(|d| d.p > 0.0)),
+    }
+}
+
+/// Inverted dropout of `x` with drop probability `p` in [0, 1): element i is kept, and scaled by 1 / (1 - p),
+/// when a hash of (`seed`, i) clears p, the attention core's rule. The mask is regenerated, never drawn per
+/// element or stored, and both devices draw the same one. Fused for f32: one node whose backward is the same
+/// op on the gradient; Reference multiplies by the mask materialised from the same hash (the same bits).
+pub fn dropout(x: &Tensor, p: f64, seed: u64, kernels: Kernels) -> Result<Tensor> {
+    let Some(d) = active(Some(AttnDropout { p, seed }))? else { return Ok(x.clone()) };
+    match (kernels, x.dtype()) {
+        (Kernels::Fused, DType::F32) => dropout::dropout_fused(x, p, seed),
+        _ => x * d.mask(x.dims(), x.device())?.to_dtype(x.dtype())?,
     }
 }
 

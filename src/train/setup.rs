@@ -163,7 +163,7 @@ impl Setup {
             mlm_probability: cfg.objectives.mlm_probability,
         };
         if !self.device.is_cpu() {
-            // The GPU's generator (dropout, ITM noise) restarts from (seed, micro) for every micro-batch.
+            // The GPU's generator (ITM's Gumbel noise) restarts from (seed, micro) for every micro-batch.
             self.device.set_seed(crate::rng::splitmix(seed ^ micro ^ ((self.dist.rank() as u64) << 40)))?;
         }
         let dropout = |which: &str| crate::rng::stream(seed, "dropout", &format!("{which}{rank}"), micro);
