@@ -457,11 +457,9 @@ impl Attention {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::{Dims, MaskGeom};
-    use crate::ops::cuda::{contiguous, int, ATTENTION};
+    use crate::ops::cuda::{contiguous, int, per_row, ATTENTION};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
-    };
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{
@@ -487,9 +485,6 @@ mod gpu {
 
     // SAFETY: a plain #[repr(C)] struct of numbers, passed by value as the kernels' `AttnArgs`.
     unsafe impl DeviceRepr for KernelArgs {}
-
-    /// Eight score rows (warps) per block.
-    const BLOCK: u32 = 256;
 
     impl KernelArgs {
         pub(super) fn new(dims: Dims, scale: f32, (seed, threshold, inv_keep): (u64, u32, f32)) -> Result<Self> {
@@ -519,14 +514,6 @@ mod gpu {
         /// Score rows (query rows of every head).
         fn rows(&self) -> usize {
             self.bh as usize * self.lq as usize
-        }
-
-        fn launch(&self) -> LaunchConfig {
-            LaunchConfig {
-                grid_dim: ((self.rows() as u32).div_ceil(BLOCK / 32).max(1), 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            }
         }
     }
 
@@ -611,7 +598,7 @@ mod gpu {
             b.arg(&lse);
             b.arg(&args);
             // SAFETY: argument types and order match attn_probs_fwd in kernels/attention.cu.
-            unsafe { b.launch(args.launch()) }.w()?;
+            unsafe { b.launch(per_row(args.rows())) }.w()?;
         }
         let pz = CudaStorage::wrap_cuda_slice(pz, dev.clone());
         let o = pz.matmul(v, (bh, lq, dh, lk), &Layout::contiguous((bh, lq, lk)), &heads(vl, lk))?;
@@ -657,7 +644,7 @@ mod gpu {
             b.arg(&ds);
             b.arg(&args);
             // SAFETY: argument types and order match attn_probs_bwd in kernels/attention.cu.
-            unsafe { b.launch(args.launch()) }.w()?;
+            unsafe { b.launch(per_row(args.rows())) }.w()?;
         }
         let (pz, ds) = (wrap(pz, dev, s.shape()), wrap(ds, dev, s.shape()));
         Ok([ds.matmul(&k)?, ds.t()?.matmul(&q)?, pz.t()?.matmul(&go)?])

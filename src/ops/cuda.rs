@@ -1,10 +1,30 @@
 //! The PTX of kernels/*.cu (build.rs compiles it into OUT_DIR under the `cuda` feature) and the small
 //! pieces every launch needs.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig,
+};
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::{bail, CudaDevice, Layout, Result, WithDType};
 use std::sync::Arc;
+
+/// Threads per block of the alignfuse kernels.
+pub(super) const BLOCK: u32 = 256;
+
+/// `n` blocks of [`BLOCK`] threads.
+pub(super) fn blocks(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One thread per element of `n`.
+pub(super) fn per_element(n: usize) -> LaunchConfig {
+    blocks(n.div_ceil(BLOCK as usize))
+}
+
+/// One warp per row (eight rows per block), at least one block.
+pub(super) fn per_row(rows: usize) -> LaunchConfig {
+    blocks(rows.div_ceil((BLOCK / 32) as usize).max(1))
+}
 
 /// One PTX module; candle's device caches it by name after the first load.
 pub(super) struct Module {

@@ -47,12 +47,10 @@ impl CustomOp1 for Dropout {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::Dropout;
-    use crate::ops::cuda::{contiguous, unsupported, DROPOUT};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use crate::ops::cuda::{contiguous, per_element, unsupported, DROPOUT};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, Shape};
-
-    const BLOCK: u32 = 256;
 
     pub(super) fn launch(d: &Dropout, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = &x.device;
@@ -67,10 +65,8 @@ mod gpu {
             l.arg(&xs);
             l.arg(&out);
             candle_core::builder_arg!(l, n as i64, d.seed, d.threshold, d.scale);
-            let blocks = n.div_ceil(BLOCK as usize) as u32;
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: argument types and order match dropout_f32 in kernels/dropout.cu.
-            unsafe { l.launch(cfg) }.w()?;
+            unsafe { l.launch(per_element(n)) }.w()?;
         }
         Ok((CudaStorage { slice: S::F32(out), device: dev.clone() }, xl.shape().clone()))
     }

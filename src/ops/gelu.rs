@@ -112,12 +112,10 @@ impl CustomOp2 for GeluBwd {
 
 #[cfg(feature = "cuda")]
 pub(super) mod gpu {
-    use crate::ops::cuda::{contiguous, int, unsupported, GELU};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use crate::ops::cuda::{contiguous, int, per_element, unsupported, GELU};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{bail, CudaStorage, Layout, Result, Shape};
-
-    const BLOCK: u32 = 256;
 
     /// `gelu_fwd(x, y, n)` or `gelu_bwd(x, g, dx, n)` over every element.
     pub(in crate::ops) fn launch(
@@ -148,13 +146,8 @@ pub(super) mod gpu {
             }
             l.arg(&out);
             candle_core::builder_arg!(l, int(n, "elements")?);
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(BLOCK as usize) as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
             // SAFETY: argument types and order match gelu_fwd / gelu_bwd in kernels/gelu.cu.
-            unsafe { l.launch(cfg) }.w()?;
+            unsafe { l.launch(per_element(n)) }.w()?;
         }
         Ok((CudaStorage { slice: S::F32(out), device: dev.clone() }, xl.shape().clone()))
     }

@@ -251,20 +251,13 @@ impl CustomOp3 for LayerNormBwd {
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use crate::ops::cuda::{contiguous, int, unsupported, LAYERNORM};
+    use crate::ops::cuda::{contiguous, int, per_element, per_row, unsupported, BLOCK, LAYERNORM};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{bail, CudaStorage, Layout, Result, Shape};
 
-    /// Eight rows (warps) per block for the row kernels; 256 columns per block for the column sums.
-    const BLOCK: u32 = 256;
     /// Rows per partial column sum (ROWS_PER_CHUNK in kernels/layernorm.cu).
     const ROWS_PER_CHUNK: usize = 128;
-
-    fn rows_config(rows: usize) -> LaunchConfig {
-        let blocks = rows.div_ceil((BLOCK / 32) as usize).max(1) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
-    }
 
     type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -291,7 +284,7 @@ mod gpu {
             l.arg(&y);
             candle_core::builder_arg!(l, int(rows, "rows")?, int(d, "cols")?, eps);
             // SAFETY: argument types and order match layer_norm_fwd in kernels/layernorm.cu.
-            unsafe { l.launch(rows_config(rows)) }.w()?;
+            unsafe { l.launch(per_row(rows)) }.w()?;
         }
         Ok((CudaStorage { slice: S::F32(y), device: dev.clone() }, x.1.shape().clone()))
     }
@@ -318,7 +311,7 @@ mod gpu {
                 l.arg(&stats);
                 candle_core::builder_arg!(l, int(rows, "rows")?, int(d, "cols")?, eps);
                 // SAFETY: argument types and order match layer_norm_bwd_dx in kernels/layernorm.cu.
-                unsafe { l.launch(rows_config(rows)) }.w()?;
+                unsafe { l.launch(per_row(rows)) }.w()?;
             }
             let chunks = rows.div_ceil(ROWS_PER_CHUNK);
             // SAFETY: the partial kernel writes every element.
@@ -341,9 +334,8 @@ mod gpu {
             l.arg(&partial);
             l.arg(&mut wb);
             candle_core::builder_arg!(l, int(chunks, "row chunks")?, int(d, "cols")?);
-            let cfg = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: argument types and order match layer_norm_bwd_wb_final in kernels/layernorm.cu.
-            unsafe { l.launch(cfg) }.w()?;
+            unsafe { l.launch(per_element(d)) }.w()?;
         }
         Ok((CudaStorage { slice: S::F32(out), device: dev.clone() }, Shape::from(n + 2 * d)))
     }

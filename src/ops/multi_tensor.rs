@@ -54,20 +54,14 @@ pub fn ema_all(pairs: &[(Var, Var)], momentum: f64) -> Result<()> {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::AdamWUpdate;
-    use crate::ops::cuda::{int, unsupported, MULTI_TENSOR};
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+    use crate::ops::cuda::{blocks, int, unsupported, MULTI_TENSOR};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{bail, CudaDevice, CudaStorage, Result, Shape, Storage, Tensor, Var};
 
-    /// Threads per block (SUM_THREADS for the final sum).
-    const BLOCK: u32 = 256;
     /// Elements per block (CHUNK in kernels/multi_tensor.cu).
     const CHUNK: usize = 4096;
-
-    fn blocks(n: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
-    }
 
     /// `Row` of kernels/multi_tensor.cu, field for field.
     #[repr(C)]
@@ -96,14 +90,18 @@ mod gpu {
         Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
     }
 
-    /// A row for tensor `x` (written) and `g` (read) of the same length.
-    fn row(x: Option<&Tensor>, g: &Tensor, dev: &CudaDevice, what: &str) -> Result<Row> {
+    /// A row reading `g` and writing `written` (x, then AdamW's m and v), all of `g`'s length.
+    fn row(g: &Tensor, written: &[&Tensor], dev: &CudaDevice, what: &str) -> Result<Row> {
         let n = g.elem_count();
-        if let Some(x) = x.filter(|x| x.elem_count() != n) {
-            bail!("{what}: {:?} against {:?}", x.dims(), g.dims());
+        let mut addresses = [0; 3];
+        for (a, t) in addresses.iter_mut().zip(written) {
+            if t.elem_count() != n {
+                bail!("{what}: {:?} against {:?}", t.dims(), g.dims());
+            }
+            *a = address(t, dev, what)?;
         }
-        let x = x.map(|x| address(x, dev, what)).transpose()?.unwrap_or(0);
-        Ok(Row { x, g: address(g, dev, what)?, n: n as i64, ..Row::default() })
+        let [x, m, v] = addresses;
+        Ok(Row { x, m, v, g: address(g, dev, what)?, n: n as i64, ..Row::default() })
     }
 
     /// The table with each row's first block filled in, uploaded, and the number of blocks.
@@ -138,12 +136,8 @@ mod gpu {
             .zip(&grads)
             .map(|(u, g)| {
                 let h = u.step;
-                Ok(Row {
-                    m: row(Some(u.m), g, dev, "adamw first moment")?.x,
-                    v: row(Some(u.v), g, dev, "adamw second moment")?.x,
-                    h: [h.beta1, h.beta2, h.eps, h.lr, h.decay, h.bc1, h.bc2, h.scale],
-                    ..row(Some(u.p), g, dev, "adamw parameter")?
-                })
+                let h = [h.beta1, h.beta2, h.eps, h.lr, h.decay, h.bc1, h.bc2, h.scale];
+                Ok(Row { h, ..row(g, &[u.p, u.m, u.v], dev, "adamw parameter, moments and gradient")? })
             })
             .collect::<Result<Vec<_>>>()?;
         launch(dev, "adamw_multi", rows)
@@ -154,7 +148,7 @@ mod gpu {
             .iter()
             .map(|(p, twin)| {
                 let h = [momentum as f32, (1.0 - momentum) as f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-                Ok(Row { h, ..row(Some(twin.as_tensor()), p.as_tensor(), dev, "momentum twin")? })
+                Ok(Row { h, ..row(p.as_tensor(), &[twin.as_tensor()], dev, "momentum twin")? })
             })
             .collect::<Result<Vec<_>>>()?;
         launch(dev, "ema_multi", rows)
@@ -162,7 +156,7 @@ mod gpu {
 
     pub(super) fn sum_squares(dev: &CudaDevice, tensors: &[&Tensor]) -> Result<Tensor> {
         let contiguous = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
-        let rows = contiguous.iter().map(|t| row(None, t, dev, "gradient")).collect::<Result<Vec<_>>>()?;
+        let rows = contiguous.iter().map(|t| row(t, &[], dev, "gradient")).collect::<Result<Vec<_>>>()?;
         let (table, count, n) = upload(dev, rows)?;
         let mut out = dev.alloc_zeros::<f64>(1)?;
         if n > 0 {

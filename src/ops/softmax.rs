@@ -216,19 +216,10 @@ impl CustomOp2 for AttnSoftmaxBwd {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::{cols, MaskGeom};
-    use crate::ops::cuda::{contiguous, int, unsupported, SOFTMAX};
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use crate::ops::cuda::{contiguous, int, per_row, unsupported, SOFTMAX};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape, WithDType};
-
-    /// Eight rows (warps) per block.
-    const BLOCK: u32 = 256;
-
-    fn launch_config(rows: usize) -> LaunchConfig {
-        let warps = (BLOCK / 32) as usize;
-        let blocks = rows.div_ceil(warps).max(1) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
-    }
 
     pub(super) fn forward(
         scale: f32, x: &CudaStorage, xl: &Layout, mask: Option<(&CudaStorage, &Layout)>,
@@ -288,7 +279,7 @@ mod gpu {
             stride(3)
         );
         // SAFETY: argument types and order match attn_softmax_fwd in kernels/softmax.cu.
-        unsafe { b.launch(launch_config(rows)) }.w()?;
+        unsafe { b.launch(per_row(rows)) }.w()?;
         Ok(y)
     }
 
@@ -325,7 +316,7 @@ mod gpu {
         b.arg(&dx);
         candle_core::builder_arg!(b, int(rows, "rows")?, int(cols, "cols")?, scale);
         // SAFETY: argument types and order match attn_softmax_bwd in kernels/softmax.cu.
-        unsafe { b.launch(launch_config(rows)) }.w()?;
+        unsafe { b.launch(per_row(rows)) }.w()?;
         Ok(dx)
     }
 }
