@@ -285,8 +285,8 @@ pub struct TrainConfig {
     /// `"rerank"` (ALBEF) or `"itc"`: the validation r_mean that marks a checkpoint `best`.
     pub select: Select,
     /// `"fp32"`, `"tf32"` (fp32 storage, TF32 tensor-core matmuls on CUDA; the same as fp32 on the CPU) or
-    /// `"bf16"` (as torch.autocast: matmuls and attention products in bf16, everything else, the weights,
-    /// the optimiser state and checkpoints in fp32).
+    /// `"bf16"` (torch.autocast's rules: linear layers and attention in bf16 with bf16 outputs; LayerNorm,
+    /// the residual stream, softmax, losses, the weights, the optimiser state and checkpoints in fp32).
     pub precision: Precision,
     /// Also write the logged scalars (losses, lr, temp, alpha, ITM accuracy, grad norm, pairs/s,
     /// validation R@K) to a TensorBoard event file in the run folder.

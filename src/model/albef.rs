@@ -54,8 +54,10 @@ fn cls(x: &Tensor) -> Result<Tensor> {
     x.narrow(1, 0, 1)?.squeeze(1)
 }
 
-/// F.normalize: x / max(||x||, 1e-12) over the last dimension.
+/// F.normalize: x / max(||x||, 1e-12) over the last dimension, in f32 (a bf16 projection is promoted, as
+/// torch.autocast runs norms in f32).
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
     x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?)
 }
 
@@ -276,10 +278,11 @@ impl Albef {
     }
 
     /// ITM logits [B, 2] (column 1: match) of text_embeds [B, L, H] with padding mask [B, L] against
-    /// their images: the fusion encoder's `[CLS]` through `itm_head`. Training and re-ranking both score
-    /// pairs here.
+    /// their images: the fusion encoder's `[CLS]` through `itm_head`, in f32 (the loss reads them). Training
+    /// and re-ranking both score pairs here.
     pub fn itm_logits(&self, text_embeds: &Tensor, mask: &Tensor, image: ImageSide, ctx: &Ctx) -> Result<Tensor> {
-        self.itm_head.forward(&self.online.text_encoder.bert.fusion_cls(text_embeds, mask, image, ctx)?, ctx)
+        let cls = self.online.text_encoder.bert.fusion_cls(text_embeds, mask, image, ctx)?;
+        self.itm_head.forward(&cls, ctx)?.to_dtype(DType::F32)
     }
 
     /// One EMA step of the momentum twin towards the online weights.

@@ -60,13 +60,20 @@ impl Ctx {
         Ctx { precision, ..self }
     }
 
-    /// `a @ b`: in bf16 under `precision = "bf16"`, the inputs cast down and the product back up to f32
-    /// (torch.autocast's rule for matmuls; the gradients flow back through both casts), otherwise as is.
-    pub fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    /// `x` in the dtype this context's products read: bf16 under `precision = "bf16"`, otherwise as is. As
+    /// torch.autocast, linear layers and attention then output bf16; LayerNorm, the residual adds and the
+    /// losses take f32 ([`LayerNorm`], [`Ctx::dropout`], the heads), and gradients flow back through the casts.
+    pub fn autocast(&self, x: &Tensor) -> Result<Tensor> {
         match self.precision {
-            Precision::Bf16 => a.to_dtype(DType::BF16)?.matmul(&b.to_dtype(DType::BF16)?)?.to_dtype(DType::F32),
-            Precision::Fp32 | Precision::Tf32 => a.matmul(b),
+            Precision::Bf16 => x.to_dtype(DType::BF16),
+            Precision::Fp32 | Precision::Tf32 => Ok(x.clone()),
         }
+    }
+
+    /// `a @ b` for products read by f32 ops (the patch embedding, the MLM decoder): in bf16 under `precision =
+    /// "bf16"`, the product back in f32.
+    pub fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.autocast(a)?.matmul(&self.autocast(b)?)?.to_dtype(DType::F32)
     }
 
     /// A fresh seed from the context's stream, for ops that derive their randomness from one.
@@ -81,20 +88,23 @@ impl Ctx {
 
     /// Inverted dropout (identity outside training or for p = 0), [`crate::ops::dropout`]: its mask is a hash
     /// of one seed drawn from the context's stream, so either device draws the same mask, nothing of its size
-    /// is drawn, uploaded or kept, and a recomputed segment regenerates it.
+    /// is drawn, uploaded or kept, and a recomputed segment regenerates it. Returns f32: a residual add in
+    /// f32 follows it (torch.autocast promotes a bf16 sublayer output there).
     pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
         if !self.train || p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(x);
         }
-        crate::ops::dropout(x, p, self.seed(), self.kernels)
+        crate::ops::dropout(&x, p, self.seed(), self.kernels)
     }
 }
 
-/// y = x W^T + b, weights `weight` \[out, in\] and `bias` \[out\] as in PyTorch.
+/// y = x W^T + b, weights `weight` \[out, in\] and `bias` \[out\] as in PyTorch; one fused node
+/// ([`crate::ops::linear`]), in bf16 under `precision = "bf16"` (the bias stays f32).
 #[derive(Clone)]
 pub struct Linear {
     weight: Tensor,
-    bias: Option<Tensor>,
+    bias: Tensor,
 }
 
 impl Linear {
@@ -103,7 +113,7 @@ impl Linear {
     /// feature and contrastive training stalls at the uniform loss.
     pub fn new(pb: &Pb, in_dim: usize, out_dim: usize) -> Result<Self> {
         let weight = pb.get("weight", (out_dim, in_dim), Init::Normal(1.0 / (in_dim as f64).sqrt()))?;
-        let bias = Some(pb.get("bias", out_dim, Init::Const(0.0))?);
+        let bias = pb.get("bias", out_dim, Init::Const(0.0))?;
         Ok(Linear { weight, bias })
     }
 
@@ -111,32 +121,13 @@ impl Linear {
         &self.weight
     }
 
-    /// The bias, where the layer runs as one fused node: it has one and matmuls run in f32.
-    fn fused_bias(&self, ctx: &Ctx) -> Option<&Tensor> {
-        self.bias.as_ref().filter(|_| ctx.precision != Precision::Bf16)
-    }
-
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        if let Some(b) = self.fused_bias(ctx) {
-            return crate::ops::linear(x, &self.weight, b, ctx.kernels);
-        }
-        let w = self.weight.t()?;
-        let y = match x.dims() {
-            [b, l, d] => ctx.matmul(&x.reshape((b * l, *d))?, &w)?.reshape((*b, *l, ()))?,
-            _ => ctx.matmul(x, &w)?,
-        };
-        match &self.bias {
-            Some(b) => crate::ops::add_bias(&y, b, ctx.kernels),
-            None => Ok(y),
-        }
+        crate::ops::linear(&ctx.autocast(x)?, &ctx.autocast(&self.weight)?, &self.bias, ctx.kernels)
     }
 
-    /// `gelu(self.forward(x))`, as one fused node where the layer has a bias and matmuls run in f32.
+    /// `gelu(self.forward(x))` as one fused node.
     pub fn forward_gelu(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        if let Some(b) = self.fused_bias(ctx) {
-            return crate::ops::linear_gelu(x, &self.weight, b, ctx.kernels);
-        }
-        crate::ops::gelu(&self.forward(x, ctx)?, ctx.kernels)
+        crate::ops::linear_gelu(&ctx.autocast(x)?, &ctx.autocast(&self.weight)?, &self.bias, ctx.kernels)
     }
 
     /// The output split into `n` equal parts along its last dimension, computed as `n` products with the
@@ -149,7 +140,7 @@ impl Linear {
             .map(|i| {
                 let part = Linear {
                     weight: self.weight.narrow(0, i * size, size)?,
-                    bias: self.bias.as_ref().map(|b| b.narrow(0, i * size, size)).transpose()?,
+                    bias: self.bias.narrow(0, i * size, size)?,
                 };
                 part.forward(x, ctx)
             })
@@ -174,13 +165,16 @@ impl LayerNorm {
         })
     }
 
+    /// In f32 whatever the input's dtype (torch.autocast's rule for LayerNorm).
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps, ctx.kernels)
+        crate::ops::layer_norm(&x.to_dtype(DType::F32)?, &self.weight, &self.bias, self.eps, ctx.kernels)
     }
 
-    /// `self.forward(a + x)`: BERT's residual add and LayerNorm as one node ([`crate::ops::add_layer_norm`]).
+    /// `self.forward(a + x)`: BERT's residual add and LayerNorm as one node ([`crate::ops::add_layer_norm`]),
+    /// in f32.
     pub fn forward_sum(&self, a: &Tensor, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        crate::ops::add_layer_norm(a, x, &self.weight, &self.bias, self.eps, ctx.kernels)
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        crate::ops::add_layer_norm(&f32(a)?, &f32(x)?, &self.weight, &self.bias, self.eps, ctx.kernels)
     }
 }
 
@@ -206,20 +200,17 @@ impl Embedding {
     }
 }
 
-/// Multi-head scaled dot-product attention on already projected q [B, Lq, D], k, v [B, Lk, D].
-/// `mask` is additive, broadcastable to [B, H, Lq, Lk]. Attention-probability dropout `p` in training, its
-/// mask hashed from a seed drawn from the context's stream (the fused op regenerates it in the backward).
+/// Multi-head scaled dot-product attention on already projected q [B, Lq, D], k, v [B, Lk, D], in bf16
+/// under `precision = "bf16"` (the softmax in f32 inside the op). `mask` is additive, broadcastable to [B, H,
+/// Lq, Lk]. Attention-probability dropout `p` in training, its mask hashed from a seed drawn from the
+/// context's stream (the fused op regenerates it in the backward).
 pub fn attend(
     q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, p: f64, ctx: &Ctx,
 ) -> Result<Tensor> {
     let scale = 1.0 / ((q.dim(2)? / heads) as f64).sqrt();
     let dropout = (ctx.train && p > 0.0).then(|| AttnDropout { p, seed: ctx.seed() });
-    if ctx.precision != Precision::Bf16 {
-        return crate::ops::multi_head_attention(q, k, v, heads, scale, mask, dropout, ctx.kernels);
-    }
-    let split = |x: &Tensor| crate::ops::split_heads(x, heads, ctx.kernels)?.to_dtype(DType::BF16);
-    let o = crate::ops::attention(&split(q)?, &split(k)?, &split(v)?, scale, mask, dropout, ctx.kernels)?;
-    crate::ops::merge_heads(&o.to_dtype(DType::F32)?, ctx.kernels)
+    let (q, k, v) = (ctx.autocast(q)?, ctx.autocast(k)?, ctx.autocast(v)?);
+    crate::ops::multi_head_attention(&q, &k, &v, heads, scale, mask, dropout, ctx.kernels)
 }
 
 /// Additive attention mask [B, 1, 1, L] from a 0/1 padding mask [B, L]: 0 where attended, -10000
@@ -227,4 +218,39 @@ pub fn attend(
 pub fn extended_mask(mask: &Tensor) -> Result<Tensor> {
     let (b, l) = mask.dims2()?;
     ((mask.ones_like()? - mask)? * -10000.0)?.reshape((b, 1, 1, l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::ParamStore;
+    use candle_core::{Device, Var};
+
+    /// torch.autocast's dtypes under `precision = "bf16"`: linear layers and attention give bf16, LayerNorm,
+    /// the hidden dropout and what the residual adds read give f32; every weight still gets an f32 gradient.
+    #[test]
+    fn bf16_keeps_products_in_bf16_and_the_rest_in_f32() -> Result<()> {
+        let store = ParamStore::new(3, &Device::Cpu);
+        let (lin, fc) = (Linear::new(&store.root().pp("lin"), 8, 8)?, Linear::new(&store.root().pp("fc"), 8, 16)?);
+        let norm = LayerNorm::new(&store.root().pp("norm"), 8, 1e-6)?;
+        let x = Var::from_tensor(&(Tensor::arange(0f32, 48.0, &Device::Cpu)?.reshape((2, 3, 8))? / 10.0)?)?;
+        for precision in [Precision::Bf16, Precision::Fp32] {
+            let ctx = Ctx::new(true, Kernels::Fused, crate::rng::stream(0, "test", "", 0)).with_precision(precision);
+            let product = if precision == Precision::Bf16 { DType::BF16 } else { DType::F32 };
+            let y = lin.forward(x.as_tensor(), &ctx)?;
+            let a = attend(&y, &y, &y, 2, None, 0.1, &ctx)?;
+            let h = fc.forward_gelu(&a, &ctx)?;
+            assert_eq!([y.dtype(), a.dtype(), h.dtype()], [product; 3], "{precision:?}");
+            let d = ctx.dropout(&lin.forward(&a, &ctx)?, 0.1)?;
+            let out = norm.forward_sum(&d, x.as_tensor(), &ctx)?;
+            let n = norm.forward(&y, &ctx)?;
+            assert_eq!([d.dtype(), out.dtype(), n.dtype()], [DType::F32; 3], "{precision:?}");
+            let grads = ((out.sum_all()? + n.sum_all()?)? + h.to_dtype(DType::F32)?.sum_all()?)?.backward()?;
+            for (name, v) in store.vars() {
+                let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{precision:?}: no gradient for {name}"));
+                assert_eq!(g.dtype(), DType::F32, "{precision:?}: {name}");
+            }
+        }
+        Ok(())
+    }
 }

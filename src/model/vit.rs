@@ -4,7 +4,7 @@
 use super::layers::{attend, Ctx, LayerNorm, Linear};
 use super::params::{Init, Pb};
 use crate::config::VisionConfig;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 #[derive(Clone)]
 struct Block {
@@ -50,7 +50,10 @@ impl Block {
     }
 }
 
+/// A sublayer's output for the residual stream: in f32 (a bf16 product is promoted, as torch.autocast's add
+/// of bf16 to f32 does), times DINOv2's layer scale where the model has one.
 fn scale(x: Tensor, gamma: &Option<Tensor>) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
     match gamma {
         Some(g) => x.broadcast_mul(g),
         None => Ok(x),
@@ -122,7 +125,7 @@ pub fn interpolate_pos_embed(pos: &Tensor, new_grid: usize) -> Result<Tensor> {
     if g == new_grid {
         return Ok(pos.clone());
     }
-    let data: Vec<f32> = pos.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    let data: Vec<f32> = pos.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     let grid = &data[d..];
     let mut out = vec![0f32; new_grid * new_grid * d];
     let taps = |o: usize| -> ([usize; 4], [f32; 4]) {
@@ -150,7 +153,7 @@ pub fn interpolate_pos_embed(pos: &Tensor, new_grid: usize) -> Result<Tensor> {
         }
     }
     let grid = Tensor::from_vec(out, (1, new_grid * new_grid, d), pos.device())?;
-    Tensor::cat(&[&pos.narrow(1, 0, 1)?.to_dtype(candle_core::DType::F32)?, &grid], 1)
+    Tensor::cat(&[&pos.narrow(1, 0, 1)?.to_dtype(DType::F32)?, &grid], 1)
 }
 
 /// Keys' cubic convolution weights with A = -0.75 (PyTorch's bicubic) for offset t in [0, 1).

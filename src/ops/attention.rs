@@ -81,7 +81,8 @@ pub(super) fn attention_fused(
     qw.apply_op3(&kw, &vw, Attention::new(scale, mask, scores, dropout, work)?)?.to_dtype(q.dtype())
 }
 
-/// The fused path of [`super::multi_head_attention`]: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh], f32.
+/// The fused path of [`super::multi_head_attention`]: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh], all f32
+/// (or all bf16 on CUDA).
 pub(super) fn multi_head_fused(
     q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, mask: Option<&Tensor>, dropout: Option<AttnDropout>,
 ) -> Result<Tensor> {
@@ -91,7 +92,7 @@ pub(super) fn multi_head_fused(
     }
     // A width that is not a multiple of the heads fails here, before any work.
     Permute::split(q.shape(), heads)?;
-    let core = Attention::new(scale, mask, Shape::from((b, heads, lq, lk)), dropout, DType::F32)?;
+    let core = Attention::new(scale, mask, Shape::from((b, heads, lq, lk)), dropout, q.dtype())?;
     let op = Heads { heads, core, saved: Saved::new("attention") };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }

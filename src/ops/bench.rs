@@ -127,6 +127,7 @@ enum Case {
         dh: usize,
         mask: bool,
         dropout: f64,
+        dtype: DType,
     },
     Itc {
         b: usize,
@@ -139,10 +140,13 @@ enum Case {
         n: usize,
         vocab: usize,
     },
+    /// A row-wise op; in bf16 (linear layers only), x and the weight in bf16 and the bias in f32, as
+    /// `precision = "bf16"` runs them.
     Rows {
         op: RowOp,
         rows: usize,
         d: usize,
+        dtype: DType,
     },
     /// ITC's similarities: b features [b, k] against n keys and queued features [k, n], a constant.
     ByConstant {
@@ -179,7 +183,8 @@ enum RowOp {
 /// GELU after it); MLM's loss at 15% of 64 x 25 tokens over BERT's vocabulary; the whole multi-head attention (heads split and merged) for the
 /// same three attentions (BERT's with its 0.1 dropout; the ViT's at 256 px, 16 images); ITC's similarities of
 /// 64 features against the batch's keys and the queue; the optimiser's gradient norm, AdamW and EMA over two
-/// ViT-B blocks' 24 tensors.
+/// ViT-B blocks' 24 tensors. bf16 rows (CUDA's in-place bf16 paths; the CPU goes through f32): attention's
+/// softmax, ITC, the ViT's multi-head attention and the linear layers as `precision = "bf16"` runs them.
 fn cases() -> Vec<Case> {
     let (q, b) = (65536, 64);
     vec![
@@ -189,18 +194,21 @@ fn cases() -> Vec<Case> {
         Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::F32 },
         Case::Itc { b, n: b + q, multi_positive: true, dtype: DType::F32 },
         Case::Mlm { n: 240, vocab: 30522 },
-        Case::Core { dims: [64, 12, 25, 25], dh: 64, mask: true, dropout: 0.1 },
-        Case::Core { dims: [64, 12, 25, 257], dh: 64, mask: false, dropout: 0.1 },
-        Case::Core { dims: [16, 12, 257, 257], dh: 64, mask: false, dropout: 0.0 },
+        Case::Core { dims: [64, 12, 25, 25], dh: 64, mask: true, dropout: 0.1, dtype: DType::F32 },
+        Case::Core { dims: [64, 12, 25, 257], dh: 64, mask: false, dropout: 0.1, dtype: DType::F32 },
+        Case::Core { dims: [16, 12, 257, 257], dh: 64, mask: false, dropout: 0.0, dtype: DType::F32 },
+        Case::Core { dims: [16, 12, 257, 257], dh: 64, mask: false, dropout: 0.0, dtype: DType::BF16 },
         Case::Attention { dims: [64, 12, 25, 25], mask: true, scale: 0.125, dtype: DType::BF16 },
         Case::Itc { b, n: b + q, multi_positive: false, dtype: DType::BF16 },
-        Case::Rows { op: RowOp::LayerNorm, rows: 64 * 257, d: 768 },
-        Case::Rows { op: RowOp::AddLayerNorm, rows: 64 * 257, d: 768 },
-        Case::Rows { op: RowOp::Bias, rows: 64 * 257, d: 768 },
-        Case::Rows { op: RowOp::Gelu, rows: 64 * 257, d: 3072 },
-        Case::Rows { op: RowOp::Dropout, rows: 64 * 257, d: 768 },
-        Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768 },
-        Case::Rows { op: RowOp::LinearGelu, rows: 64 * 257, d: 768 },
+        Case::Rows { op: RowOp::LayerNorm, rows: 64 * 257, d: 768, dtype: DType::F32 },
+        Case::Rows { op: RowOp::AddLayerNorm, rows: 64 * 257, d: 768, dtype: DType::F32 },
+        Case::Rows { op: RowOp::Bias, rows: 64 * 257, d: 768, dtype: DType::F32 },
+        Case::Rows { op: RowOp::Gelu, rows: 64 * 257, d: 3072, dtype: DType::F32 },
+        Case::Rows { op: RowOp::Dropout, rows: 64 * 257, d: 768, dtype: DType::F32 },
+        Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768, dtype: DType::F32 },
+        Case::Rows { op: RowOp::LinearGelu, rows: 64 * 257, d: 768, dtype: DType::F32 },
+        Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768, dtype: DType::BF16 },
+        Case::Rows { op: RowOp::LinearGelu, rows: 64 * 257, d: 768, dtype: DType::BF16 },
         Case::ByConstant { b, k: 256, n: b + q },
         Case::Optimizer { blocks: 2 },
     ]
@@ -260,7 +268,9 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
                 let name = format!("attention_softmax {:?}{}", dims, if mask { " +mask" } else { "" });
                 compare(device, reps, name, dtype, &["y", "d scores"], run)?
             }
-            Case::Core { dims, dh, mask, dropout } => bench_core(device, reps, &mut r, dims, dh, mask, dropout)?,
+            Case::Core { dims, dh, mask, dropout, dtype } => {
+                bench_core(device, reps, &mut r, (dims, dh), mask, dropout, dtype)?
+            }
             Case::Itc { b, n, multi_positive, dtype } => {
                 let sim_f32 = uniform(&mut r, &[b, n], 1.0, device)?;
                 let sim_m = Inputs::<Tensor>::new((&sim_f32 + uniform(&mut r, &[b, n], 0.05, device)?)?, dtype)?;
@@ -303,7 +313,7 @@ pub fn bench_ops(device: &Device, reps: usize) -> Result<BenchReport> {
                 };
                 compare(device, reps, format!("mlm_loss [{n}, {vocab}]"), DType::F32, &["loss", "d logits"], run)?
             }
-            Case::Rows { op, rows, d } => bench_rows(device, reps, &mut r, op, rows, d)?,
+            Case::Rows { op, rows, d, dtype } => bench_rows(device, reps, &mut r, op, (rows, d), dtype)?,
             Case::ByConstant { b, k, n } => bench_by_constant(device, reps, &mut r, b, k, n)?,
             Case::Optimizer { blocks } => bench_optimizer(device, reps, &mut r, blocks)?,
         });
@@ -318,12 +328,12 @@ fn padding_mask(r: &mut rand_chacha::ChaCha8Rng, b: usize, lk: usize, device: &D
     Tensor::from_vec(v, (b, 1, 1, lk), device)
 }
 
-/// The attention core, f32, with a random probe as the upstream gradient.
+/// The multi-head attention with a random probe as the upstream gradient; q, k and v in `dtype`, the mask f32.
 fn bench_core(
-    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, [b, h, lq, lk]: [usize; 4], dh: usize, mask: bool,
-    p: f64,
+    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, ([b, h, lq, lk], dh): ([usize; 4], usize),
+    mask: bool, p: f64, dtype: DType,
 ) -> Result<OpBench> {
-    let mut input = |l: usize, range: f32| Inputs::<Var>::new(uniform(r, &[b, l, h * dh], range, device)?, DType::F32);
+    let mut input = |l: usize, range: f32| Inputs::<Var>::new(uniform(r, &[b, l, h * dh], range, device)?, dtype);
     let (q, k, v) = (input(lq, 2.0)?, input(lk, 2.0)?, input(lk, 1.0)?);
     let probe = Inputs::<Tensor>::new(uniform(r, &[b, lq, h * dh], 1.0, device)?, DType::F32)?;
     let m = mask.then(|| Inputs::<Tensor>::new(padding_mask(r, b, lk, device)?, DType::F32)).transpose()?;
@@ -335,7 +345,8 @@ fn bench_core(
         if !backward {
             return Ok(vec![o]);
         }
-        let grads = (&o * probe.get(exact))?.sum_all()?.backward()?;
+        let probe = probe.get(exact);
+        let grads = (o.to_dtype(probe.dtype())? * probe)?.sum_all()?.backward()?;
         Ok(vec![o, grad(&grads, q)?, grad(&grads, k)?, grad(&grads, v)?])
     };
     let name = format!(
@@ -343,20 +354,20 @@ fn bench_core(
         if mask { " +mask" } else { "" },
         if p > 0.0 { format!(" p {p}") } else { String::new() }
     );
-    compare(device, reps, name, DType::F32, &["o", "dq", "dk", "dv"], run)
+    compare(device, reps, name, dtype, &["o", "dq", "dk", "dv"], run)
 }
 
 /// A row-wise op over [rows, d], with a random probe as the upstream gradient.
 fn bench_rows(
-    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, op: RowOp, rows: usize, d: usize,
+    device: &Device, reps: usize, r: &mut rand_chacha::ChaCha8Rng, op: RowOp, (rows, d): (usize, usize), dtype: DType,
 ) -> Result<OpBench> {
-    let x = Inputs::<Var>::new(uniform(r, &[rows, d], 4.0, device)?, DType::F32)?;
+    let x = Inputs::<Var>::new(uniform(r, &[rows, d], 4.0, device)?, dtype)?;
     let w = Inputs::<Var>::new((uniform(r, &[d], 0.5, device)? + 1.0)?, DType::F32)?;
     let b = Inputs::<Var>::new(uniform(r, &[d], 0.5, device)?, DType::F32)?;
     let probe = Inputs::<Tensor>::new(uniform(r, &[rows, d], 1.0, device)?, DType::F32)?;
     let wl = match op {
         RowOp::Linear | RowOp::LinearGelu => {
-            Some(Inputs::<Var>::new(uniform(r, &[d, d], (d as f32).powf(-0.5), device)?, DType::F32)?)
+            Some(Inputs::<Var>::new(uniform(r, &[d, d], (d as f32).powf(-0.5), device)?, dtype)?)
         }
         _ => None,
     };
@@ -380,7 +391,8 @@ fn bench_rows(
         if !backward {
             return Ok(vec![y]);
         }
-        let grads = (&y * probe.get(exact))?.sum_all()?.backward()?;
+        let probe = probe.get(exact);
+        let grads = (y.to_dtype(probe.dtype())? * probe)?.sum_all()?.backward()?;
         let mut out = vec![y, grad(&grads, x)?];
         match (op, wl) {
             (RowOp::LayerNorm | RowOp::AddLayerNorm, _) => out.push(grad(&grads, w)?),
@@ -404,7 +416,7 @@ fn bench_rows(
         RowOp::Linear => ("linear", &["y", "dx", "dw", "db"]),
         RowOp::LinearGelu => ("linear_gelu", &["y", "dx", "dw", "db"]),
     };
-    compare(device, reps, format!("{name} [{rows}, {d}]"), DType::F32, outputs, run)
+    compare(device, reps, format!("{name} [{rows}, {d}]"), dtype, outputs, run)
 }
 
 fn bench_by_constant(

@@ -1,7 +1,8 @@
 //! Fused bias add `y = x + b` over the last dimension, whose backward sums the gradient over the rows for
 //! `db` by accumulating whole rows (contiguous, vectorised) instead of candle's strided reduction over
 //! the leading dimensions, which took a tenth of the CPU training step. CUDA kernels: kernels/bias.cu
-//! (the column sums in two deterministic stages). f32 only.
+//! (the column sums in two deterministic stages; they also read a bf16 linear layer's product and
+//! gradient, with an f32 bias). The op takes f32.
 
 use super::cpu;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -103,9 +104,9 @@ impl CustomOp1 for ColumnSum {
 #[cfg(feature = "cuda")]
 pub(super) mod gpu {
     use crate::ops::cuda::{contiguous, int, unsupported, BIAS};
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
-    use candle_core::{CudaStorage, Layout, Result, Shape};
+    use candle_core::{CudaStorage, Layout, Result, Shape, WithDType};
 
     const BLOCK: u32 = 256;
     /// Rows per partial column sum (ROWS_PER_CHUNK in kernels/bias.cu).
@@ -115,31 +116,55 @@ pub(super) mod gpu {
         LaunchConfig { grid_dim: grid, block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
     }
 
+    /// `x + b` for f32 or bf16 `x` (a bf16 linear layer's product) and an f32 bias, in `x`'s dtype.
     pub(in crate::ops) fn add_bias(
         x: &CudaStorage, xl: &Layout, b: &CudaStorage, bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        let S::F32(bs) = &b.slice else { return Err(unsupported(&b.slice, "add_bias bias")) };
+        let bs = contiguous(bs, bl, "add_bias bias")?;
+        let slice = match &x.slice {
+            S::F32(xs) => S::F32(add(x, (xs, xl), &bs, bl.shape().elem_count())?),
+            S::BF16(xs) => S::BF16(add(x, (xs, xl), &bs, bl.shape().elem_count())?),
+            other => return Err(unsupported(other, "add_bias")),
+        };
+        Ok((CudaStorage { slice, device: x.device.clone() }, xl.shape().clone()))
+    }
+
+    fn add<T: WithDType + DeviceRepr>(
+        x: &CudaStorage, (xs, xl): (&CudaSlice<T>, &Layout), bs: &CudaView<'_, f32>, d: usize,
+    ) -> Result<CudaSlice<T>> {
         let dev = &x.device;
-        let (S::F32(xs), S::F32(bs)) = (&x.slice, &b.slice) else { return Err(unsupported(&x.slice, "add_bias")) };
-        let (xs, bs) = (contiguous(xs, xl, "add_bias x")?, contiguous(bs, bl, "add_bias bias")?);
-        let (n, d) = (xl.shape().elem_count(), bl.shape().elem_count());
+        let xs = contiguous(xs, xl, "add_bias x")?;
+        let n = xl.shape().elem_count();
         // SAFETY: the kernel writes every element.
-        let y = unsafe { dev.alloc::<f32>(n)? };
+        let y = unsafe { dev.alloc::<T>(n)? };
         if n > 0 {
-            let (func, stream) = BIAS.func::<f32>(dev, "add_bias")?;
+            let (func, stream) = BIAS.func::<T>(dev, "add_bias")?;
             let mut l = stream.launch_builder(&func);
             l.arg(&xs);
-            l.arg(&bs);
+            l.arg(bs);
             l.arg(&y);
             candle_core::builder_arg!(l, int(n, "elements")?, int(d, "cols")?);
             // SAFETY: argument types and order match add_bias in kernels/bias.cu.
             unsafe { l.launch(config((n.div_ceil(BLOCK as usize) as u32, 1, 1))) }.w()?;
         }
-        Ok((CudaStorage { slice: S::F32(y), device: dev.clone() }, xl.shape().clone()))
+        Ok(y)
     }
 
+    /// The f32 column sums of an f32 or bf16 gradient [.., cols].
     pub(super) fn column_sum(cols: usize, g: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = match &g.slice {
+            S::F32(gs) => sum(cols, g, (gs, gl))?,
+            S::BF16(gs) => sum(cols, g, (gs, gl))?,
+            other => return Err(unsupported(other, "column_sum")),
+        };
+        Ok((CudaStorage { slice: S::F32(out), device: g.device.clone() }, Shape::from(cols)))
+    }
+
+    fn sum<T: WithDType + DeviceRepr>(
+        cols: usize, g: &CudaStorage, (gs, gl): (&CudaSlice<T>, &Layout),
+    ) -> Result<CudaSlice<f32>> {
         let dev = &g.device;
-        let S::F32(gs) = &g.slice else { return Err(unsupported(&g.slice, "column_sum")) };
         let gs = contiguous(gs, gl, "column_sum gradient")?;
         let rows = gl.shape().elem_count().checked_div(cols).unwrap_or(0);
         let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
@@ -147,7 +172,7 @@ pub(super) mod gpu {
         // SAFETY: the kernels write every element.
         let partial = unsafe { dev.alloc::<f32>(chunks * cols.max(1))? };
         let out = unsafe { dev.alloc::<f32>(cols.max(1))? };
-        let (func, stream) = BIAS.func::<f32>(dev, "column_sum_partial")?;
+        let (func, stream) = BIAS.func::<T>(dev, "column_sum_partial")?;
         let mut l = stream.launch_builder(&func);
         l.arg(&gs);
         l.arg(&partial);
@@ -161,7 +186,7 @@ pub(super) mod gpu {
         candle_core::builder_arg!(l, int(chunks, "row chunks")?, int(cols, "cols")?);
         // SAFETY: argument types and order match column_sum_final in kernels/bias.cu.
         unsafe { l.launch(config((col_blocks, 1, 1))) }.w()?;
-        Ok((CudaStorage { slice: S::F32(out), device: dev.clone() }, Shape::from(cols)))
+        Ok(out)
     }
 }
 

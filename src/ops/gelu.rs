@@ -2,7 +2,7 @@
 //! `dx = g * (Phi(x) + x * phi(x))`. candle's `gelu_erf` calls libm's scalar `erf` per element (8% of the CPU
 //! training step); here erf is Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7) over the
 //! branch-free `cpu::exp`, so the loop vectorises (to the CPU's widest vectors, `cpu::Simd`). CUDA kernels:
-//! kernels/gelu.cu (`erff`). f32 only.
+//! kernels/gelu.cu (`erff`; they also read bf16 for a bf16 linear layer's GELU). The op takes f32.
 
 use super::cpu;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -113,34 +113,43 @@ impl CustomOp2 for GeluBwd {
 #[cfg(feature = "cuda")]
 pub(super) mod gpu {
     use crate::ops::cuda::{contiguous, int, per_element, unsupported, GELU};
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
-    use candle_core::{bail, CudaStorage, Layout, Result, Shape};
+    use candle_core::{bail, CudaStorage, Layout, Result, Shape, WithDType};
 
-    /// `gelu_fwd(x, y, n)` or `gelu_bwd(x, g, dx, n)` over every element.
+    /// `gelu_fwd(x, y, n)` or `gelu_bwd(x, g, dx, n)` over every element, on f32 or bf16 storage (a bf16
+    /// linear layer's pre-activation), the output in the input's dtype.
     pub(in crate::ops) fn launch(
         root: &str, (x, xl): (&CudaStorage, &Layout), g: Option<(&CudaStorage, &Layout)>,
     ) -> Result<(CudaStorage, Shape)> {
+        if let Some((_, gl)) = g {
+            if gl.shape() != xl.shape() {
+                bail!("gelu backward: gradient {:?} for input {:?}", gl.dims(), xl.dims());
+            }
+        }
+        let slice = match (&x.slice, g.map(|(g, gl)| (&g.slice, gl))) {
+            (S::F32(xs), None) => S::F32(run(root, x, (xs, xl), None)?),
+            (S::F32(xs), Some((S::F32(gs), gl))) => S::F32(run(root, x, (xs, xl), Some((gs, gl)))?),
+            (S::BF16(xs), None) => S::BF16(run(root, x, (xs, xl), None)?),
+            (S::BF16(xs), Some((S::BF16(gs), gl))) => S::BF16(run(root, x, (xs, xl), Some((gs, gl)))?),
+            _ => return Err(unsupported(&x.slice, "gelu")),
+        };
+        Ok((CudaStorage { slice, device: x.device.clone() }, xl.shape().clone()))
+    }
+
+    fn run<T: WithDType + DeviceRepr>(
+        root: &str, x: &CudaStorage, (xs, xl): (&CudaSlice<T>, &Layout), g: Option<(&CudaSlice<T>, &Layout)>,
+    ) -> Result<CudaSlice<T>> {
         let dev = &x.device;
-        let S::F32(xs) = &x.slice else { return Err(unsupported(&x.slice, "gelu")) };
         let xs = contiguous(xs, xl, "gelu x")?;
+        let gs = g.map(|(gs, gl)| contiguous(gs, gl, "gelu gradient")).transpose()?;
         let n = xl.shape().elem_count();
         // SAFETY: the kernel writes every element.
-        let out = unsafe { dev.alloc::<f32>(n)? };
+        let out = unsafe { dev.alloc::<T>(n)? };
         if n > 0 {
-            let (func, stream) = GELU.func::<f32>(dev, root)?;
+            let (func, stream) = GELU.func::<T>(dev, root)?;
             let mut l = stream.launch_builder(&func);
             l.arg(&xs);
-            let gs = match g {
-                Some((g, gl)) => {
-                    let S::F32(gs) = &g.slice else { return Err(unsupported(&g.slice, "gelu backward")) };
-                    if gl.shape() != xl.shape() {
-                        bail!("gelu backward: gradient {:?} for input {:?}", gl.dims(), xl.dims());
-                    }
-                    Some(contiguous(gs, gl, "gelu gradient")?)
-                }
-                None => None,
-            };
             if let Some(gs) = &gs {
                 l.arg(gs);
             }
@@ -149,7 +158,7 @@ pub(super) mod gpu {
             // SAFETY: argument types and order match gelu_fwd / gelu_bwd in kernels/gelu.cu.
             unsafe { l.launch(per_element(n)) }.w()?;
         }
-        Ok((CudaStorage { slice: S::F32(out), device: dev.clone() }, xl.shape().clone()))
+        Ok(out)
     }
 }
 

@@ -3,7 +3,9 @@
 //! and accumulates a gradient for every node: two activation-sized passes per node, a sixth of the CPU
 //! training step. Here the product reads x flat and W transposed in place (gemm on the CPU, into an
 //! output it does not zero first; cuBLAS through candle on CUDA), the bias is added in place, and the
-//! backward returns dx = g W, dW = g^T x and db = the column sums of g directly. f32 only.
+//! backward returns dx = g W, dW = g^T x and db = the column sums of g directly. f32; on CUDA also bf16 x
+//! and weight with an f32 bias (torch.autocast's linear: a bf16 product, the bias and GELU applied to it
+//! in place, the pre-activation kept in bf16, db summed in f32).
 //!
 //! With GELU after it (BERT's intermediate layer, the ViT's fc1) the op outputs `gelu(x W^T + b)` and keeps
 //! the pre-activation itself: as two nodes, the backward zeroed and accumulated a gradient for that
@@ -15,8 +17,8 @@ use super::gelu;
 use super::saved::Saved;
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
-/// The fused path of [`super::linear`] (and of [`super::linear_gelu`] with `gelu`), for f32 x, weight and
-/// bias.
+/// The fused path of [`super::linear`] (and of [`super::linear_gelu`] with `gelu`), for x and weight in one
+/// dtype (f32, or bf16 on CUDA) and an f32 bias.
 pub(super) fn linear_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, gelu: bool) -> Result<Tensor> {
     let op = Linear { gelu: gelu.then(|| Saved::new("linear")) };
     x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)

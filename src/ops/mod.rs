@@ -110,16 +110,17 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64, kernels: Kernels) -> Result<Tensor
 }
 
 /// Multi-head attention on tokens: q [B, Lq, H * Dh], k and v [B, Lk, H * Dh] with `heads` heads -> [B, Lq,
-/// H * Dh]; `scale`, `mask` and `dropout` as in [`attention`]. Fused for f32: one node that splits and merges
-/// the heads inside; otherwise [`split_heads`], [`attention`] and [`merge_heads`].
+/// H * Dh]; `scale`, `mask` and `dropout` as in [`attention`]. Fused for f32 (and bf16 on CUDA): one node
+/// that splits and merges the heads inside; otherwise [`split_heads`], [`attention`] and [`merge_heads`].
 #[allow(clippy::too_many_arguments)]
 pub fn multi_head_attention(
     q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, mask: Option<&Tensor>, dropout: Option<AttnDropout>,
     kernels: Kernels,
 ) -> Result<Tensor> {
     let dropout = active(dropout)?;
-    match (kernels, q.dtype(), k.dtype(), v.dtype()) {
-        (Kernels::Fused, DType::F32, DType::F32, DType::F32) => {
+    let dtype = q.dtype();
+    match kernels {
+        Kernels::Fused if k.dtype() == dtype && v.dtype() == dtype && in_place(q) => {
             attention::multi_head_fused(q, k, v, heads, scale, mask, dropout)
         }
         _ => {
@@ -161,12 +162,14 @@ pub fn merge_heads(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
     }
 }
 
-/// `x W^T + b` for x \[.., in\], `weight` \[out, in\] and `bias` \[out\], as PyTorch's `nn.Linear`. Fused for f32
-/// (one autograd node: the composition's flatten, transpose, product, unflatten and bias add each cost
-/// the backward a gradient); other dtypes compose candle's matmul and broadcast add.
+/// `x W^T + b` for x \[.., in\], `weight` \[out, in\] and `bias` \[out\], as PyTorch's `nn.Linear`, in x's
+/// dtype. Fused where x and the weight share a dtype the fused ops read in place (f32; bf16 on CUDA, as
+/// torch.autocast's linear) and the bias is f32: one autograd node (the composition's flatten, transpose,
+/// product, unflatten and bias add each cost the backward a gradient); otherwise candle's matmul and
+/// broadcast add.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
-    match (kernels, x.dtype(), weight.dtype(), bias.dtype()) {
-        (Kernels::Fused, DType::F32, DType::F32, DType::F32) => linear::linear_fused(x, weight, bias, false),
+    match kernels {
+        Kernels::Fused if fused_linear(x, weight, bias) => linear::linear_fused(x, weight, bias, false),
         _ => {
             let (n, k) = weight.dims2()?;
             let rows = x.reshape(((), k))?;
@@ -174,19 +177,24 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> R
             if let Some(last) = out.last_mut() {
                 *last = n;
             }
-            rows.matmul(&weight.t()?)?.broadcast_add(bias)?.reshape(out)
+            rows.matmul(&weight.t()?)?.broadcast_add(&bias.to_dtype(x.dtype())?)?.reshape(out)
         }
     }
 }
 
-/// `gelu(x W^T + b)`: [`linear`] then [`gelu`], as BERT's intermediate layer and the ViT's fc1. Fused for
-/// f32 as one node that keeps the pre-activation itself (the backward then neither zeroes nor accumulates a
-/// gradient for it); otherwise the two ops.
+/// `gelu(x W^T + b)`: [`linear`] then [`gelu`], as BERT's intermediate layer and the ViT's fc1. Fused where
+/// [`linear`] is, as one node that keeps the pre-activation itself (the backward then neither zeroes nor
+/// accumulates a gradient for it); otherwise the two ops.
 pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels) -> Result<Tensor> {
-    match (kernels, x.dtype(), weight.dtype(), bias.dtype()) {
-        (Kernels::Fused, DType::F32, DType::F32, DType::F32) => linear::linear_fused(x, weight, bias, true),
+    match kernels {
+        Kernels::Fused if fused_linear(x, weight, bias) => linear::linear_fused(x, weight, bias, true),
         _ => gelu(&linear(x, weight, bias, kernels)?, kernels),
     }
+}
+
+/// Whether the fused linear layer takes these inputs: x and the weight in one dtype read in place, an f32 bias.
+fn fused_linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
+    weight.dtype() == x.dtype() && bias.dtype() == DType::F32 && in_place(x)
 }
 
 /// `a @ b` for a [m, k] and a constant `b` [k, n]: no gradient flows to `b` and none is computed for it.
@@ -321,6 +329,11 @@ fn fused_dtype(t: &Tensor) -> Option<DType> {
         (_, DType::F32 | DType::BF16 | DType::F16) => Some(DType::F32),
         _ => None,
     }
+}
+
+/// Whether the fused ops read `t` as it is (no copy into another dtype first).
+fn in_place(t: &Tensor) -> bool {
+    fused_dtype(t) == Some(t.dtype())
 }
 
 /// Seeded inputs and comparisons shared by the ops' tests and the benchmark.
