@@ -5,10 +5,11 @@ use super::params::{Init, Pb};
 use super::segments::{Cut, Cuts};
 use crate::config::{Kernels, Precision};
 use crate::ops::AttnDropout;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, TensorId};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 /// What a forward pass needs besides its inputs: training mode (dropout on), the seeded dropout stream,
 /// which kernels run the custom ops and in which precision the matmuls run.
@@ -17,6 +18,8 @@ pub struct Ctx {
     pub kernels: Kernels,
     pub precision: Precision,
     rng: RefCell<ChaCha8Rng>,
+    /// The bf16 copies of the weights cast in this pass ([`Ctx::autocast_weight`]).
+    casts: RefCell<HashMap<TensorId, Tensor>>,
     /// Where the training backward is cut into segments (`train.segmented_backward`, `train.grad_checkpoint`);
     /// None: one graph.
     cuts: Option<Cuts>,
@@ -24,7 +27,8 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(train: bool, kernels: Kernels, rng: ChaCha8Rng) -> Self {
-        Ctx { train, kernels, precision: Precision::Fp32, rng: RefCell::new(rng), cuts: None }
+        let (precision, casts) = (Precision::Fp32, RefCell::default());
+        Ctx { train, kernels, precision, rng: RefCell::new(rng), casts, cuts: None }
     }
 
     /// The same context, cutting the graph after each [`Ctx::segment`]; with `recompute`, the segments are
@@ -68,6 +72,22 @@ impl Ctx {
             Precision::Bf16 => x.to_dtype(DType::BF16),
             Precision::Fp32 | Precision::Tf32 => Ok(x.clone()),
         }
+    }
+
+    /// A weight as [`Ctx::autocast`] gives it, cast once per pass: a layer that runs several times in one
+    /// forward (the text and fusion layers, for ITM's pairs and again for MLM) reads one bf16 copy, whose
+    /// backward sums every use's gradient before the one cast back, as torch.autocast's cache of casts.
+    pub fn autocast_weight(&self, w: &Tensor) -> Result<Tensor> {
+        if self.precision != Precision::Bf16 || w.dtype() == DType::BF16 {
+            return Ok(w.clone());
+        }
+        let mut casts = self.casts.borrow_mut();
+        if let Some(cast) = casts.get(&w.id()) {
+            return Ok(cast.clone());
+        }
+        let cast = w.to_dtype(DType::BF16)?;
+        casts.insert(w.id(), cast.clone());
+        Ok(cast)
     }
 
     /// `a @ b` for products read by f32 ops (the patch embedding, the MLM decoder): in bf16 under `precision =
@@ -122,12 +142,12 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        crate::ops::linear(&ctx.autocast(x)?, &ctx.autocast(&self.weight)?, &self.bias, ctx.kernels)
+        crate::ops::linear(&ctx.autocast(x)?, &ctx.autocast_weight(&self.weight)?, &self.bias, ctx.kernels)
     }
 
     /// `gelu(self.forward(x))` as one fused node.
     pub fn forward_gelu(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        crate::ops::linear_gelu(&ctx.autocast(x)?, &ctx.autocast(&self.weight)?, &self.bias, ctx.kernels)
+        crate::ops::linear_gelu(&ctx.autocast(x)?, &ctx.autocast_weight(&self.weight)?, &self.bias, ctx.kernels)
     }
 
     /// The output split into `n` equal parts along its last dimension, computed as `n` products with the
@@ -136,12 +156,11 @@ impl Linear {
     /// falls on the weight.
     pub fn forward_split(&self, x: &Tensor, n: usize, ctx: &Ctx) -> Result<Vec<Tensor>> {
         let size = self.weight.dim(0)? / n;
+        let weight = ctx.autocast_weight(&self.weight)?;
         (0..n)
             .map(|i| {
-                let part = Linear {
-                    weight: self.weight.narrow(0, i * size, size)?,
-                    bias: self.bias.narrow(0, i * size, size)?,
-                };
+                let part =
+                    Linear { weight: weight.narrow(0, i * size, size)?, bias: self.bias.narrow(0, i * size, size)? };
                 part.forward(x, ctx)
             })
             .collect()
@@ -227,7 +246,8 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// torch.autocast's dtypes under `precision = "bf16"`: linear layers and attention give bf16, LayerNorm,
-    /// the hidden dropout and what the residual adds read give f32; every weight still gets an f32 gradient.
+    /// the hidden dropout and what the residual adds read give f32; a weight is cast once per pass (the
+    /// layer `lin` runs twice); every weight still gets an f32 gradient.
     #[test]
     fn bf16_keeps_products_in_bf16_and_the_rest_in_f32() -> Result<()> {
         let store = ParamStore::new(3, &Device::Cpu);
@@ -245,6 +265,8 @@ mod tests {
             let out = norm.forward_sum(&d, x.as_tensor(), &ctx)?;
             let n = norm.forward(&y, &ctx)?;
             assert_eq!([d.dtype(), out.dtype(), n.dtype()], [DType::F32; 3], "{precision:?}");
+            let (w1, w2) = (ctx.autocast_weight(lin.weight())?, ctx.autocast_weight(lin.weight())?);
+            assert_eq!((w1.id(), w1.dtype()), (w2.id(), product), "{precision:?}: a weight is cast once per pass");
             let grads = ((out.sum_all()? + n.sum_all()?)? + h.to_dtype(DType::F32)?.sum_all()?)?.backward()?;
             for (name, v) in store.vars() {
                 let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{precision:?}: no gradient for {name}"));
