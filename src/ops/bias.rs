@@ -103,18 +103,13 @@ impl CustomOp1 for ColumnSum {
 
 #[cfg(feature = "cuda")]
 pub(super) mod gpu {
-    use crate::ops::cuda::{contiguous, int, unsupported, BIAS};
+    use crate::ops::cuda::{blocks, contiguous, int, per_element, unsupported, BIAS, BLOCK};
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{CudaStorage, Layout, Result, Shape, WithDType};
 
-    const BLOCK: u32 = 256;
     /// Rows per partial column sum (ROWS_PER_CHUNK in kernels/bias.cu).
     const ROWS_PER_CHUNK: usize = 128;
-
-    fn config(grid: (u32, u32, u32)) -> LaunchConfig {
-        LaunchConfig { grid_dim: grid, block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
-    }
 
     /// `x + b` for f32 or bf16 `x` (a bf16 linear layer's product) and an f32 bias, in `x`'s dtype.
     pub(in crate::ops) fn add_bias(
@@ -146,7 +141,7 @@ pub(super) mod gpu {
             l.arg(&y);
             candle_core::builder_arg!(l, int(n, "elements")?, int(d, "cols")?);
             // SAFETY: argument types and order match add_bias in kernels/bias.cu.
-            unsafe { l.launch(config((n.div_ceil(BLOCK as usize) as u32, 1, 1))) }.w()?;
+            unsafe { l.launch(per_element(n)) }.w()?;
         }
         Ok(y)
     }
@@ -177,15 +172,16 @@ pub(super) mod gpu {
         l.arg(&gs);
         l.arg(&partial);
         candle_core::builder_arg!(l, int(rows, "rows")?, int(cols, "cols")?);
+        let grid = (col_blocks, int(chunks, "row chunks")? as u32, 1);
         // SAFETY: argument types and order match column_sum_partial in kernels/bias.cu.
-        unsafe { l.launch(config((col_blocks, int(chunks, "row chunks")? as u32, 1))) }.w()?;
+        unsafe { l.launch(LaunchConfig { grid_dim: grid, block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }) }.w()?;
         let (func, stream) = BIAS.func::<f32>(dev, "column_sum_final")?;
         let mut l = stream.launch_builder(&func);
         l.arg(&partial);
         l.arg(&out);
         candle_core::builder_arg!(l, int(chunks, "row chunks")?, int(cols, "cols")?);
         // SAFETY: argument types and order match column_sum_final in kernels/bias.cu.
-        unsafe { l.launch(config((col_blocks, 1, 1))) }.w()?;
+        unsafe { l.launch(blocks(col_blocks as usize)) }.w()?;
         Ok(out)
     }
 }
