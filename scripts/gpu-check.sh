@@ -2,7 +2,7 @@
 # The GPU checks in one call, for a machine lent with an NVIDIA GPU, a CUDA 13 driver and a PyTorch install (whose
 # nvidia-* packages provide libcublas, libcurand, libcudart, libnvrtc) and no network or Rust toolchain. Carry the
 # binary built here by scripts/build-cuda.sh (dist/alignfuse-cuda.xz). Prints the GPU and driver, runs every
-# check, writes each one's JSON into OUTDIR and ends with one table. Sized for under 8 minutes on an H200.
+# check, writes each one's JSON into OUTDIR (replacing an earlier call's) and ends with one table. Sized for under 8 minutes on an H200.
 #   scripts/gpu-check.sh OUTDIR
 #   ALIGNFUSE_GPU_CHECK_DEVICE=cpu ALIGNFUSE_BIN=target/release/alignfuse scripts/gpu-check.sh OUTDIR
 #     is the same plumbing on the CPU with small sizes (what this repository's machine can try).
@@ -86,10 +86,10 @@ torch_step() {
 train_step() {
     local name=$1
     shift
-    check "train-$name" "$bin" bench train "${base[@]}" "$@" --steps "$steps" --json "$out/train-$name.json"
+    check "train-$name" "$bin" bench train "${base[@]}" "$@" --steps "$steps" --json "$out/train-$name.json" --overwrite
 }
 
-check kernels "$bin" bench kernels "${base[@]}" --steps "$steps" --json "$out/kernels.json"
+check kernels "$bin" bench kernels "${base[@]}" --steps "$steps" --json "$out/kernels.json" --overwrite
 for precision in fp32 bf16 tf32; do
     train_step $precision --set train.precision=$precision
     torch_step $precision
@@ -99,20 +99,20 @@ main_job=("${tiny[@]}")
 check main-job "$bin" train "${main_job[@]}" --out "$work/tiny"
 test_ann=$(ls "$work"/tiny/data/*/test.json 2>/dev/null)
 check eval "$bin" eval "${main_job[@]}" --checkpoint "$work/tiny/checkpoints/latest" --ann "${test_ann:-missing}" \
-    --json "$out/eval.json"
+    --json "$out/eval.json" --overwrite
 # (f) a seed reproduces a run on the same device (dropout and ITM noise from the device's generator).
 for r in 1 2; do
     check "repro-$r" "$bin" train "${tiny[@]}" --set data.synth_n=500 --set train.epochs=1 --max-steps 10 \
         --out "$work/repro-$r"
     cp "$work/repro-$r/log.jsonl" "$out/repro-$r.jsonl" 2>/dev/null
 done
-check rerank "$bin" bench rerank "${tiny[@]}" --json "$out/rerank.json"
+check rerank "$bin" bench rerank "${tiny[@]}" --json "$out/rerank.json" --overwrite
 train_step reference --set kernels=reference
 train_step checkpoint --set train.grad_checkpoint=true
 # (g) NCCL with one rank (one card cannot hold two NCCL ranks): the collectives' cost inside a step.
 if [[ "$device" != cpu ]]; then
     check train-nccl "$bin" launch --nproc-per-node 1 --master-port 29517 bench train "${base[@]}" \
-        --set train.precision=fp32 --steps "$steps" --json "$out/train-nccl.json"
+        --set train.precision=fp32 --steps "$steps" --json "$out/train-nccl.json" --overwrite
 fi
 
 python3 - "$out" <<'PY'

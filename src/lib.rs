@@ -79,6 +79,18 @@ fn bad_device(spec: &str) -> String {
     format!("unknown device `{spec}`: use cpu, cuda, cuda:N or auto")
 }
 
+/// Outputs are never replaced unless asked: without `overwrite`, the first of `paths` that exists is
+/// refused by name. Commands call it before any work, so a refusal costs nothing.
+pub fn refuse_existing<'a>(paths: impl IntoIterator<Item = &'a Path>, overwrite: bool) -> Result<()> {
+    if overwrite {
+        return Ok(());
+    }
+    match paths.into_iter().find(|p| p.exists()) {
+        Some(p) => bail!("{} exists: pass --overwrite to replace it, or write somewhere else", p.display()),
+        None => Ok(()),
+    }
+}
+
 /// Writes `path` by letting `write` fill a temporary file beside it, syncing it, then renaming it into
 /// place (and syncing the folder), so that `path` never holds a half-written file (a crash or power cut
 /// leaves the old one). Errors name `path`.

@@ -406,18 +406,28 @@ fn cli(args: &[&str]) -> anyhow::Result<()> {
     run(Cli::try_parse_from(std::iter::once("alignfuse").chain(args.iter().copied()))?)
 }
 
+fn p(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// A tiny model's checkpoint, its config file and a retrieval set in `dir`: (config, model, checkpoint,
+/// annotation file).
+fn cli_inputs(dir: &Path) -> (Config, Albef, PathBuf, PathBuf, PathBuf) {
+    let ann = write_retrieval_set(dir);
+    let cfg = tiny_config();
+    let model = tiny_model(&cfg);
+    let ckpt = dir.join("model.safetensors");
+    let state: HashMap<String, Tensor> = model.named_tensors().unwrap().into_iter().collect();
+    candle_core::safetensors::save(&state, &ckpt).unwrap();
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
+    (cfg, model, config, ckpt, ann)
+}
+
 #[test]
 fn eval_and_embed_commands() {
     let dir = TempDir::new("cli");
-    let ann = write_retrieval_set(&dir.0);
-    let cfg = tiny_config();
-    let model = tiny_model(&cfg);
-    let ckpt = dir.0.join("model.safetensors");
-    let state: HashMap<String, Tensor> = model.named_tensors().unwrap().into_iter().collect();
-    candle_core::safetensors::save(&state, &ckpt).unwrap();
-    let config = dir.0.join("tiny.toml");
-    std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
-    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let (cfg, model, config, ckpt, ann) = cli_inputs(&dir.0);
     let (config, ckpt, ann_s) = (p(&config), p(&ckpt), p(&ann));
 
     // embed writes the model's normalised projections in annotation order, with the caption -> image map.
@@ -483,6 +493,56 @@ fn eval_and_embed_commands() {
     let err =
         format!("{:#}", cli(&["eval", "--config", &config, "--checkpoint", &ann_s, "--ann", &ann_s]).unwrap_err());
     assert!(err.contains("test.json"), "{err}");
+}
+
+/// Every command that writes a file refuses one that exists, before doing any work, and leaves it as it
+/// was; `--overwrite` replaces it.
+#[test]
+fn no_command_replaces_an_output_unless_asked() {
+    let dir = TempDir::new("cli-overwrite");
+    let (_, _, config, ckpt, ann) = cli_inputs(&dir.0);
+    let (config, ckpt, ann) = (p(&config), p(&ckpt), p(&ann));
+    let existing = dir.0.join("existing");
+    let synth = dir.0.join("synth");
+    let tuxpaint = dir.0.join("tuxpaint");
+    for folder in [&synth, &tuxpaint] {
+        std::fs::create_dir_all(folder).unwrap();
+    }
+    let commands: Vec<(Vec<String>, PathBuf)> = [
+        (vec!["embed", "--config", &config, "--checkpoint", &ckpt, "--ann", &ann, "--out"], existing.clone()),
+        (vec!["eval", "--config", &config, "--checkpoint", &ckpt, "--ann", &ann, "--json"], existing.clone()),
+        (vec!["bench", "rerank", "--config", &config, "--images", "3", "--json"], existing.clone()),
+        (vec!["prepare", "vocab", "--ann", &ann, "--size", "40", "--out"], existing.clone()),
+        (vec!["import", "--from", "hf-bert", "missing-source", "--config", &config, "--out"], existing.clone()),
+        (vec!["synth", "--n", "4", "--out", &p(&synth)], synth.join("test.json")),
+        (vec!["prepare", "tuxpaint", "--src", "missing-stamps", "--out", &p(&tuxpaint)], tuxpaint.join("val.json")),
+    ]
+    .into_iter()
+    .map(|(args, file)| (args.into_iter().map(String::from).collect(), file))
+    .collect();
+    for (mut args, file) in commands {
+        std::fs::write(&file, "kept").unwrap();
+        if args.last().is_some_and(|a| a.starts_with("--")) {
+            args.push(p(&file));
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = format!("{:#}", cli(&argv).unwrap_err());
+        assert!(err.contains(&format!("{} exists: pass --overwrite", file.display())), "{argv:?}: {err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept", "{argv:?}");
+        let mut asked = argv.clone();
+        asked.push("--overwrite");
+        match argv[..2] {
+            // Their sources do not exist: with --overwrite they get as far as saying so.
+            ["import", ..] | ["prepare", "tuxpaint"] => {
+                let err = format!("{:#}", cli(&asked).unwrap_err());
+                assert!(err.contains("missing-"), "{asked:?}: {err}");
+            }
+            _ => {
+                cli(&asked).unwrap();
+                assert_ne!(std::fs::read_to_string(&file).ok().as_deref(), Some("kept"), "{asked:?}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -6,6 +6,7 @@ use crate::config::Config;
 use anyhow::{bail, Context, Result};
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    crate::refuse_existing(args.json.as_deref(), args.overwrite)?;
     let cfg = || -> Result<Config> {
         let path = args.config.as_ref().context("this benchmark needs --config")?;
         Config::load(path, &args.set)

@@ -8,6 +8,7 @@ use crate::eval::EvalInputs;
 use anyhow::{Context, Result};
 
 pub fn run(args: EmbedArgs) -> Result<()> {
+    crate::refuse_existing([args.out.as_path()], args.overwrite)?;
     let cfg = Config::load(&args.cfg.config, &args.cfg.set)?;
     let inputs = EvalInputs::load(cfg, &args.checkpoint, &args.ann)?;
     let set = &inputs.set;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    crate::refuse_existing(args.json.as_deref(), args.overwrite)?;
     let mut cfg = Config::load(&args.cfg.config, &args.cfg.set)?;
     if let Some(k) = args.k_test {
         cfg.eval.k_test = k;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use std::path::Path;
 
 pub fn run(args: ImportArgs) -> Result<()> {
+    crate::refuse_existing(std::iter::once(args.out.as_path()).chain(args.report.as_deref()), args.overwrite)?;
     let cfg = Config::load(&args.cfg.config, &args.cfg.set)?;
     let format: Format = args.from.parse()?;
     let opts = Options {

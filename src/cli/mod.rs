@@ -98,6 +98,9 @@ pub struct EvalArgs {
     /// Write every number as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Replace an existing --json file (otherwise refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -111,6 +114,9 @@ pub struct EmbedArgs {
     /// Output safetensors file.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out file (otherwise refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -145,6 +151,9 @@ pub struct SynthArgs {
     pub n: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Write into an --out that already holds a dataset (otherwise refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -163,6 +172,9 @@ pub enum PrepareWhat {
         size: usize,
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out file (otherwise refused).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Write annotation files' pairs as webdataset tar shards (the img2dataset layout) for
     /// `data.train_shards`.
@@ -186,6 +198,9 @@ pub enum PrepareWhat {
         out: PathBuf,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Write into an --out that already holds annotation files (otherwise refused).
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -215,6 +230,9 @@ pub struct ImportArgs {
     /// Also write the report (every key used, ignored or not placed) as JSON here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Replace an existing --out or --report file (otherwise refused; `--init X --out X` needs it).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -247,6 +265,9 @@ pub struct BenchArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Replace an existing --json file (otherwise refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 mod ablate;

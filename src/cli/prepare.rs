@@ -7,7 +7,8 @@ use anyhow::Result;
 
 pub fn run(args: PrepareArgs) -> Result<()> {
     match args.what {
-        PrepareWhat::Vocab { ann, size, out } => {
+        PrepareWhat::Vocab { ann, size, out, overwrite } => {
+            crate::refuse_existing([out.as_path()], overwrite)?;
             let set =
                 TrainSet::load(&ann, None, TextOptions { max_words: usize::MAX, style: CaptionStyle::Albef }, false)?;
             let captions: Vec<&str> = set.entries.iter().flat_map(|e| e.captions.iter().map(String::as_str)).collect();
@@ -25,7 +26,9 @@ pub fn run(args: PrepareArgs) -> Result<()> {
                 println!("  vocab = \"{}\"", vocab.display());
             }
         }
-        PrepareWhat::Tuxpaint { src, out, seed } => {
+        PrepareWhat::Tuxpaint { src, out, seed, overwrite } => {
+            let files = ["train.json", "val.json", "test.json"].map(|f| out.join(f));
+            crate::refuse_existing(files.iter().map(|f| f.as_path()), overwrite)?;
             let s = crate::data::tuxpaint::prepare(&src, &out, seed)?;
             println!(
                 "{} image-caption pairs ({} distinct captions): {} train, {} val, {} test",

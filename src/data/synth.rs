@@ -521,11 +521,11 @@ pub fn generate(out_dir: &Path, n_train: usize, seed: u64) -> Result<SynthPaths>
             });
         }
         let text = serde_json::to_string_pretty(&entries)?;
-        std::fs::write(file, text).with_context(|| format!("cannot write {}", file.display()))?;
+        crate::write_atomic(file, |tmp| Ok(std::fs::write(tmp, text)?))?;
     }
     let vocab: Vec<&str> = SPECIAL_TOKENS.iter().copied().chain(grammar_words()).collect();
-    std::fs::write(&paths.vocab, vocab.join("\n") + "\n")
-        .with_context(|| format!("cannot write {}", paths.vocab.display()))?;
+    // Written last: a folder with vocab.txt is complete (`data::resolve` reuses it).
+    crate::write_atomic(&paths.vocab, |tmp| Ok(std::fs::write(tmp, vocab.join("\n") + "\n")?))?;
     Ok(paths)
 }
 

@@ -244,7 +244,7 @@ pub fn train_wordpiece<S: AsRef<str>>(captions: &[S], size: usize, out_vocab_txt
         }
     }
     let text: String = vocab.iter().map(|t| format!("{t}\n")).collect();
-    std::fs::write(out_vocab_txt, text).with_context(|| format!("cannot write {}", out_vocab_txt.display()))
+    crate::write_atomic(out_vocab_txt, |tmp| Ok(std::fs::write(tmp, text)?))
 }
 
 #[cfg(test)]

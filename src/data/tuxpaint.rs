@@ -169,7 +169,7 @@ fn read_caption(txt: &Path) -> Result<Option<String>> {
 
 fn write_json(path: &Path, entries: &[serde_json::Value]) -> Result<()> {
     let text = serde_json::to_string_pretty(entries)?;
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    crate::write_atomic(path, |tmp| Ok(std::fs::write(tmp, text)?))
 }
 
 #[cfg(test)]
