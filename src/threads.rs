@@ -27,6 +27,9 @@ enum Role {
     /// The thread that runs the command; never captured by a spin loop.
     Driver,
     Helper,
+    /// A helper running the side of an [`overlap`]: like the driver, never held by a spin loop (its
+    /// side would wait for it), but it still counts out of [`SPINNING`].
+    Side,
 }
 
 thread_local! {
@@ -68,17 +71,53 @@ pub fn wake() {
 fn spin() {
     // The driver picks up queued jobs while it waits inside a parallel section of its own; it must not
     // stay here (its own work would wait for the spin to end).
-    if ROLE.get() == Role::Helper {
-        let mut last_work = Instant::now();
-        loop {
-            match rayon::yield_now() {
-                Some(rayon::Yield::Executed) => last_work = Instant::now(),
-                _ if last_work.elapsed() > IDLE_LIMIT => break,
-                _ => std::hint::spin_loop(),
+    match ROLE.get() {
+        Role::Helper => {
+            let mut last_work = Instant::now();
+            loop {
+                match rayon::yield_now() {
+                    Some(rayon::Yield::Executed) => last_work = Instant::now(),
+                    _ if last_work.elapsed() > IDLE_LIMIT => break,
+                    _ => std::hint::spin_loop(),
+                }
             }
+            SPINNING.fetch_sub(1, Ordering::Relaxed);
         }
-        SPINNING.fetch_sub(1, Ordering::Relaxed);
+        Role::Side => {
+            SPINNING.fetch_sub(1, Ordering::Relaxed);
+        }
+        Role::Driver | Role::Outside => {}
     }
+}
+
+/// `(main(), side())`, with `side` on another compute thread while this one runs `main`, when tensors on
+/// `device` are computed by the CPU and this is the driver of a pool of two or more; otherwise `main` then
+/// `side` here (a GPU queues both on one stream anyway). For two independent chains of small ops (the
+/// momentum encoders beside the online ones, two graphs' backwards): one op at a time splits poorly over
+/// two threads, and the serial work between ops (candle's backward bookkeeping) not at all; two chains
+/// side by side keep both threads busy. Which thread runs what changes no value.
+pub fn overlap<A, B: Send>(
+    device: &candle_core::Device, main: impl FnOnce() -> A, side: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    if !device.is_cpu() || ROLE.get() != Role::Driver || rayon::current_num_threads() < 2 {
+        let a = main();
+        return (a, side());
+    }
+    // A spinning helper takes the side at once, before the driver's own sections could pop it back.
+    wake();
+    let mut b = None;
+    let a = rayon::in_place_scope(|scope| {
+        scope.spawn(|_| {
+            let role = ROLE.get();
+            if role == Role::Helper {
+                ROLE.set(Role::Side);
+            }
+            b = Some(side());
+            ROLE.set(role);
+        });
+        main()
+    });
+    (a, b.expect("a scope returns after its jobs"))
 }
 
 #[cfg(test)]

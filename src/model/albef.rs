@@ -5,7 +5,7 @@ use super::bert::{ImageKv, ImageSide, TextEncoder};
 use super::layers::{Ctx, Linear};
 use super::momentum::{FeatureQueue, Momentum};
 use super::params::{Init, ParamStore, Pb};
-use super::segments::Cut;
+use super::segments::{Chain, Cut};
 use super::vit::Vit;
 use crate::config::{Config, ItcKeys, Kernels, ModelConfig, Negatives, ObjectivesConfig};
 use crate::dist::Dist;
@@ -43,7 +43,8 @@ impl Encoders {
     }
 
     fn text(&self, ids: &Tensor, mask: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
-        let embeds = self.text_encoder.bert.forward_text(ids, mask, ctx)?;
+        // Cut here, the text encoder's backward runs beside the ViT's (`train::backward`).
+        let embeds = ctx.cut(Chain::Text, self.text_encoder.bert.forward_text(ids, mask, ctx)?)?;
         let feat = normalize(&self.text_proj.forward(&cls(&embeds)?, ctx)?)?;
         Ok((embeds, feat))
     }
@@ -323,10 +324,15 @@ impl Albef {
         let obj = self.objectives.clone();
         self.clamp_temp()?;
         let temp = self.temp.as_tensor().clone();
-        let (image_embeds, image_feat) = self.online.image(batch.images, ctx)?;
-        let (text_embeds, text_feat) = self.online.text(batch.input_ids, batch.attention_mask, ctx)?;
-        let online = Online { image_embeds, image_feat, text_embeds, text_feat };
-        let teacher = self.teacher(batch, alpha, ctx_m)?;
+        let online = || -> Result<Online> {
+            let (image_embeds, image_feat) = self.online.image(batch.images, ctx)?;
+            let (text_embeds, text_feat) = self.online.text(batch.input_ids, batch.attention_mask, ctx)?;
+            Ok(Online { image_embeds, image_feat, text_embeds, text_feat })
+        };
+        let teacher = || self.teacher(batch, alpha, ctx_m);
+        // On the CPU the momentum encoders run beside the online ones, on a second compute thread.
+        let (online, teacher) = crate::threads::overlap(self.device(), online, teacher);
+        let (online, teacher) = (online?, teacher?);
         let (mut losses, mut metrics) = (Named::default(), Named::default());
         metrics.insert("temp", temp.copy()?);
         // Every rank's momentum features (and image ids), in rank order: the queue takes them all

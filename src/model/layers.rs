@@ -2,14 +2,14 @@
 //! (CANDLE-NOTES.md), so both go through `ops` (fused with their own backward, or composed).
 
 use super::params::{Init, Pb};
-use super::segments::{Cut, Cuts};
+use super::segments::{Chain, Cut, Cuts};
 use crate::config::{Kernels, Precision};
 use crate::ops::AttnDropout;
 use candle_core::{DType, Result, Tensor, TensorId};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// What a forward pass needs besides its inputs: training mode (dropout on), the seeded dropout stream,
 /// which kernels run the custom ops and in which precision the matmuls run.
@@ -17,9 +17,9 @@ pub struct Ctx {
     pub train: bool,
     pub kernels: Kernels,
     pub precision: Precision,
-    rng: RefCell<ChaCha8Rng>,
+    rng: Mutex<ChaCha8Rng>,
     /// The bf16 copies of the weights cast in this pass ([`Ctx::autocast_weight`]).
-    casts: RefCell<HashMap<TensorId, Tensor>>,
+    casts: Mutex<HashMap<TensorId, Tensor>>,
     /// Where the training backward is cut into segments (`train.segmented_backward`, `train.grad_checkpoint`);
     /// None: one graph.
     cuts: Option<Cuts>,
@@ -27,8 +27,8 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(train: bool, kernels: Kernels, rng: ChaCha8Rng) -> Self {
-        let (precision, casts) = (Precision::Fp32, RefCell::default());
-        Ctx { train, kernels, precision, rng: RefCell::new(rng), casts, cuts: None }
+        let (precision, casts) = (Precision::Fp32, Mutex::default());
+        Ctx { train, kernels, precision, rng: Mutex::new(rng), casts, cuts: None }
     }
 
     /// The same context, cutting the graph after each [`Ctx::segment`]; with `recompute`, the segments are
@@ -40,17 +40,25 @@ impl Ctx {
     /// A context like this one, without cuts, whose stream starts where this one stands: a segment run
     /// again in the backward draws what it drew in the forward.
     pub fn replay(&self) -> Ctx {
-        Ctx::new(self.train, self.kernels, self.rng.borrow().clone()).with_precision(self.precision)
+        Ctx::new(self.train, self.kernels, self.rng().clone()).with_precision(self.precision)
     }
 
     /// `f(x, self)`, where the graph is cut after when cuts are on ([`Cuts::segment`]).
-    pub fn segment<F>(&self, x: &Tensor, f: F) -> Result<Tensor>
+    pub fn segment<F>(&self, chain: Chain, x: &Tensor, f: F) -> Result<Tensor>
     where
-        F: Fn(&Tensor, &Ctx) -> Result<Tensor> + 'static,
+        F: Fn(&Tensor, &Ctx) -> Result<Tensor> + Send + Sync + 'static,
     {
         match &self.cuts {
-            Some(cuts) => cuts.segment(x, self, f),
+            Some(cuts) => cuts.segment(chain, x, self, f),
             None => f(x, self),
+        }
+    }
+
+    /// `output`, the graph cut after it when cuts are on, never recomputed ([`Cuts::cut`]).
+    pub fn cut(&self, chain: Chain, output: Tensor) -> Result<Tensor> {
+        match &self.cuts {
+            Some(cuts) => cuts.cut(chain, output),
+            None => Ok(output),
         }
     }
 
@@ -81,7 +89,7 @@ impl Ctx {
         if self.precision != Precision::Bf16 || w.dtype() == DType::BF16 {
             return Ok(w.clone());
         }
-        let mut casts = self.casts.borrow_mut();
+        let mut casts = self.casts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(cast) = casts.get(&w.id()) {
             return Ok(cast.clone());
         }
@@ -98,7 +106,13 @@ impl Ctx {
 
     /// A fresh seed from the context's stream, for ops that derive their randomness from one.
     pub fn seed(&self) -> u64 {
-        self.rng.borrow_mut().random()
+        self.rng().random()
+    }
+
+    /// The stream (a lock, so that the momentum forward can run on another compute thread,
+    /// [`crate::threads::overlap`]; only one thread ever uses a context at a time).
+    fn rng(&self) -> std::sync::MutexGuard<'_, ChaCha8Rng> {
+        self.rng.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Evaluation mode: no dropout.

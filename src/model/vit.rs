@@ -3,6 +3,7 @@
 
 use super::layers::{attend, Ctx, LayerNorm, Linear};
 use super::params::{Init, Pb};
+use super::segments::Chain;
 use crate::config::VisionConfig;
 use candle_core::{DType, Result, Tensor};
 
@@ -107,7 +108,7 @@ impl Vit {
         let mut x = Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.pos_embed)?;
         for blk in &self.blocks {
             let blk = blk.clone();
-            x = ctx.segment(&x, move |x, ctx| blk.forward(x, ctx))?;
+            x = ctx.segment(Chain::Image, &x, move |x, ctx| blk.forward(x, ctx))?;
         }
         self.norm.forward(&x, ctx)
     }

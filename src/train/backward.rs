@@ -3,23 +3,28 @@
 //! candle's backward holds every node of the graph (every activation) until it returns, while the
 //! parameter gradients fill up: its peak is all activations plus all gradients (PyTorch frees each
 //! node's saved tensors as its backward runs). With `train.segmented_backward`, the forward cuts the
-//! graph after every ViT block ([`crate::model::segments`]); the loss's graph runs back to the last cut,
-//! is dropped, and each block's graph then runs with the gradient of its output and is dropped in turn.
-//! With `train.grad_checkpoint`, a block's graph is not kept from the forward but computed again here.
-//! The gradients are the same to the bit: a block's output gets exactly its leaf's gradient, and a block
-//! computed again computes the same values.
+//! graph after every ViT block and after the online text layers ([`crate::model::segments`]); the
+//! losses' graphs run back to the cuts, are dropped, and each segment's graph then runs with the gradient
+//! of its output and is dropped in turn. With `train.grad_checkpoint`, a ViT block's graph is not kept
+//! from the forward but computed again here, to the same values.
+//!
+//! The cut graphs are independent: ITM's and the other losses' share only leaves and weights, the ViT's
+//! segments and the text encoder's feed only their own chain. On the CPU each pair runs side by side on
+//! the compute threads ([`threads::overlap`]): one candle backward keeps a second thread only half busy
+//! (small ops, and its bookkeeping between them is serial). A weight reached from several graphs gets
+//! their gradients summed in a fixed order (the same for any thread count), not the one-graph order.
 
 use crate::model::albef::Output;
-use crate::model::segments::Cut;
-use crate::objectives::Named;
+use crate::model::segments::{Chain, Cut};
+use crate::threads;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
-/// The micro-batch's loss: its named losses summed in order (zero when there are none).
-fn sum(losses: &Named, device: &Device) -> Result<Tensor> {
+/// The micro-batch's loss: `losses` summed in order (zero when there are none).
+fn sum<'a>(losses: impl IntoIterator<Item = &'a Tensor>, device: &Device) -> Result<Tensor> {
     let mut total: Option<Tensor> = None;
-    for (_, loss) in losses.iter() {
+    for loss in losses {
         total = Some(match total {
             Some(t) => (t + loss)?,
             None => loss.clone(),
@@ -34,29 +39,85 @@ fn sum(losses: &Named, device: &Device) -> Result<Tensor> {
 /// Gradients of the summed losses of `out`, and that sum. Afterwards `out` holds its losses detached and
 /// no cuts: nothing of the forward's graph is left.
 pub fn backward(out: &mut Output, device: &Device) -> Result<(Tensor, GradStore)> {
-    let total = sum(&out.losses, device)?;
-    out.losses = out.losses.detached();
-    let cuts = std::mem::take(&mut out.cuts);
+    let total = sum(out.losses.iter().map(|(_, loss)| loss), device)?;
     let value = total.detach();
-    Ok((value, through_cuts(total, cuts)?))
+    let cuts = std::mem::take(&mut out.cuts);
+    let heads = if cuts.is_empty() {
+        vec![total]
+    } else {
+        // With both encoders cut, the losses' graphs share little but leaves and weights: ITM's (the 3B
+        // pairs through the fusion layers, the largest) runs beside the others'.
+        drop(total);
+        let (itm, rest): (Vec<_>, Vec<_>) = out.losses.iter().partition(|(name, _)| *name == "itm");
+        let heads = [rest, itm].into_iter().filter(|losses| !losses.is_empty());
+        heads.map(|losses| sum(losses.into_iter().map(|(_, loss)| loss), device)).collect::<Result<_>>()?
+    };
+    out.losses = out.losses.detached();
+    Ok((value, through_cuts(heads, cuts, device)?))
 }
 
-/// Gradients of `total`, whose graph ends at the leaves of `cuts` (in forward order): its own graph first,
-/// then each cut's segment with its leaf's gradient, last cut first; each graph is dropped when done.
-pub fn through_cuts(total: Tensor, cuts: Vec<Cut>) -> Result<GradStore> {
-    let mut grads = total.backward()?;
-    drop(total);
-    for cut in cuts.into_iter().rev() {
-        // A cut whose leaf the loss does not reach carries no gradient. A leaf's gradient can still track
-        // the weights it was multiplied by (candle detaches the gradients of inner nodes only): detached,
-        // the segment's backward does not differentiate it as well.
-        let Some(grad) = grads.remove(&cut.leaf) else { continue };
-        let grad = grad.detach();
-        let mut more = (&cut.segment.output()? * &grad)?.sum_all()?.backward()?;
-        more.remove(&grad);
+/// Gradients of the sum of `heads`, whose graphs end at the leaves of `cuts` (in forward order): the
+/// heads' graphs first, then each cut's segment with its leaf's gradient, last cut first, each graph
+/// dropped when done. The heads run side by side, and so do the chains ([`Chain`]): a segment's output
+/// feeds only later cuts of its own chain. On one thread this is one head and one chain after the other.
+pub fn through_cuts(heads: Vec<Tensor>, cuts: Vec<Cut>, device: &Device) -> Result<GradStore> {
+    let Some(mut grads) = merged(device, heads, &|head| Ok(Some(head.backward()?)))? else {
+        anyhow::bail!("no loss to differentiate")
+    };
+    // Each chain starts from the gradients the heads gave its leaves. A leaf's gradient can still track
+    // the weights it was multiplied by (candle detaches the gradients of inner nodes only): detached, the
+    // segment's backward does not differentiate it as well.
+    let mut chains: [Vec<(Cut, Option<Tensor>)>; 2] = Default::default();
+    for cut in cuts {
+        let seed = grads.remove(&cut.leaf).map(|g| g.detach());
+        chains[usize::from(cut.chain == Chain::Text)].push((cut, seed));
+    }
+    let chains: Vec<_> = chains.into_iter().filter(|c| !c.is_empty()).collect();
+    if let Some(more) = merged(device, chains, &chain)? {
         grads.extend(more)?;
     }
     Ok(grads)
+}
+
+/// The gradients of one chain's segments, last cut first, each leaf's gradient the sum of what the heads
+/// gave it (`seed`) and what the chain's later segments gave it. None: no segment was reached.
+fn chain(cuts: Vec<(Cut, Option<Tensor>)>) -> Result<Option<GradStore>> {
+    let mut grads: Option<GradStore> = None;
+    for (cut, seed) in cuts.into_iter().rev() {
+        let later = grads.as_mut().and_then(|g| g.remove(&cut.leaf)).map(|g| g.detach());
+        let grad = match (seed, later) {
+            (Some(seed), Some(later)) => (seed + later)?,
+            (Some(grad), None) | (None, Some(grad)) => grad,
+            // A cut whose leaf the loss does not reach carries no gradient.
+            (None, None) => continue,
+        };
+        let mut more = (&cut.segment.output()? * &grad)?.sum_all()?.backward()?;
+        more.remove(&grad);
+        match grads.as_mut() {
+            Some(g) => g.extend(more)?,
+            None => grads = Some(more),
+        }
+    }
+    Ok(grads)
+}
+
+/// `f` of each item, the first beside the rest ([`threads::overlap`]), the gradients merged in order.
+fn merged<T: Send>(
+    device: &Device, mut items: Vec<T>, f: &(dyn Fn(T) -> Result<Option<GradStore>> + Sync),
+) -> Result<Option<GradStore>> {
+    if items.len() <= 1 {
+        return items.pop().map_or(Ok(None), f);
+    }
+    let rest = items.split_off(1);
+    let first = items.pop().expect("two items or more");
+    let (a, b) = threads::overlap(device, || f(first), || merged(device, rest, f));
+    match (a?, b?) {
+        (Some(mut a), Some(b)) => {
+            a.extend(b)?;
+            Ok(Some(a))
+        }
+        (a, b) => Ok(a.or(b)),
+    }
 }
 
 #[cfg(test)]
@@ -79,9 +140,9 @@ mod tests {
             }
             let weight = w.as_tensor().clone();
             let layer = move |x: &Tensor, ctx: &Ctx| ctx.dropout(&x.broadcast_mul(&weight)?, 0.5);
-            let hidden = ctx.segment(&x, layer.clone())?;
-            let total = ctx.segment(&hidden, layer)?.sqr()?.sum_all()?;
-            let grads = through_cuts(total, ctx.take_cuts())?;
+            let hidden = ctx.segment(Chain::Image, &x, layer.clone())?;
+            let total = ctx.segment(Chain::Image, &hidden, layer)?.sqr()?.sum_all()?;
+            let grads = through_cuts(vec![total], ctx.take_cuts(), &Device::Cpu)?;
             Ok(grads.get(w.as_tensor()).expect("gradient").flatten_all()?.to_vec1()?)
         };
         let one = grad(None)?;
