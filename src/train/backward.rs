@@ -67,12 +67,12 @@ pub fn through_cuts(heads: Vec<Tensor>, cuts: Vec<Cut>, device: &Device) -> Resu
     // Each chain starts from the gradients the heads gave its leaves. A leaf's gradient can still track
     // the weights it was multiplied by (candle detaches the gradients of inner nodes only): detached, the
     // segment's backward does not differentiate it as well.
-    let mut chains: [Vec<(Cut, Option<Tensor>)>; 2] = Default::default();
-    for cut in cuts {
+    let seeded = cuts.into_iter().map(|cut| {
         let seed = grads.remove(&cut.leaf).map(|g| g.detach());
-        chains[usize::from(cut.chain == Chain::Text)].push((cut, seed));
-    }
-    let chains: Vec<_> = chains.into_iter().filter(|c| !c.is_empty()).collect();
+        (cut, seed)
+    });
+    let (image, text): (Vec<_>, Vec<_>) = seeded.partition(|(cut, _)| cut.chain == Chain::Image);
+    let chains: Vec<_> = [image, text].into_iter().filter(|c| !c.is_empty()).collect();
     if let Some(more) = merged(device, chains, &chain)? {
         grads.extend(more)?;
     }
