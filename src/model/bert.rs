@@ -92,8 +92,7 @@ impl Layer {
         if let (Some(cross), Some((k, v))) = (&self.crossattention, image_kv) {
             x = cross.attend_to(&x, k, v, None, ctx)?;
         }
-        let h = self.intermediate.forward_gelu(&x, ctx)?;
-        let h = ctx.dropout(&self.output.forward(&h, ctx)?, self.p_hidden)?;
+        let h = ctx.dropout(&Linear::mlp(&self.intermediate, &self.output, &x, ctx)?, self.p_hidden)?;
         self.output_norm.forward_sum(&h, &x, ctx)
     }
 }

@@ -164,6 +164,12 @@ impl Linear {
         crate::ops::linear_gelu(&ctx.autocast(x)?, &ctx.autocast_weight(&self.weight)?, &self.bias, ctx.kernels)
     }
 
+    /// `fc2(gelu(fc1(x)))`, the feed-forward sublayer, as one fused node on the CPU ([`crate::ops::mlp`]).
+    pub fn mlp(fc1: &Linear, fc2: &Linear, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let (w1, w2) = (ctx.autocast_weight(&fc1.weight)?, ctx.autocast_weight(&fc2.weight)?);
+        crate::ops::mlp(&ctx.autocast(x)?, (&w1, &fc1.bias), (&w2, &fc2.bias), ctx.kernels)
+    }
+
     /// The output split into `n` equal parts along its last dimension, computed as `n` products with the
     /// weight's row blocks. Narrowing the output instead would cost the backward `n` zero-padded
     /// gradients of the full output width (candle's narrow backward), on activations; here the padding

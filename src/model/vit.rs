@@ -45,8 +45,7 @@ impl Block {
             .expect("three parts");
         let a = self.proj.forward(&attend(&q, &k, &v, self.heads, None, 0.0, ctx)?, ctx)?;
         let x = (x + scale(a, &self.ls1)?)?;
-        let h = self.fc1.forward_gelu(&self.norm2.forward(&x, ctx)?, ctx)?;
-        let m = self.fc2.forward(&h, ctx)?;
+        let m = Linear::mlp(&self.fc1, &self.fc2, &self.norm2.forward(&x, ctx)?, ctx)?;
         x + scale(m, &self.ls2)?
     }
 }

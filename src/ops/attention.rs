@@ -19,8 +19,9 @@ use super::cpu::{self, Mat};
 use super::heads::Permute;
 use super::saved::Saved;
 use super::softmax::MaskGeom;
-use candle_core::op::BackpropOp;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::{op::BackpropOp, CustomOp1};
 
 /// Dropout on the attention probabilities inside the fused op: element (b, h, i, j) is kept when a hash of
 /// `seed` and its flat index clears `p` (see `cpu::dropout_keep`), so the backward regenerates the mask.
@@ -41,28 +42,53 @@ impl AttnDropout {
     }
 }
 
-/// The sizes of one call: `bh` heads (B x H) of Lq queries and Lk keys of width `dh`.
+/// The sizes of one call: B x H heads of Lq queries and Lk keys of width Dh, `side` of them side by side
+/// in each row of q, k, v and o: H on tokens [B, L, H * Dh], which the CPU reads and writes in place, 1 on
+/// heads [B, H, L, Dh].
 #[derive(Clone, Copy)]
 struct Dims {
-    bh: usize,
+    b: usize,
+    h: usize,
     lq: usize,
     lk: usize,
     dh: usize,
+    side: usize,
 }
 
 impl Dims {
+    /// Heads [B, H, L, Dh].
     fn new(q: &Shape, k: &Shape, v: &Shape) -> Result<Self> {
         let (b, h, lq, dh) = q.dims4()?;
         let (kb, kh, lk, kd) = k.dims4()?;
         if (kb, kh, kd) != (b, h, dh) || v.dims() != k.dims() {
             bail!("attention: q {:?}, k {:?} and v {:?} do not fit [B, H, L, Dh]", q.dims(), k.dims(), v.dims());
         }
-        Ok(Dims { bh: b * h, lq, lk, dh })
+        Ok(Dims { b, h, lq, lk, dh, side: 1 })
     }
 
-    fn scores(&self, q: &Shape) -> Shape {
-        let d = q.dims();
-        Shape::from((d[0], d[1], self.lq, self.lk))
+    /// Tokens [B, L, H * Dh] of `heads` heads.
+    fn tokens(q: &Shape, k: &Shape, v: &Shape, heads: usize) -> Result<Self> {
+        let ((b, lq, d), (kb, lk, kd)) = (q.dims3()?, k.dims3()?);
+        if (kb, kd) != (b, d) || v.dims() != k.dims() {
+            bail!("attention: q {:?}, k {:?} and v {:?} do not fit [B, L, H * Dh]", q.dims(), k.dims(), v.dims());
+        }
+        if heads == 0 || d % heads != 0 {
+            bail!("attention: width {d} is not a multiple of {heads} heads");
+        }
+        Ok(Dims { b, h: heads, lq, lk, dh: d / heads, side: heads })
+    }
+
+    fn bh(&self) -> usize {
+        self.b * self.h
+    }
+
+    /// Elements from one row of q, k, v or o to the next.
+    fn width(&self) -> usize {
+        self.side * self.dh
+    }
+
+    fn scores(&self) -> Shape {
+        Shape::from((self.b, self.h, self.lq, self.lk))
     }
 }
 
@@ -77,7 +103,7 @@ pub(super) fn attention_fused(
 ) -> Result<Tensor> {
     let cast = |t: &Tensor| t.to_dtype(work)?.contiguous();
     let (qw, kw, vw) = (cast(q)?, cast(k)?, cast(v)?);
-    let scores = Dims::new(qw.shape(), kw.shape(), vw.shape())?.scores(qw.shape());
+    let scores = Dims::new(qw.shape(), kw.shape(), vw.shape())?.scores();
     qw.apply_op3(&kw, &vw, Attention::new(scale, mask, scores, dropout, work)?)?.to_dtype(q.dtype())
 }
 
@@ -86,28 +112,26 @@ pub(super) fn attention_fused(
 pub(super) fn multi_head_fused(
     q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, mask: Option<&Tensor>, dropout: Option<AttnDropout>,
 ) -> Result<Tensor> {
-    let ((b, lq, d), (kb, lk, kd)) = (q.dims3()?, k.dims3()?);
-    if (kb, kd) != (b, d) || v.dims() != k.dims() {
-        bail!("attention: q {:?}, k {:?} and v {:?} do not fit [B, L, H * Dh]", q.dims(), k.dims(), v.dims());
-    }
     // A width that is not a multiple of the heads fails here, before any work.
-    Permute::split(q.shape(), heads)?;
-    let core = Attention::new(scale, mask, Shape::from((b, heads, lq, lk)), dropout, q.dtype())?;
+    let dims = Dims::tokens(q.shape(), k.shape(), v.shape(), heads)?;
+    let core = Attention::new(scale, mask, dims.scores(), dropout, q.dtype())?;
     let op = Heads { heads, core, saved: Saved::new("attention") };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-/// [`Attention`] on tokens [B, L, H * Dh]: the heads are split and merged inside the node. As three nodes
-/// (split, core, merge), the backward zeroed and accumulated a gradient for each of q, k and v split
-/// and for the core's output, on the driver thread. The split inputs and the output in heads stay with
-/// the op for the backward, as the graph kept them before.
+/// [`Attention`] on tokens [B, L, H * Dh], as one node. As three nodes (split, core, merge), the backward
+/// zeroed and accumulated a gradient for each of q, k and v split and for the core's output, on the driver
+/// thread. On the CPU each head is read and written in place, its rows `H * Dh` apart; split and merge
+/// copies (and their opposites in the backward) were 4% of the tiny step. On CUDA the heads are split and
+/// merged inside the node for cuBLAS's batched products, and kept for the backward.
 struct Heads {
     heads: usize,
     core: Attention,
-    /// q, k, v and o in heads [B, H, L, Dh], from the forward.
+    /// CUDA: q, k, v and o in heads [B, H, L, Dh], from the forward.
     saved: Saved<[Tensor; 4]>,
 }
 
+#[cfg(feature = "cuda")]
 impl Heads {
     /// The forward on one backend: `permute` runs a split or merge on its storage, `wrap` and `unwrap`
     /// move storage in and out of tensors.
@@ -138,13 +162,8 @@ impl CustomOp3 for Heads {
     fn cpu_fwd(
         &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn unwrap(s: &Storage) -> Option<&CpuStorage> {
-            match s {
-                Storage::Cpu(s) => Some(s),
-                _ => None,
-            }
-        }
-        self.forward([(s1, l1), (s2, l2), (s3, l3)], |p, s, l| p.cpu_fwd(s, l), Storage::Cpu, unwrap)
+        let dims = Dims::tokens(l1.shape(), l2.shape(), l3.shape(), self.heads)?;
+        self.core.cpu_forward(dims, (s1, l1), (s2, l2), (s3, l3))
     }
 
     #[cfg(feature = "cuda")]
@@ -162,8 +181,13 @@ impl CustomOp3 for Heads {
     }
 
     fn bwd(
-        &self, xq: &Tensor, xk: &Tensor, xv: &Tensor, _out: &Tensor, grad: &Tensor,
+        &self, xq: &Tensor, xk: &Tensor, xv: &Tensor, out: &Tensor, grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if xq.device().is_cpu() {
+            let dims = Dims::tokens(xq.shape(), xk.shape(), xv.shape(), self.heads)?;
+            let [dq, dk, dv] = self.core.cpu_backward(dims, [xq, xk, xv, out], grad)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let [q, k, v, o] = self.saved.get()?;
         let grad = grad.contiguous()?.apply_op1_no_bwd(&Permute::split(grad.shape(), self.heads)?)?;
         let merge = |d: Option<Tensor>, like: &Tensor| -> Result<Option<Tensor>> {
@@ -183,7 +207,7 @@ struct Attention {
     lse: Saved<Tensor>,
 }
 
-/// The inputs of one head on CPU and what every head shares.
+/// The inputs of the heads on CPU and what every head shares.
 struct HeadArgs<'a> {
     dims: Dims,
     scale: f32,
@@ -194,122 +218,7 @@ struct HeadArgs<'a> {
     dropout: Option<(u64, u32, f32)>,
 }
 
-impl HeadArgs<'_> {
-    /// Head `h`'s rows of q and of k and v.
-    fn head(&self, h: usize) -> (&[f32], &[f32], &[f32]) {
-        let Dims { lq, lk, dh, .. } = self.dims;
-        (
-            &self.q[h * lq * dh..(h + 1) * lq * dh],
-            &self.k[h * lk * dh..(h + 1) * lk * dh],
-            &self.v[h * lk * dh..(h + 1) * lk * dh],
-        )
-    }
-
-    /// `s = scale q k^T + mask` of head `h` into `s` [Lq, Lk].
-    #[inline(always)]
-    fn logits(&self, h: usize, s: &mut Vec<f32>) {
-        let Dims { lq, lk, dh, .. } = self.dims;
-        let (qh, kh, _) = self.head(h);
-        s.resize(lq * lk, 0.0);
-        cpu::matmul(s, (lq, lk, dh), Mat::rows(qh, dh), Mat::transposed(kh, dh), self.scale);
-        if let Some((m, geom)) = self.mask {
-            for (i, row) in s.chunks_mut(lk).enumerate() {
-                let (off, step) = (geom.row_offset(h * lq + i), geom.strides[3]);
-                row.iter_mut().enumerate().for_each(|(j, x)| *x += m[off + j * step]);
-            }
-        }
-    }
-
-    /// Multiplies row `i` of head `h`'s probabilities by the dropout mask (0 or 1 / keep).
-    #[inline(always)]
-    fn drop_row(&self, h: usize, i: usize, row: &mut [f32]) {
-        if let Some((seed, threshold, inv_keep)) = self.dropout {
-            let base = ((h * self.dims.lq + i) * self.dims.lk) as u64;
-            for (j, x) in row.iter_mut().enumerate() {
-                *x = if cpu::dropout_keep(seed, base + j as u64, threshold) { *x * inv_keep } else { 0.0 };
-            }
-        }
-    }
-
-    /// Forward of head `h`: writes its output [Lq, Dh] and returns the rows' log-sum-exp.
-    #[inline(always)]
-    fn forward(&self, h: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
-        let Dims { lq, lk, dh, .. } = self.dims;
-        self.logits(h, s);
-        let mut lse = Vec::with_capacity(lq);
-        for (i, row) in s.chunks_mut(lk).enumerate() {
-            let max = cpu::max(row);
-            if max == f32::NEG_INFINITY {
-                row.fill(0.0);
-                lse.push(f32::NEG_INFINITY);
-                continue;
-            }
-            let sum = cpu::exp_shift_sum(row, max);
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|x| *x *= inv);
-            self.drop_row(h, i, row);
-            lse.push(max + sum.ln());
-        }
-        cpu::matmul(out, (lq, dh, lk), Mat::rows(s, lk), Mat::rows(self.head(h).2, dh), 1.0);
-        lse
-    }
-
-    /// Backward of head `h` from its output `o`, upstream gradient `go` and `lse`: writes dq, dk, dv.
-    #[inline(always)]
-    fn backward(&self, h: usize, (o, go, lse): (&[f32], &[f32], &[f32]), grads: HeadGrads, scratch: &mut Scratch) {
-        let Dims { lq, lk, dh, .. } = self.dims;
-        let (qh, kh, vh) = self.head(h);
-        let Scratch { p, pz } = scratch;
-        self.logits(h, p);
-        for (row, &l) in p.chunks_mut(lk).zip(lse) {
-            if l == f32::NEG_INFINITY {
-                row.fill(0.0);
-            } else {
-                row.iter_mut().for_each(|x| *x = cpu::exp(*x - l));
-            }
-        }
-        // dV = (p z)^T dO.
-        let dropped = if self.dropout.is_some() {
-            pz.clone_from(p);
-            for (i, row) in pz.chunks_mut(lk).enumerate() {
-                self.drop_row(h, i, row);
-            }
-            &pz[..]
-        } else {
-            &p[..]
-        };
-        cpu::matmul(grads.dv, (lk, dh, lq), Mat::transposed(dropped, lk), Mat::rows(go, dh), 1.0);
-        pz.resize(lq * lk, 0.0);
-        // ds = p (z (dO v^T) - D), reusing pz for dO v^T.
-        cpu::matmul(pz, (lq, lk, dh), Mat::rows(go, dh), Mat::transposed(vh, dh), 1.0);
-        for i in 0..lq {
-            let d = cpu::dot(&go[i * dh..(i + 1) * dh], &o[i * dh..(i + 1) * dh]);
-            let dp = &mut pz[i * lk..(i + 1) * lk];
-            self.drop_row(h, i, dp);
-            dp.iter_mut().zip(&p[i * lk..(i + 1) * lk]).for_each(|(g, &pv)| *g = pv * (*g - d));
-        }
-        cpu::matmul(grads.dq, (lq, dh, lk), Mat::rows(pz, lk), Mat::rows(kh, dh), self.scale);
-        cpu::matmul(grads.dk, (lk, dh, lq), Mat::transposed(pz, lk), Mat::rows(qh, dh), self.scale);
-    }
-}
-
-cpu::multiversion! {
-    /// [`HeadArgs::forward`] at the CPU's vector width.
-    fn head_forward(args: &HeadArgs<'_>, h: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
-        args.forward(h, out, s)
-    }
-}
-
-cpu::multiversion! {
-    /// [`HeadArgs::backward`] at the CPU's vector width.
-    fn head_backward(
-        args: &HeadArgs<'_>, h: usize, head: (&[f32], &[f32], &[f32]), grads: HeadGrads<'_>, scratch: &mut Scratch,
-    ) {
-        args.backward(h, head, grads, scratch)
-    }
-}
-
-/// One head's gradient slices.
+/// One block of `side` heads' gradients ([L, side * Dh] each), written in place.
 struct HeadGrads<'a> {
     dq: &'a mut [f32],
     dk: &'a mut [f32],
@@ -321,6 +230,147 @@ struct HeadGrads<'a> {
 struct Scratch {
     p: Vec<f32>,
     pz: Vec<f32>,
+}
+
+impl HeadArgs<'_> {
+    /// Head `hh`'s q, k and v from their first element to their block's end, rows `width` apart.
+    fn head(&self, hh: usize) -> (&[f32], &[f32], &[f32]) {
+        let Dims { lq, lk, dh, side, .. } = self.dims;
+        let (w, block, at) = (self.dims.width(), hh / side, (hh % side) * dh);
+        (
+            &self.q[block * lq * w + at..(block + 1) * lq * w],
+            &self.k[block * lk * w + at..(block + 1) * lk * w],
+            &self.v[block * lk * w + at..(block + 1) * lk * w],
+        )
+    }
+
+    /// `s = scale q k^T + mask` of head `hh` into `s` [Lq, Lk].
+    #[inline(always)]
+    fn logits(&self, hh: usize, s: &mut Vec<f32>) {
+        let Dims { lq, lk, dh, .. } = self.dims;
+        let (qh, kh, _) = self.head(hh);
+        let w = self.dims.width();
+        s.resize(lq * lk, 0.0);
+        cpu::matmul(s, lk, (lq, lk, dh), Mat::rows(qh, w), Mat::transposed(kh, w), self.scale);
+        if let Some((m, geom)) = self.mask {
+            for (i, row) in s.chunks_mut(lk).enumerate() {
+                let (off, step) = (geom.row_offset(hh * lq + i), geom.strides[3]);
+                if step == 1 {
+                    row.iter_mut().zip(&m[off..off + lk]).for_each(|(x, &mv)| *x += mv);
+                } else {
+                    row.iter_mut().enumerate().for_each(|(j, x)| *x += m[off + j * step]);
+                }
+            }
+        }
+    }
+
+    /// `p = exp(s - shift)` over the tile, each row shifted by its entry of `shifts` (-inf: a row of zeros).
+    /// One pass over the whole tile after the shifts: row by row, rows of 17-28 keys left most of a 16-lane
+    /// exp in its remainder loop.
+    #[inline(always)]
+    fn exp_rows(&self, p: &mut [f32], shifts: &[f32]) {
+        for (row, &shift) in p.chunks_mut(self.dims.lk).zip(shifts) {
+            if shift == f32::NEG_INFINITY {
+                row.fill(f32::NEG_INFINITY);
+            } else {
+                row.iter_mut().for_each(|x| *x -= shift);
+            }
+        }
+        p.iter_mut().for_each(|x| *x = cpu::exp(*x));
+    }
+
+    /// Multiplies row `i` of head `hh`'s probabilities by the dropout mask (0 or 1 / keep).
+    #[inline(always)]
+    fn drop_row(&self, hh: usize, i: usize, row: &mut [f32]) {
+        if let Some((seed, threshold, inv_keep)) = self.dropout {
+            let base = ((hh * self.dims.lq + i) * self.dims.lk) as u64;
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = if cpu::dropout_keep(seed, base + j as u64, threshold) { *x * inv_keep } else { 0.0 };
+            }
+        }
+    }
+
+    /// Forward of the heads of `block`: writes their output rows [Lq, side * Dh] and returns the rows'
+    /// log-sum-exp, head by head.
+    #[inline(always)]
+    fn forward(&self, block: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
+        let Dims { lq, lk, dh, side, .. } = self.dims;
+        let mut lse = Vec::with_capacity(side * lq);
+        for j in 0..side {
+            let hh = block * side + j;
+            self.logits(hh, s);
+            let max: Vec<f32> = s.chunks(lk).map(cpu::max).collect();
+            self.exp_rows(s, &max);
+            for (i, (row, m)) in s.chunks_mut(lk).zip(max).enumerate() {
+                if m == f32::NEG_INFINITY {
+                    lse.push(m);
+                    continue;
+                }
+                let sum = cpu::sum(row);
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+                self.drop_row(hh, i, row);
+                lse.push(m + sum.ln());
+            }
+            let w = self.dims.width();
+            cpu::matmul(&mut out[j * dh..], w, (lq, dh, lk), Mat::rows(s, lk), Mat::rows(self.head(hh).2, w), 1.0);
+        }
+        lse
+    }
+
+    /// Backward of the heads of `block` from their output `o`, upstream gradient `go` (rows [Lq, side * Dh])
+    /// and `lse`: writes their dq, dk, dv.
+    #[inline(always)]
+    fn backward(&self, block: usize, (o, go, lse): (&[f32], &[f32], &[f32]), g: HeadGrads, scratch: &mut Scratch) {
+        let Dims { lq, lk, dh, side, .. } = self.dims;
+        let w = self.dims.width();
+        let Scratch { p, pz } = scratch;
+        for j in 0..side {
+            let hh = block * side + j;
+            let (qh, kh, vh) = self.head(hh);
+            let (oh, goh) = (&o[j * dh..], &go[j * dh..]);
+            self.logits(hh, p);
+            self.exp_rows(p, &lse[j * lq..(j + 1) * lq]);
+            // dV = (p z)^T dO.
+            let dropped = if self.dropout.is_some() {
+                pz.clone_from(p);
+                for (i, row) in pz.chunks_mut(lk).enumerate() {
+                    self.drop_row(hh, i, row);
+                }
+                &pz[..]
+            } else {
+                &p[..]
+            };
+            cpu::matmul(&mut g.dv[j * dh..], w, (lk, dh, lq), Mat::transposed(dropped, lk), Mat::rows(goh, w), 1.0);
+            pz.resize(lq * lk, 0.0);
+            // ds = p (z (dO v^T) - D), reusing pz for dO v^T.
+            cpu::matmul(pz, lk, (lq, lk, dh), Mat::rows(goh, w), Mat::transposed(vh, w), 1.0);
+            for i in 0..lq {
+                let d = cpu::dot(&goh[i * w..i * w + dh], &oh[i * w..i * w + dh]);
+                let dp = &mut pz[i * lk..(i + 1) * lk];
+                self.drop_row(hh, i, dp);
+                dp.iter_mut().zip(&p[i * lk..(i + 1) * lk]).for_each(|(g, &pv)| *g = pv * (*g - d));
+            }
+            cpu::matmul(&mut g.dq[j * dh..], w, (lq, dh, lk), Mat::rows(pz, lk), Mat::rows(kh, w), self.scale);
+            cpu::matmul(&mut g.dk[j * dh..], w, (lk, dh, lq), Mat::transposed(pz, lk), Mat::rows(qh, w), self.scale);
+        }
+    }
+}
+
+cpu::multiversion! {
+    /// [`HeadArgs::forward`] at the CPU's vector width.
+    fn block_forward(args: &HeadArgs<'_>, block: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
+        args.forward(block, out, s)
+    }
+}
+
+cpu::multiversion! {
+    /// [`HeadArgs::backward`] at the CPU's vector width.
+    fn block_backward(
+        args: &HeadArgs<'_>, block: usize, rows: (&[f32], &[f32], &[f32]), grads: HeadGrads<'_>, scratch: &mut Scratch,
+    ) {
+        args.backward(block, rows, grads, scratch)
+    }
 }
 
 impl Attention {
@@ -345,16 +395,12 @@ impl Attention {
 
     /// Runs `f` with the CPU arguments every head shares.
     fn with_cpu_args<R>(
-        &self, (q, ql): (&[f32], &Layout), (k, kl): (&[f32], &Layout), (v, vl): (&[f32], &Layout),
-        f: impl FnOnce(&HeadArgs) -> Result<R>,
+        &self, dims: Dims, [q, k, v]: [&[f32]; 3], f: impl FnOnce(&HeadArgs) -> Result<R>,
     ) -> Result<R> {
-        let dims = Dims::new(ql.shape(), kl.shape(), vl.shape())?;
         let guard = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &guard {
             Some((storage, layout)) => match &**storage {
-                Storage::Cpu(CpuStorage::F32(m)) => {
-                    Some((m.as_slice(), MaskGeom::new(&dims.scores(ql.shape()), layout)?))
-                }
+                Storage::Cpu(CpuStorage::F32(m)) => Some((m.as_slice(), MaskGeom::new(&dims.scores(), layout)?)),
                 _ => bail!("attention: the mask must be f32 on the CPU"),
             },
             None => None,
@@ -362,7 +408,29 @@ impl Attention {
         f(&HeadArgs { dims, scale: self.scale, q, k, v, mask, dropout: self.dropout_consts() })
     }
 
-    fn cpu_backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, go: &Tensor) -> Result<[Tensor; 3]> {
+    /// The forward on the CPU: blocks of `dims.side` heads (one batch element on tokens) spread over the
+    /// compute threads; keeps the log-sum-exp.
+    fn cpu_forward(
+        &self, dims: Dims, (s1, l1): (&CpuStorage, &Layout), (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = cpu::f32_slice(s1, l1, "attention q")?;
+        let k = cpu::f32_slice(s2, l2, "attention k")?;
+        let v = cpu::f32_slice(s3, l3, "attention v")?;
+        let (out, lse) = self.with_cpu_args(dims, [q, k, v], |args| {
+            let Dims { lq, lk, .. } = dims;
+            // SAFETY: every block's forward writes its output rows in full.
+            let mut out = unsafe { cpu::output(q.len()) };
+            let blocks: Vec<(usize, &mut [f32])> = out.chunks_mut(lq * dims.width()).enumerate().collect();
+            let lse = cpu::par_map(blocks, dims.bh() * lq * lk, Vec::new, |s, (b, o)| block_forward(args, b, o, s));
+            Ok((out, lse.concat()))
+        })?;
+        self.lse.keep(Tensor::from_vec(lse, (dims.b, dims.h, dims.lq), &Device::Cpu)?)?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    /// The backward on the CPU from the op's inputs and output `[q, k, v, o]` and the upstream gradient.
+    fn cpu_backward(&self, dims: Dims, [q, k, v, o]: [&Tensor; 4], go: &Tensor) -> Result<[Tensor; 3]> {
         let go = go.to_dtype(DType::F32)?.contiguous()?;
         let lse = self.lse.get()?;
         let guards = [q, k, v, o, &go, &lse].map(|t| t.storage_and_layout());
@@ -372,26 +440,26 @@ impl Attention {
         };
         let (qs, ks, vs) = (slice(0, "q")?, slice(1, "k")?, slice(2, "v")?);
         let (os, gs, ls) = (slice(3, "output")?, slice(4, "gradient")?, slice(5, "log-sum-exp")?);
-        let (ql, kl, vl) = (guards[0].1, guards[1].1, guards[2].1);
-        self.with_cpu_args((qs, ql), (ks, kl), (vs, vl), |args| {
-            let Dims { bh, lq, lk, dh } = args.dims;
-            // SAFETY: every head's backward writes its dq, dk and dv in full (gemm without reading them).
+        self.with_cpu_args(dims, [qs, ks, vs], |args| {
+            let Dims { lq, lk, side, .. } = dims;
+            let w = dims.width();
+            // SAFETY: every block's backward writes its dq, dk and dv in full (gemm without reading them).
             let (mut dq, mut dk, mut dv) =
                 unsafe { (cpu::output(qs.len()), cpu::output(ks.len()), cpu::output(vs.len())) };
-            let heads: Vec<(usize, HeadGrads)> = dq
-                .chunks_mut(lq * dh)
-                .zip(dk.chunks_mut(lk * dh))
-                .zip(dv.chunks_mut(lk * dh))
+            let blocks: Vec<(usize, HeadGrads)> = dq
+                .chunks_mut(lq * w)
+                .zip(dk.chunks_mut(lk * w))
+                .zip(dv.chunks_mut(lk * w))
                 .map(|((dq, dk), dv)| HeadGrads { dq, dk, dv })
                 .enumerate()
                 .collect();
-            cpu::par_map(heads, bh * lq * lk * 2, Scratch::default, |scratch, (h, g)| {
-                let rows = h * lq * dh..(h + 1) * lq * dh;
-                let head = (&os[rows.clone()], &gs[rows], &ls[h * lq..(h + 1) * lq]);
-                head_backward(args, h, head, g, scratch)
+            cpu::par_map(blocks, dims.bh() * lq * lk * 2, Scratch::default, |scratch, (b, g)| {
+                let rows = b * lq * w..(b + 1) * lq * w;
+                let block = (&os[rows.clone()], &gs[rows], &ls[b * side * lq..(b + 1) * side * lq]);
+                block_backward(args, b, block, g, scratch)
             });
-            let tensor = |d: Vec<f32>, l: &Layout| Tensor::from_vec(d, l.shape(), &Device::Cpu);
-            Ok([tensor(dq, ql)?, tensor(dk, kl)?, tensor(dv, vl)?])
+            let tensor = |d: Vec<f32>, t: &Tensor| Tensor::from_vec(d, t.shape(), &Device::Cpu);
+            Ok([tensor(dq, q)?, tensor(dk, k)?, tensor(dv, v)?])
         })
     }
 }
@@ -404,20 +472,8 @@ impl CustomOp3 for Attention {
     fn cpu_fwd(
         &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let q = cpu::f32_slice(s1, l1, "attention q")?;
-        let k = cpu::f32_slice(s2, l2, "attention k")?;
-        let v = cpu::f32_slice(s3, l3, "attention v")?;
-        let (out, lse) = self.with_cpu_args((q, l1), (k, l2), (v, l3), |args| {
-            let Dims { bh, lq, lk, dh } = args.dims;
-            // SAFETY: every head's forward writes its output rows in full.
-            let mut out = unsafe { cpu::output(bh * lq * dh) };
-            let heads: Vec<(usize, &mut [f32])> = out.chunks_mut(lq * dh).enumerate().collect();
-            let lse = cpu::par_map(heads, bh * lq * lk, Vec::new, |s, (h, o)| head_forward(args, h, o, s));
-            Ok((out, lse.concat()))
-        })?;
-        let d = l1.dims();
-        self.lse.keep(Tensor::from_vec(lse, (d[0], d[1], d[2]), &Device::Cpu)?)?;
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let dims = Dims::new(l1.shape(), l2.shape(), l3.shape())?;
+        self.cpu_forward(dims, (s1, l1), (s2, l2), (s3, l3))
     }
 
     #[cfg(feature = "cuda")]
@@ -435,7 +491,7 @@ impl CustomOp3 for Attention {
         &self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [dq, dk, dv] = match q.device() {
-            Device::Cpu => self.cpu_backward(q, k, v, o, grad)?,
+            Device::Cpu => self.cpu_backward(Dims::new(q.shape(), k.shape(), v.shape())?, [q, k, v, o], grad)?,
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
                 let dims = Dims::new(q.shape(), k.shape(), v.shape())?;
@@ -490,7 +546,7 @@ mod gpu {
     impl KernelArgs {
         pub(super) fn new(dims: Dims, scale: f32, (seed, threshold, inv_keep): (u64, u32, f32)) -> Result<Self> {
             Ok(KernelArgs {
-                bh: int(dims.bh, "attention heads")?,
+                bh: int(dims.bh(), "attention heads")?,
                 lq: int(dims.lq, "attention queries")?,
                 lk: int(dims.lk, "attention keys")?,
                 dh: int(dims.dh, "attention head width")?,

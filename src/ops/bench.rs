@@ -5,7 +5,8 @@
 use super::testing::{max_err, rng, uniform};
 use super::{
     adamw_step_all, add_bias, add_layer_norm, attention_softmax, dropout, ema_all, gelu, itc_loss, layer_norm, linear,
-    linear_gelu, matmul_by_constant, multi_head_attention, sum_squares, AdamWStep, AdamWUpdate, AttnDropout, Positives,
+    linear_gelu, matmul_by_constant, mlp, multi_head_attention, sum_squares, AdamWStep, AdamWUpdate, AttnDropout,
+    Positives,
 };
 use crate::config::Kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -174,6 +175,8 @@ enum RowOp {
     Linear,
     /// The same layer with the GELU after it, as one op.
     LinearGelu,
+    /// The feed-forward sublayer, two such layers with GELU between them, as one op (CPU).
+    Mlp,
 }
 
 /// ALBEF-B at batch 64: text self-attention over 25 tokens with padding, fusion cross-attention to 257
@@ -207,6 +210,7 @@ fn cases() -> Vec<Case> {
         Case::Rows { op: RowOp::Dropout, rows: 64 * 257, d: 768, dtype: DType::F32 },
         Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768, dtype: DType::F32 },
         Case::Rows { op: RowOp::LinearGelu, rows: 64 * 257, d: 768, dtype: DType::F32 },
+        Case::Rows { op: RowOp::Mlp, rows: 64 * 257, d: 768, dtype: DType::F32 },
         Case::Rows { op: RowOp::Linear, rows: 64 * 257, d: 768, dtype: DType::BF16 },
         Case::Rows { op: RowOp::LinearGelu, rows: 64 * 257, d: 768, dtype: DType::BF16 },
         Case::ByConstant { b, k: 256, n: b + q },
@@ -366,7 +370,7 @@ fn bench_rows(
     let b = Inputs::<Var>::new(uniform(r, &[d], 0.5, device)?, DType::F32)?;
     let probe = Inputs::<Tensor>::new(uniform(r, &[rows, d], 1.0, device)?, DType::F32)?;
     let wl = match op {
-        RowOp::Linear | RowOp::LinearGelu => {
+        RowOp::Linear | RowOp::LinearGelu | RowOp::Mlp => {
             Some(Inputs::<Var>::new(uniform(r, &[d, d], (d as f32).powf(-0.5), device)?, dtype)?)
         }
         _ => None,
@@ -387,6 +391,11 @@ fn bench_rows(
             (RowOp::Dropout, _) => dropout(x, 0.1, 7, k)?,
             (RowOp::Linear, wl) => linear(x, wl.expect("the linear case has a weight"), b, k)?,
             (RowOp::LinearGelu, wl) => linear_gelu(x, wl.expect("the linear case has a weight"), b, k)?,
+            // fc1 and fc2 share the square weight and the bias: [d, d] through d hidden units.
+            (RowOp::Mlp, wl) => {
+                let fc = (wl.expect("the mlp case has a weight"), b);
+                mlp(x, fc, fc, k)?
+            }
         };
         if !backward {
             return Ok(vec![y]);
@@ -396,7 +405,7 @@ fn bench_rows(
         let mut out = vec![y, grad(&grads, x)?];
         match (op, wl) {
             (RowOp::LayerNorm | RowOp::AddLayerNorm, _) => out.push(grad(&grads, w)?),
-            (RowOp::Linear | RowOp::LinearGelu, Some(wl)) => out.push(grad(&grads, wl)?),
+            (RowOp::Linear | RowOp::LinearGelu | RowOp::Mlp, Some(wl)) => out.push(grad(&grads, wl)?),
             _ => {}
         }
         if !matches!(op, RowOp::Gelu | RowOp::Dropout) {
@@ -415,6 +424,7 @@ fn bench_rows(
         RowOp::Dropout => ("dropout", &["y", "dx"]),
         RowOp::Linear => ("linear", &["y", "dx", "dw", "db"]),
         RowOp::LinearGelu => ("linear_gelu", &["y", "dx", "dw", "db"]),
+        RowOp::Mlp => ("mlp", &["y", "dx", "dw", "db"]),
     };
     compare(device, reps, format!("{name} [{rows}, {d}]"), dtype, outputs, run)
 }

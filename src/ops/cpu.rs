@@ -208,14 +208,14 @@ pub(super) struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    /// A row-major matrix with `cols` columns.
-    pub(super) fn rows(data: &'a [f32], cols: usize) -> Self {
-        Mat { data, row_stride: cols, col_stride: 1 }
+    /// A row-major matrix whose rows start `stride` elements apart (its width when they are packed).
+    pub(super) fn rows(data: &'a [f32], stride: usize) -> Self {
+        Mat { data, row_stride: stride, col_stride: 1 }
     }
 
-    /// The transpose of a row-major matrix with `cols` columns.
-    pub(super) fn transposed(data: &'a [f32], cols: usize) -> Self {
-        Mat { data, row_stride: 1, col_stride: cols }
+    /// The transpose of a row-major matrix whose rows start `stride` elements apart.
+    pub(super) fn transposed(data: &'a [f32], stride: usize) -> Self {
+        Mat { data, row_stride: 1, col_stride: stride }
     }
 
     fn fits(&self, rows: usize, cols: usize) -> bool {
@@ -223,26 +223,33 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = scale * a @ b` for a [m, k], b [k, n] and a row-major dst [m, n], on the calling thread (callers
-/// spread independent products over the pool); gemm's kernels, as candle's matmul.
-pub(super) fn matmul(dst: &mut [f32], dims: (usize, usize, usize), a: Mat, b: Mat, scale: f32) {
-    product(dst, dims, a, b, scale, false)
+/// `dst = scale * a @ b` for a [m, k], b [k, n] and a row-major dst [m, n] whose rows start `dst_stride`
+/// elements apart, on the calling thread (callers spread independent products over the pool); gemm's
+/// kernels, as candle's matmul.
+pub(super) fn matmul(dst: &mut [f32], dst_stride: usize, dims: (usize, usize, usize), a: Mat, b: Mat, scale: f32) {
+    product(dst, dst_stride, dims, a, b, scale, false)
 }
 
 /// `dst = a @ b` as [`matmul`], on the compute threads (gemm splits the output's blocks over them, so the
 /// bits do not depend on the thread count): candle's own matmul, without its zero-filled output.
 pub(super) fn par_matmul(dst: &mut [f32], dims: (usize, usize, usize), a: Mat, b: Mat) {
-    product(dst, dims, a, b, 1.0, true)
+    product(dst, dims.1, dims, a, b, 1.0, true)
 }
 
 /// [`matmul`], and with `threaded` on the compute threads.
-fn product(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, b: Mat, scale: f32, threaded: bool) {
-    assert!(a.fits(m, k) && b.fits(k, n) && dst.len() >= m * n, "matmul operands smaller than {m}x{k} @ {k}x{n}");
+fn product(
+    dst: &mut [f32], dst_stride: usize, (m, n, k): (usize, usize, usize), a: Mat, b: Mat, scale: f32, threaded: bool,
+) {
+    let out = Mat { data: dst, row_stride: dst_stride, col_stride: 1 };
+    assert!(
+        a.fits(m, k) && b.fits(k, n) && out.fits(m, n) && dst_stride >= n,
+        "matmul operands smaller than {m}x{k} @ {k}x{n}"
+    );
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        dst[..m * n].fill(0.0);
+        dst.chunks_mut(dst_stride).take(m).for_each(|row| row[..n].fill(0.0));
         return;
     }
     let threads = rayon::current_num_threads();
@@ -261,7 +268,7 @@ fn product(dst: &mut [f32], (m, n, k): (usize, usize, usize), a: Mat, b: Mat, sc
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_stride as isize,
             false,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -424,7 +431,7 @@ mod tests {
         use super::super::{
             add_layer_norm, attention, attention_softmax, dropout, gelu, itc_loss, layer_norm, linear, linear_gelu,
         };
-        use super::super::{multi_head_attention, Positives};
+        use super::super::{mlp, multi_head_attention, Positives};
         use crate::config::Kernels::Fused;
         use candle_core::{Device, Tensor, Var};
         let dev = &Device::Cpu;
@@ -450,6 +457,7 @@ mod tests {
             )?,
             linear(&x, &wl, &bias, Fused)?,
             linear_gelu(&x, &wl, &bias, Fused)?,
+            mlp(&x, (&wl, &bias), (&wl.t()?.contiguous()?, &w), Fused)?,
             attention_softmax(&scores, 0.3, None, Fused)?,
             attention(&q, &k, &v, 0.25, None, None, Fused)?,
             multi_head_attention(&x, &x, &w.broadcast_mul(&x)?, 4, 0.25, None, None, Fused)?,

@@ -82,10 +82,7 @@ impl CustomOp3 for Linear {
         let x = cpu::f32_slice(s1, l1, "linear x")?;
         let w = cpu::f32_slice(s2, l2, "linear weight")?;
         let b = cpu::f32_slice(s3, l3, "linear bias")?;
-        // SAFETY: the product writes every element without reading it.
-        let mut y = unsafe { cpu::output(g.m * g.n) };
-        cpu::par_matmul(&mut y, (g.m, g.n, g.k), Mat::rows(x, g.k), Mat::transposed(w, g.k));
-        cpu::map_parts(&mut y, g.n, |_, rows| bias::add_rows(rows, b));
+        let y = cpu_forward(x, w, b, (g.m, g.n, g.k));
         if self.gelu.is_none() {
             return Ok((CpuStorage::F32(y), g.out));
         }
@@ -131,6 +128,87 @@ impl CustomOp3 for Linear {
     }
 }
 
+/// `x W^T + b` on the CPU for x [m, k], W [n, k] and b [n].
+fn cpu_forward(x: &[f32], w: &[f32], b: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+    // SAFETY: the product writes every element without reading it.
+    let mut y = unsafe { cpu::output(m * n) };
+    cpu::par_matmul(&mut y, (m, n, k), Mat::rows(x, k), Mat::transposed(w, k));
+    cpu::map_parts(&mut y, n, |_, rows| bias::add_rows(rows, b));
+    y
+}
+
+/// The fused path of [`super::mlp`] on the CPU: `gelu(x W1^T + b1) W2^T + b2` as one node, for f32 x [.., k],
+/// W1 [h, k], W2 [n, h]. As two fused linear nodes, the backward zeroed and accumulated the gradient of the
+/// hidden layer between them, [m, h] (four times the model's width), on the driver thread. The weights and
+/// biases enter packed flat (a CustomOp takes three inputs); their gradients leave through the
+/// concatenation's backward, weight-sized.
+pub(super) fn mlp_fused(x: &Tensor, (w1, b1): (&Tensor, &Tensor), (w2, b2): (&Tensor, &Tensor)) -> Result<Tensor> {
+    let ((h, k), (n, h2)) = (w1.dims2()?, w2.dims2()?);
+    if x.dims().last() != Some(&k) || h2 != h || b1.dims() != [h] || b2.dims() != [n] {
+        bail!(
+            "mlp: x {:?}, fc1 {:?} + {:?} and fc2 {:?} + {:?} do not fit",
+            x.dims(),
+            w1.dims(),
+            b1.dims(),
+            w2.dims(),
+            b2.dims()
+        );
+    }
+    let weights = Tensor::cat(&[w1.flatten_all()?, w2.flatten_all()?], 0)?;
+    let biases = Tensor::cat(&[b1, b2], 0)?;
+    x.contiguous()?.apply_op3(&weights, &biases, Mlp { h, k, n, saved: Saved::new("mlp") })
+}
+
+/// [`mlp_fused`]'s node: x [.., k] through h hidden units to n outputs.
+struct Mlp {
+    h: usize,
+    k: usize,
+    n: usize,
+    /// The pre-activation and the hidden layer [m, h], from the forward.
+    saved: Saved<[Tensor; 2]>,
+}
+
+impl CustomOp3 for Mlp {
+    fn name(&self) -> &'static str {
+        "alignfuse-mlp"
+    }
+
+    fn cpu_fwd(
+        &self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Mlp { h, k, n, .. } = *self;
+        let x = cpu::f32_slice(s1, l1, "mlp x")?;
+        let (w1, w2) = cpu::f32_slice(s2, l2, "mlp weights")?.split_at(h * k);
+        let (b1, b2) = cpu::f32_slice(s3, l3, "mlp biases")?.split_at(h);
+        let m = x.len() / k.max(1);
+        let pre = cpu_forward(x, w1, b1, (m, h, k));
+        let hidden = gelu::gelu_cpu(&pre);
+        let y = cpu_forward(&hidden, w2, b2, (m, n, h));
+        let keep = |v: Vec<f32>| Tensor::from_vec(v, (m, h), &Device::Cpu);
+        self.saved.keep([keep(pre)?, keep(hidden)?])?;
+        let mut out = l1.dims().to_vec();
+        *out.last_mut().expect("x is at least 1-d") = n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+
+    fn bwd(
+        &self, x: &Tensor, weights: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Mlp { h, k, n, .. } = *self;
+        let [pre, hidden] = self.saved.get()?;
+        let (x, weights) = (x.detach(), weights.detach());
+        let w1 = weights.narrow(0, 0, h * k)?.reshape((h, k))?;
+        let w2 = weights.narrow(0, h * k, n * h)?.reshape((n, h))?;
+        let g = g.contiguous()?.reshape(((), n))?;
+        let (dh, dw2) = cpu_backward(&hidden, &w2, &g)?;
+        let dpre = gelu::gelu_grad(&pre, &dh)?;
+        let (dx, dw1) = cpu_backward(&x, &w1, &dpre)?;
+        let dw = Tensor::cat(&[dw1.flatten_all()?, dw2.flatten_all()?], 0)?;
+        let db = Tensor::cat(&[bias::column_sum(&dpre)?, bias::column_sum(&g)?], 0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
 /// dx = g W and dW = g^T x on the CPU: candle's products, without zero-filling their outputs first.
 fn cpu_backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     let ((n, k), m) = (w.dims2()?, g.dim(0)?);
@@ -149,7 +227,7 @@ fn cpu_backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> 
 
 #[cfg(test)]
 mod tests {
-    use super::super::{linear, linear_gelu, testing::*};
+    use super::super::{linear, linear_gelu, mlp, testing::*};
     use crate::config::Kernels;
     use candle_core::{Device, Result, Tensor, Var};
 
@@ -180,6 +258,45 @@ mod tests {
                 assert_eq!(f.dims(), rf.dims(), "{dims:?} gelu {gelu} {what}");
                 let (_, err) = max_err(f, rf)?;
                 assert!(err < 1e-5, "{dims:?} gelu {gelu} {what}: relative error {err:.2e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The feed-forward sublayer as one node equals the two fused layers to the bit (values and every
+    /// gradient) and the reference composition to 1e-5.
+    #[test]
+    fn mlp_matches_two_layers_bit_for_bit() -> Result<()> {
+        let mut r = rng(14);
+        for (dims, hidden, out) in [(vec![5usize, 3], 4usize, 2usize), (vec![4, 33, 96], 384, 96)] {
+            let k = *dims.last().unwrap();
+            let var = |r: &mut _, d: &[usize], range| Var::from_tensor(&uniform(r, d, range, &Device::Cpu)?);
+            let x = var(&mut r, &dims, 2.0)?;
+            let (w1, b1) = (var(&mut r, &[hidden, k], 0.5)?, var(&mut r, &[hidden], 1.0)?);
+            let (w2, b2) = (var(&mut r, &[out, hidden], 0.5)?, var(&mut r, &[out], 1.0)?);
+            let mut out_dims = dims.clone();
+            *out_dims.last_mut().unwrap() = out;
+            let probe = uniform(&mut r, &out_dims, 1.0, &Device::Cpu)?;
+            let run = |one_node: bool, kernels: Kernels| -> Result<Vec<Tensor>> {
+                let (fc1, fc2) = ((w1.as_tensor(), b1.as_tensor()), (w2.as_tensor(), b2.as_tensor()));
+                let y = if one_node {
+                    mlp(x.as_tensor(), fc1, fc2, kernels)?
+                } else {
+                    linear(&linear_gelu(x.as_tensor(), fc1.0, fc1.1, kernels)?, fc2.0, fc2.1, kernels)?
+                };
+                let g = (&y * &probe)?.sum_all()?.backward()?;
+                let mut all = vec![y];
+                for v in [&x, &w1, &b1, &w2, &b2] {
+                    all.push(g.get(v.as_tensor()).cloned().expect("a gradient"));
+                }
+                Ok(all)
+            };
+            let (one, two, reference) =
+                (run(true, Kernels::Fused)?, run(false, Kernels::Fused)?, run(true, Kernels::Reference)?);
+            for (i, what) in ["y", "dx", "dw1", "db1", "dw2", "db2"].iter().enumerate() {
+                assert_eq!(max_err(&one[i], &two[i])?.0, 0.0, "{dims:?} {what}: not the two layers' bits");
+                let (_, err) = max_err(&one[i], &reference[i])?;
+                assert!(err < 1e-5, "{dims:?} {what}: relative error {err:.2e}");
             }
         }
         Ok(())

@@ -192,6 +192,17 @@ pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor, kernels: Kernels)
     }
 }
 
+/// `linear(gelu(linear(x, w1, b1)), w2, b2)`: the transformer's feed-forward sublayer (BERT's intermediate and
+/// output dense layers, the ViT's fc1 and fc2). Fused on the CPU for f32 as one node, so the backward keeps
+/// the gradient of the hidden layer inside it; otherwise [`linear_gelu`] and [`linear`].
+pub fn mlp(x: &Tensor, fc1: (&Tensor, &Tensor), fc2: (&Tensor, &Tensor), kernels: Kernels) -> Result<Tensor> {
+    let f32s = [x, fc1.0, fc1.1, fc2.0, fc2.1].iter().all(|t| t.dtype() == DType::F32);
+    match kernels {
+        Kernels::Fused if x.device().is_cpu() && f32s && in_place(x) => linear::mlp_fused(x, fc1, fc2),
+        _ => linear(&linear_gelu(x, fc1.0, fc1.1, kernels)?, fc2.0, fc2.1, kernels),
+    }
+}
+
 /// Whether the fused linear layer takes these inputs: x and the weight in one dtype read in place, an f32 bias.
 fn fused_linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
     weight.dtype() == x.dtype() && bias.dtype() == DType::F32 && in_place(x)
