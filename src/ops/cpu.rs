@@ -177,6 +177,13 @@ pub(super) fn map_parts(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f3
     map_rows(out, part, || (), |_, r, rows| f(r * part, rows));
 }
 
+/// [`map_parts`] for an element-wise kernel with two outputs of one length: `f(offset, a_part, b_part)`.
+pub(super) fn map_part_pairs(a: &mut [f32], b: &mut [f32], f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync) {
+    let elems = a.len();
+    let parts: Vec<_> = a.chunks_mut(PART_ELEMS).zip(b.chunks_mut(PART_ELEMS)).enumerate().collect();
+    par_map(parts, elems, || (), |_, (p, (a, b))| f(p * PART_ELEMS, a, b));
+}
+
 /// Rows per block of [`row_sums`] (ROWS_PER_CHUNK of the CUDA column sums).
 const SUM_BLOCK_ROWS: usize = 128;
 

@@ -1,8 +1,10 @@
 //! Fused GELU with the exact (erf) form, `y = x / 2 * (1 + erf(x / sqrt 2))`, and its backward
 //! `dx = g * (Phi(x) + x * phi(x))`. candle's `gelu_erf` calls libm's scalar `erf` per element (8% of the CPU
 //! training step); here erf is Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7) over the
-//! branch-free `cpu::exp`, so the loop vectorises (to the CPU's widest vectors, `cpu::Simd`). CUDA kernels:
-//! kernels/gelu.cu (`erff`; they also read bf16 for a bf16 linear layer's GELU). The op takes f32.
+//! branch-free `cpu::exp`, so the loop vectorises (to the CPU's widest vectors, `cpu::Simd`). A fused
+//! layer ending in GELU keeps the slope its forward computed with the same exp ([`Kept`]), so its backward
+//! is one product and gives the bits of recomputing it. CUDA kernels: kernels/gelu.cu (`erff`; they also read
+//! bf16 for a bf16 linear layer's GELU). The op takes f32.
 
 use super::cpu;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -16,14 +18,17 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2 pi).
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// erf(x), |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26).
+/// `(gelu(x), gelu'(x))`, the slope `Phi(x) + x phi(x)`. One exp serves both: erf(|x| / sqrt 2) in
+/// Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7) multiplies its polynomial by exp(-x^2 / 2), which is
+/// phi(x) * sqrt(2 pi). Callers that need only one of the two let the compiler drop the other.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
-    let a = x.abs();
+fn gelu_and_slope(x: f32) -> (f32, f32) {
+    let a = x.abs() * FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t * (0.254_829_6 + t * (-0.284_496_72 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let e = 1.0 - poly * cpu::exp(-a * a);
-    e.copysign(x)
+    let e = cpu::exp(-a * a);
+    let cdf = 0.5 * (1.0 + (1.0 - poly * e).copysign(x));
+    (x * cdf, cdf + x * INV_SQRT_2PI * e)
 }
 
 cpu::multiversion! {
@@ -32,7 +37,17 @@ cpu::multiversion! {
         // Index loops: iterator adapters may stay out of line, compiled for the baseline.
         let x = &x[..y.len()];
         for i in 0..y.len() {
-            y[i] = 0.5 * x[i] * (1.0 + erf(x[i] * FRAC_1_SQRT_2));
+            y[i] = gelu_and_slope(x[i]).0;
+        }
+    }
+}
+
+cpu::multiversion! {
+    /// `y = gelu(x)` and `d = gelu'(x)` over `y`'s length.
+    fn forward_slope(x: &[f32], y: &mut [f32], d: &mut [f32]) {
+        let (x, d) = (&x[..y.len()], &mut d[..y.len()]);
+        for i in 0..y.len() {
+            (y[i], d[i]) = gelu_and_slope(x[i]);
         }
     }
 }
@@ -42,9 +57,17 @@ cpu::multiversion! {
     fn backward(x: &[f32], g: &[f32], dx: &mut [f32]) {
         let (x, g) = (&x[..dx.len()], &g[..dx.len()]);
         for i in 0..dx.len() {
-            let v = x[i];
-            let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
-            dx[i] = g[i] * (cdf + v * INV_SQRT_2PI * cpu::exp(-0.5 * v * v));
+            dx[i] = g[i] * gelu_and_slope(x[i]).1;
+        }
+    }
+}
+
+cpu::multiversion! {
+    /// `dx = g * d` over `dx`'s length, `d` the slope the forward kept.
+    fn backward_slope(d: &[f32], g: &[f32], dx: &mut [f32]) {
+        let (d, g) = (&d[..dx.len()], &g[..dx.len()]);
+        for i in 0..dx.len() {
+            dx[i] = g[i] * d[i];
         }
     }
 }
@@ -71,20 +94,54 @@ impl CustomOp1 for Gelu {
 }
 
 /// `gelu(x)` on the CPU, on the compute threads.
-pub(super) fn gelu_cpu(x: &[f32]) -> Vec<f32> {
+fn gelu_cpu(x: &[f32]) -> Vec<f32> {
     // SAFETY: map_parts writes every element.
     let mut y = unsafe { cpu::output(x.len()) };
     cpu::map_parts(&mut y, 1, |i, part| forward(&x[i..], part));
     y
 }
 
-/// The gradient at the input `x` of GELU from the gradient `g` of its output (no graph).
-pub(super) fn gelu_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    x.apply_op2_no_bwd(&g.contiguous()?, &GeluBwd)
+/// `(gelu(x), gelu'(x))` on the CPU, on the compute threads: a fused layer's output and what its backward
+/// keeps ([`Kept::Slope`]).
+pub(super) fn gelu_slope_cpu(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    // SAFETY: map_part_pairs writes every element of both.
+    let (mut y, mut d) = unsafe { (cpu::output(x.len()), cpu::output(x.len())) };
+    cpu::map_part_pairs(&mut y, &mut d, |i, y, d| forward_slope(&x[i..], y, d));
+    (y, d)
 }
 
-/// (x, g) -> g * (Phi(x) + x * phi(x)).
-struct GeluBwd;
+/// What the backward of a fused layer ending in GELU reads, kept by its forward.
+#[derive(Clone)]
+pub(super) enum Kept {
+    /// The slope gelu'(x) (CPU), computed with the output's exp: the backward is one product, where
+    /// recomputing erf and phi from x was 4% of the CPU training step.
+    Slope(Tensor),
+    /// The pre-activation x (CUDA, whose kernel recomputes the slope).
+    #[cfg(feature = "cuda")]
+    Input(Tensor),
+}
+
+impl Kept {
+    /// The gradient at the pre-activation from the gradient `g` of the output (no graph).
+    pub(super) fn grad(&self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Kept::Slope(d) => d.apply_op2_no_bwd(&g.contiguous()?, &GeluBwd::Slope),
+            #[cfg(feature = "cuda")]
+            Kept::Input(x) => gelu_grad(x, g),
+        }
+    }
+}
+
+/// The gradient at the input `x` of GELU from the gradient `g` of its output (no graph).
+fn gelu_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(&g.contiguous()?, &GeluBwd::Input)
+}
+
+/// (x, g) -> g * gelu'(x), or (d, g) -> g * d from the kept slope: the same bits.
+enum GeluBwd {
+    Input,
+    Slope,
+}
 
 impl CustomOp2 for GeluBwd {
     fn name(&self) -> &'static str {
@@ -96,9 +153,13 @@ impl CustomOp2 for GeluBwd {
         if x.len() != g.len() {
             candle_core::bail!("gelu backward: gradient {:?} for input {:?}", l2.dims(), l1.dims());
         }
+        let kernel = match self {
+            GeluBwd::Input => backward,
+            GeluBwd::Slope => backward_slope,
+        };
         // SAFETY: map_parts writes every element.
         let mut dx = unsafe { cpu::output(x.len()) };
-        cpu::map_parts(&mut dx, 1, |i, part| backward(&x[i..], &g[i..], part));
+        cpu::map_parts(&mut dx, 1, |i, part| kernel(&x[i..], &g[i..], part));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 
@@ -106,7 +167,10 @@ impl CustomOp2 for GeluBwd {
     fn cuda_fwd(
         &self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::launch("gelu_bwd", (s1, l1), Some((s2, l2)))
+        match self {
+            GeluBwd::Input => gpu::launch("gelu_bwd", (s1, l1), Some((s2, l2))),
+            GeluBwd::Slope => candle_core::bail!("gelu backward: the slope is kept on the CPU only"),
+        }
     }
 }
 
@@ -185,6 +249,19 @@ mod tests {
                 assert!(err < 1e-6, "{dims:?} {what}: relative error {err:.2e}");
             }
         }
+        Ok(())
+    }
+
+    /// The slope a fused layer keeps gives the bits of recomputing it from the input, as does its output.
+    #[test]
+    fn kept_slope_matches_recomputed_bits() -> Result<()> {
+        let mut r = rng(12);
+        let (x, g) = (uniform(&mut r, &[3, 700], 8.0, &Device::Cpu)?, uniform(&mut r, &[3, 700], 1.0, &Device::Cpu)?);
+        let (y, slope) = super::gelu_slope_cpu(&x.flatten_all()?.to_vec1()?);
+        assert_eq!(y, super::gelu_cpu(&x.flatten_all()?.to_vec1()?));
+        let kept = super::Kept::Slope(Tensor::from_vec(slope, x.shape(), &Device::Cpu)?).grad(&g)?;
+        let recomputed = super::gelu_grad(&x, &g)?;
+        assert_eq!(kept.flatten_all()?.to_vec1::<f32>()?, recomputed.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
 }

@@ -8,8 +8,8 @@
 //! in place, the pre-activation kept in bf16, db summed in f32).
 //!
 //! With GELU after it (BERT's intermediate layer, the ViT's fc1) the op outputs `gelu(x W^T + b)` and keeps
-//! the pre-activation itself: as two nodes, the backward zeroed and accumulated a gradient for that
-//! pre-activation too, four times the layer's width, on the driver thread.
+//! GELU's slope itself (the pre-activation on CUDA): as two nodes, the backward zeroed and accumulated a
+//! gradient for that pre-activation too, four times the layer's width, on the driver thread.
 
 use super::bias;
 use super::cpu::{self, Mat};
@@ -25,20 +25,20 @@ pub(super) fn linear_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, gelu: boo
 }
 
 struct Linear {
-    /// With GELU after the product: the pre-activation `x W^T + b`, kept by the forward for the backward.
-    gelu: Option<Saved<Tensor>>,
+    /// With GELU after the product: what GELU's backward reads, kept by the forward.
+    gelu: Option<Saved<gelu::Kept>>,
 }
 
 impl Linear {
-    /// Keeps the pre-activation for the backward.
-    fn keep(&self, pre: Tensor) -> Result<()> {
-        self.gelu.as_ref().map_or(Ok(()), |saved| saved.keep(pre))
+    /// Keeps what GELU's backward reads.
+    fn keep(&self, kept: gelu::Kept) -> Result<()> {
+        self.gelu.as_ref().map_or(Ok(()), |saved| saved.keep(kept))
     }
 
     /// The gradient at the pre-activation from the gradient `g` of the output.
     fn pre_activation_grad(&self, g: &Tensor) -> Result<Tensor> {
         match &self.gelu {
-            Some(saved) => gelu::gelu_grad(&saved.get()?, g),
+            Some(saved) => saved.get()?.grad(g),
             None => Ok(g.clone()),
         }
     }
@@ -86,8 +86,8 @@ impl CustomOp3 for Linear {
         if self.gelu.is_none() {
             return Ok((CpuStorage::F32(y), g.out));
         }
-        let h = gelu::gelu_cpu(&y);
-        self.keep(Tensor::from_vec(y, g.out.clone(), &Device::Cpu)?)?;
+        let (h, slope) = gelu::gelu_slope_cpu(&y);
+        self.keep(gelu::Kept::Slope(Tensor::from_vec(slope, g.out.clone(), &Device::Cpu)?))?;
         Ok((CpuStorage::F32(h), g.out))
     }
 
@@ -108,7 +108,7 @@ impl CustomOp3 for Linear {
         }
         let (h, _) = gelu::gpu::launch("gelu_fwd", (&y, &Layout::contiguous(g.out.clone())), None)?;
         let none = candle_core::op::BackpropOp::none();
-        self.keep(Tensor::from_storage(Storage::Cuda(y), g.out.clone(), none, false))?;
+        self.keep(gelu::Kept::Input(Tensor::from_storage(Storage::Cuda(y), g.out.clone(), none, false)))?;
         Ok((h, g.out))
     }
 
@@ -164,7 +164,7 @@ struct Mlp {
     h: usize,
     k: usize,
     n: usize,
-    /// The pre-activation and the hidden layer [m, h], from the forward.
+    /// GELU's slope and the hidden layer [m, h], from the forward.
     saved: Saved<[Tensor; 2]>,
 }
 
@@ -182,10 +182,10 @@ impl CustomOp3 for Mlp {
         let (b1, b2) = cpu::f32_slice(s3, l3, "mlp biases")?.split_at(h);
         let m = x.len() / k.max(1);
         let pre = cpu_forward(x, w1, b1, (m, h, k));
-        let hidden = gelu::gelu_cpu(&pre);
+        let (hidden, slope) = gelu::gelu_slope_cpu(&pre);
         let y = cpu_forward(&hidden, w2, b2, (m, n, h));
         let keep = |v: Vec<f32>| Tensor::from_vec(v, (m, h), &Device::Cpu);
-        self.saved.keep([keep(pre)?, keep(hidden)?])?;
+        self.saved.keep([keep(slope)?, keep(hidden)?])?;
         let mut out = l1.dims().to_vec();
         *out.last_mut().expect("x is at least 1-d") = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -195,13 +195,13 @@ impl CustomOp3 for Mlp {
         &self, x: &Tensor, weights: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Mlp { h, k, n, .. } = *self;
-        let [pre, hidden] = self.saved.get()?;
+        let [slope, hidden] = self.saved.get()?;
         let (x, weights) = (x.detach(), weights.detach());
         let w1 = weights.narrow(0, 0, h * k)?.reshape((h, k))?;
         let w2 = weights.narrow(0, h * k, n * h)?.reshape((n, h))?;
         let g = g.contiguous()?.reshape(((), n))?;
         let (dh, dw2) = cpu_backward(&hidden, &w2, &g)?;
-        let dpre = gelu::gelu_grad(&pre, &dh)?;
+        let dpre = gelu::Kept::Slope(slope).grad(&dh)?;
         let (dx, dw1) = cpu_backward(&x, &w1, &dpre)?;
         let dw = Tensor::cat(&[dw1.flatten_all()?, dw2.flatten_all()?], 0)?;
         let db = Tensor::cat(&[bias::column_sum(&dpre)?, bias::column_sum(&g)?], 0)?;
