@@ -8,7 +8,9 @@
 //! `dV = (p z)^T dO`, `dp_ij = z_ij (dO_i . v_j)`, `ds_ij = p_ij (dp_ij - D_i)` with
 //! `D_i = sum_j p_ij dp_ij = dO_i . o_i`, `dQ = scale ds K`, `dK = scale ds^T Q`.
 //!
-//! CPU: one head at a time per thread, its [Lq, Lk] tile in scratch and the products by gemm. CUDA: the same
+//! CPU: one head at a time per thread, its [Lq, Lk] tile in scratch and the products by gemm; over short
+//! rows (text) the forward also keeps the probabilities, which the backward then reads instead of
+//! recomputing ([`KEPT_PROBS_MAX_KEYS`]). CUDA: the same
 //! scheme over all heads at once, the products by cuBLAS (batched over B x H; tensor cores in bf16) and the
 //! row passes between them in kernels/attention.cu; a layer's [B, H, Lq, Lk] scores live only during its
 //! forward or backward call. Products done by the row kernels themselves (a warp per row, a shuffle
@@ -205,6 +207,20 @@ struct Attention {
     dropout: Option<AttnDropout>,
     /// From the forward: each query row's log-sum-exp [B, H, Lq] (f32); -inf for a row with no finite logit.
     lse: Saved<Tensor>,
+    /// From the CPU forward over at most [`KEPT_PROBS_MAX_KEYS`] keys: the probabilities before dropout.
+    probs: Saved<Tensor>,
+}
+
+/// Up to this many keys the CPU keeps the probabilities for the backward instead of recomputing them from
+/// the log-sum-exp: on short rows (text, 25 tokens; the tiny preset's 17 image tokens) the recomputing
+/// product and exponentials cost more than the tile's memory, which PyTorch eager keeps at every length.
+/// Longer rows (a ViT-B/16's 197 or 257 image tokens, also the keys of its fusion layers' cross-attention)
+/// are recomputed, as on CUDA.
+const KEPT_PROBS_MAX_KEYS: usize = 64;
+
+/// Whether the CPU forward keeps the probabilities of a call of these sizes.
+fn keeps_probs(dims: Dims) -> bool {
+    dims.lk <= KEPT_PROBS_MAX_KEYS
 }
 
 /// The inputs of the heads on CPU and what every head shares.
@@ -290,10 +306,10 @@ impl HeadArgs<'_> {
         }
     }
 
-    /// Forward of the heads of `block`: writes their output rows [Lq, side * Dh] and returns the rows'
-    /// log-sum-exp, head by head.
+    /// Forward of the heads of `block`: writes their output rows [Lq, side * Dh] (and with `kept` their
+    /// probabilities before dropout, [side, Lq, Lk]) and returns the rows' log-sum-exp, head by head.
     #[inline(always)]
-    fn forward(&self, block: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
+    fn forward(&self, block: usize, out: &mut [f32], s: &mut Vec<f32>, mut kept: Option<&mut [f32]>) -> Vec<f32> {
         let Dims { lq, lk, dh, side, .. } = self.dims;
         let mut lse = Vec::with_capacity(side * lq);
         for j in 0..side {
@@ -301,7 +317,7 @@ impl HeadArgs<'_> {
             self.logits(hh, s);
             let max: Vec<f32> = s.chunks(lk).map(cpu::max).collect();
             self.exp_rows(s, &max);
-            for (i, (row, m)) in s.chunks_mut(lk).zip(max).enumerate() {
+            for (row, m) in s.chunks_mut(lk).zip(max) {
                 if m == f32::NEG_INFINITY {
                     lse.push(m);
                     continue;
@@ -309,8 +325,13 @@ impl HeadArgs<'_> {
                 let sum = cpu::sum(row);
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|x| *x *= inv);
-                self.drop_row(hh, i, row);
                 lse.push(m + sum.ln());
+            }
+            if let Some(kept) = kept.as_deref_mut() {
+                kept[j * lq * lk..(j + 1) * lq * lk].copy_from_slice(s);
+            }
+            for (i, row) in s.chunks_mut(lk).enumerate() {
+                self.drop_row(hh, i, row);
             }
             let w = self.dims.width();
             cpu::matmul(&mut out[j * dh..], w, (lq, dh, lk), Mat::rows(s, lk), Mat::rows(self.head(hh).2, w), 1.0);
@@ -319,27 +340,37 @@ impl HeadArgs<'_> {
     }
 
     /// Backward of the heads of `block` from their output `o`, upstream gradient `go` (rows [Lq, side * Dh])
-    /// and `lse`: writes their dq, dk, dv.
+    /// and `lse`, or the probabilities the forward `kept`: writes their dq, dk, dv.
     #[inline(always)]
-    fn backward(&self, block: usize, (o, go, lse): (&[f32], &[f32], &[f32]), g: HeadGrads, scratch: &mut Scratch) {
+    fn backward(
+        &self, block: usize, (o, go, lse): (&[f32], &[f32], &[f32]), kept: Option<&[f32]>, g: HeadGrads,
+        scratch: &mut Scratch,
+    ) {
         let Dims { lq, lk, dh, side, .. } = self.dims;
         let w = self.dims.width();
-        let Scratch { p, pz } = scratch;
+        let Scratch { p: recomputed, pz } = scratch;
         for j in 0..side {
             let hh = block * side + j;
             let (qh, kh, vh) = self.head(hh);
             let (oh, goh) = (&o[j * dh..], &go[j * dh..]);
-            self.logits(hh, p);
-            self.exp_rows(p, &lse[j * lq..(j + 1) * lq]);
+            let p: &[f32] = match kept {
+                Some(kept) => &kept[j * lq * lk..(j + 1) * lq * lk],
+                None => {
+                    self.logits(hh, recomputed);
+                    self.exp_rows(recomputed, &lse[j * lq..(j + 1) * lq]);
+                    recomputed
+                }
+            };
             // dV = (p z)^T dO.
             let dropped = if self.dropout.is_some() {
-                pz.clone_from(p);
+                pz.clear();
+                pz.extend_from_slice(p);
                 for (i, row) in pz.chunks_mut(lk).enumerate() {
                     self.drop_row(hh, i, row);
                 }
                 &pz[..]
             } else {
-                &p[..]
+                p
             };
             cpu::matmul(&mut g.dv[j * dh..], w, (lk, dh, lq), Mat::transposed(dropped, lk), Mat::rows(goh, w), 1.0);
             pz.resize(lq * lk, 0.0);
@@ -359,17 +390,20 @@ impl HeadArgs<'_> {
 
 cpu::multiversion! {
     /// [`HeadArgs::forward`] at the CPU's vector width.
-    fn block_forward(args: &HeadArgs<'_>, block: usize, out: &mut [f32], s: &mut Vec<f32>) -> Vec<f32> {
-        args.forward(block, out, s)
+    fn block_forward(
+        args: &HeadArgs<'_>, block: usize, out: &mut [f32], s: &mut Vec<f32>, kept: Option<&mut [f32]>,
+    ) -> Vec<f32> {
+        args.forward(block, out, s, kept)
     }
 }
 
 cpu::multiversion! {
     /// [`HeadArgs::backward`] at the CPU's vector width.
     fn block_backward(
-        args: &HeadArgs<'_>, block: usize, rows: (&[f32], &[f32], &[f32]), grads: HeadGrads<'_>, scratch: &mut Scratch,
+        args: &HeadArgs<'_>, block: usize, rows: (&[f32], &[f32], &[f32]), kept: Option<&[f32]>,
+        grads: HeadGrads<'_>, scratch: &mut Scratch,
     ) {
-        args.backward(block, rows, grads, scratch)
+        args.backward(block, rows, kept, grads, scratch)
     }
 }
 
@@ -386,7 +420,8 @@ impl Attention {
             }
             None => None,
         };
-        Ok(Attention { scale: scale as f32, mask, dropout, lse: Saved::new("attention") })
+        let (lse, probs) = (Saved::new("attention"), Saved::new("attention"));
+        Ok(Attention { scale: scale as f32, mask, dropout, lse, probs })
     }
 
     fn dropout_consts(&self) -> Option<(u64, u32, f32)> {
@@ -418,11 +453,22 @@ impl Attention {
         let k = cpu::f32_slice(s2, l2, "attention k")?;
         let v = cpu::f32_slice(s3, l3, "attention v")?;
         let (out, lse) = self.with_cpu_args(dims, [q, k, v], |args| {
-            let Dims { lq, lk, .. } = dims;
-            // SAFETY: every block's forward writes its output rows in full.
+            let Dims { lq, lk, side, .. } = dims;
+            // SAFETY: every block's forward writes its output rows in full, and its probabilities if kept.
             let mut out = unsafe { cpu::output(q.len()) };
-            let blocks: Vec<(usize, &mut [f32])> = out.chunks_mut(lq * dims.width()).enumerate().collect();
-            let lse = cpu::par_map(blocks, dims.bh() * lq * lk, Vec::new, |s, (b, o)| block_forward(args, b, o, s));
+            let mut probs = keeps_probs(dims).then(|| unsafe { cpu::output(dims.bh() * lq * lk) });
+            let block_probs = (side * lq * lk).max(1);
+            let kept: Vec<Option<&mut [f32]>> = match &mut probs {
+                Some(p) => p.chunks_mut(block_probs).map(Some).collect(),
+                None => (0..dims.bh() / side).map(|_| None).collect(),
+            };
+            let blocks: Vec<_> = out.chunks_mut(lq * dims.width()).zip(kept).enumerate().collect();
+            let lse = cpu::par_map(blocks, dims.bh() * lq * lk, Vec::new, |s, (b, (o, kept))| {
+                block_forward(args, b, o, s, kept)
+            });
+            if let Some(p) = probs {
+                self.probs.keep(Tensor::from_vec(p, dims.scores(), &Device::Cpu)?)?;
+            }
             Ok((out, lse.concat()))
         })?;
         self.lse.keep(Tensor::from_vec(lse, (dims.b, dims.h, dims.lq), &Device::Cpu)?)?;
@@ -433,13 +479,16 @@ impl Attention {
     fn cpu_backward(&self, dims: Dims, [q, k, v, o]: [&Tensor; 4], go: &Tensor) -> Result<[Tensor; 3]> {
         let go = go.to_dtype(DType::F32)?.contiguous()?;
         let lse = self.lse.get()?;
-        let guards = [q, k, v, o, &go, &lse].map(|t| t.storage_and_layout());
+        // Without kept probabilities the log-sum-exp stands in, unread.
+        let probs = if keeps_probs(dims) { self.probs.get()? } else { lse.clone() };
+        let guards = [q, k, v, o, &go, &lse, &probs].map(|t| t.storage_and_layout());
         let slice = |i: usize, what: &str| match &*guards[i].0 {
             Storage::Cpu(s) => cpu::f32_slice(s, guards[i].1, what),
             _ => bail!("attention backward: {what} is not on the CPU"),
         };
         let (qs, ks, vs) = (slice(0, "q")?, slice(1, "k")?, slice(2, "v")?);
         let (os, gs, ls) = (slice(3, "output")?, slice(4, "gradient")?, slice(5, "log-sum-exp")?);
+        let ps = keeps_probs(dims).then(|| slice(6, "probabilities")).transpose()?;
         self.with_cpu_args(dims, [qs, ks, vs], |args| {
             let Dims { lq, lk, side, .. } = dims;
             let w = dims.width();
@@ -456,7 +505,8 @@ impl Attention {
             cpu::par_map(blocks, dims.bh() * lq * lk * 2, Scratch::default, |scratch, (b, g)| {
                 let rows = b * lq * w..(b + 1) * lq * w;
                 let block = (&os[rows.clone()], &gs[rows], &ls[b * side * lq..(b + 1) * side * lq]);
-                block_backward(args, b, block, g, scratch)
+                let kept = ps.map(|p| &p[b * side * lq * lk..(b + 1) * side * lq * lk]);
+                block_backward(args, b, block, kept, g, scratch)
             });
             let tensor = |d: Vec<f32>, t: &Tensor| Tensor::from_vec(d, t.shape(), &Device::Cpu);
             Ok([tensor(dq, q)?, tensor(dk, k)?, tensor(dv, v)?])
@@ -751,7 +801,8 @@ mod tests {
     fn matches_reference_forward_and_gradients() -> Result<()> {
         let mut r = rng(21);
         // (B, H, Lq, Lk, Dh): text self-attention, cross-attention to image tokens, a ViT, odd sizes, and
-        // enough heads to spread over the thread pool.
+        // enough heads to spread over the thread pool; 257 keys are past KEPT_PROBS_MAX_KEYS, so the
+        // backward recomputes the probabilities there and reads the kept ones elsewhere.
         for (b, h, lq, lk, dh) in
             [(1, 1, 1, 1, 1), (2, 3, 5, 7, 4), (3, 4, 25, 25, 16), (2, 2, 9, 257, 32), (4, 12, 50, 50, 64)]
         {
