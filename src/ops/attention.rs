@@ -479,16 +479,16 @@ impl Attention {
     fn cpu_backward(&self, dims: Dims, [q, k, v, o]: [&Tensor; 4], go: &Tensor) -> Result<[Tensor; 3]> {
         let go = go.to_dtype(DType::F32)?.contiguous()?;
         let lse = self.lse.get()?;
-        // Without kept probabilities the log-sum-exp stands in, unread.
-        let probs = if keeps_probs(dims) { self.probs.get()? } else { lse.clone() };
-        let guards = [q, k, v, o, &go, &lse, &probs].map(|t| t.storage_and_layout());
+        let probs = keeps_probs(dims).then(|| self.probs.get()).transpose()?;
+        let guards: Vec<_> =
+            [q, k, v, o, &go, &lse].into_iter().chain(&probs).map(|t| t.storage_and_layout()).collect();
         let slice = |i: usize, what: &str| match &*guards[i].0 {
             Storage::Cpu(s) => cpu::f32_slice(s, guards[i].1, what),
             _ => bail!("attention backward: {what} is not on the CPU"),
         };
         let (qs, ks, vs) = (slice(0, "q")?, slice(1, "k")?, slice(2, "v")?);
         let (os, gs, ls) = (slice(3, "output")?, slice(4, "gradient")?, slice(5, "log-sum-exp")?);
-        let ps = keeps_probs(dims).then(|| slice(6, "probabilities")).transpose()?;
+        let ps = probs.is_some().then(|| slice(6, "probabilities")).transpose()?;
         self.with_cpu_args(dims, [qs, ks, vs], |args| {
             let Dims { lq, lk, side, .. } = dims;
             let w = dims.width();
