@@ -1,6 +1,7 @@
 //! Never lose a run: the real binary under non-finite gradients, a second process and an earlier run in
 //! the same folder, SIGINT / SIGTERM, resumes with other settings or a torn log, bad numbers in the
-//! config, and checkpoints that do not fit the config or are damaged.
+//! config, precision settings the CPU cannot honour, and checkpoints that do not fit the config or are
+//! damaged.
 
 mod common;
 use alignfuse::config::Config;
@@ -259,6 +260,21 @@ fn resume_names_changed_settings_and_survives_a_torn_log() {
 
 /// Every numeric key set to 0 and to -1: an error naming the key, or (where 0 is a legitimate value) a
 /// training step; never a panic.
+/// Reduced precision on the CPU trains, and says what it costs there rather than running 15x slower
+/// (bf16) or pretending (tf32) in silence; fp32 says nothing.
+#[test]
+fn cpu_precision_settings_say_what_they_do() {
+    for (precision, says) in [("bf16", Some("15x slower")), ("tf32", Some("the same as fp32")), ("fp32", None)] {
+        let case = Case::new(&format!("rel-precision-{precision}"), &[&format!("train.precision={precision}")]);
+        let o = case.run(&["--max-steps", "1"], &[]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{precision}: {err}");
+        let warned = err.contains(&format!("train.precision = \"{precision}\" on the CPU"));
+        assert_eq!(warned, says.is_some(), "{precision}: {err}");
+        assert!(says.is_none_or(|s| err.contains(s)), "{precision}: {err}");
+    }
+}
+
 #[test]
 fn every_numeric_key_at_zero_and_minus_one_is_an_error_or_trains() {
     let table = toml::Table::try_from(Config::default()).unwrap();
