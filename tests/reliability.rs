@@ -258,8 +258,6 @@ fn resume_names_changed_settings_and_survives_a_torn_log() {
     assert!(stderr(&o).contains("nothing to train"), "{}", stderr(&o));
 }
 
-/// Every numeric key set to 0 and to -1: an error naming the key, or (where 0 is a legitimate value) a
-/// training step; never a panic.
 /// Reduced precision on the CPU trains, and says what it costs there rather than running 15x slower
 /// (bf16) or pretending (tf32) in silence; fp32 says nothing.
 #[test]
@@ -275,6 +273,8 @@ fn cpu_precision_settings_say_what_they_do() {
     }
 }
 
+/// Every numeric key set to 0 and to -1: an error naming the key, or (where 0 is a legitimate value) a
+/// training step; never a panic.
 #[test]
 fn every_numeric_key_at_zero_and_minus_one_is_an_error_or_trains() {
     let table = toml::Table::try_from(Config::default()).unwrap();

@@ -64,15 +64,19 @@ impl Setup {
         // TF32 tensor-core matmuls for f32 (a process-wide cuBLAS setting; nothing on the CPU).
         candle_core::cuda::set_gemm_reduced_precision_f32(cfg.train.precision == Precision::Tf32);
         // The CPU has no bf16 matmul kernels (candle converts element by element) and no TF32 mode.
-        match cfg.train.precision {
-            Precision::Bf16 if device.is_cpu() => eprintln!(
-                "train.precision = \"bf16\" on the CPU: steps run about 15x slower than in fp32 (no bf16 matmul \
-                 kernels there); set train.precision = \"fp32\" for CPU runs"
-            ),
-            Precision::Tf32 if device.is_cpu() => {
-                eprintln!("train.precision = \"tf32\" on the CPU: the same as fp32 (TF32 is a GPU tensor-core mode)")
+        if device.is_cpu() {
+            match cfg.train.precision {
+                Precision::Bf16 => eprintln!(
+                    "train.precision = \"bf16\" on the CPU: steps run about 15x slower than in fp32 (no bf16 \
+                     matmul kernels there); set train.precision = \"fp32\" for CPU runs"
+                ),
+                Precision::Tf32 => {
+                    eprintln!(
+                        "train.precision = \"tf32\" on the CPU: the same as fp32 (TF32 is a GPU tensor-core mode)"
+                    )
+                }
+                Precision::Fp32 => {}
             }
-            _ => {}
         }
         let tok = Arc::new(crate::data::train_tokenizer(&cfg)?);
         let data = crate::data::train_data(&cfg)?;
