@@ -324,6 +324,16 @@ pub enum Select {
     Itc,
 }
 
+impl Select {
+    /// The r_mean it picks by, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Select::Rerank => "re-ranked",
+            Select::Itc => "ITC-only",
+        }
+    }
+}
+
 /// Retrieval evaluation (the COCO/Flickr protocol).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

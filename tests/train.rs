@@ -3,6 +3,7 @@
 
 mod common;
 use alignfuse::config::OnNonFinite;
+use alignfuse::eval::EvalInputs;
 use alignfuse::train::log::{read_records, Record};
 use alignfuse::train::{checkpoint, train, TrainOptions};
 use common::{micro_config, same, scratch, steps};
@@ -165,26 +166,43 @@ fn itm_alone_overfits_one_batch() {
 }
 
 /// `train.select` names the validation r_mean that marks `best`: the link follows the epoch with the
-/// highest value of that number (the first of equal ones).
+/// highest value of that number (the first of equal ones), and the run reports the test split at that
+/// checkpoint (what ALBEF reports) besides the last epoch's: the same numbers `eval` gives on it. With
+/// one epoch the last is the best, measured once and logged as the final `test` all the same.
 #[test]
 fn best_follows_the_selected_validation_r_mean() {
-    for (select, key) in [("itc", "itc"), ("rerank", "rerank")] {
-        let out = scratch(&format!("select-{select}"));
-        let cfg = micro_config(&[&format!("train.select={select}"), "train.epochs=3"]);
+    for (select, key, epochs) in [("itc", "itc", 3), ("rerank", "rerank", 3), ("rerank", "rerank", 1)] {
+        let out = scratch(&format!("select-{select}-{epochs}"));
+        let cfg = micro_config(&[&format!("train.select={select}"), &format!("train.epochs={epochs}")]);
         let opts = TrainOptions { out: out.clone(), resume: None, max_steps: None, label: None, overwrite: false };
-        train(cfg, &opts).unwrap();
-        let mut best: Option<(f64, usize)> = None;
+        let summary = train(cfg.clone(), &opts).unwrap();
+        let (mut best, mut final_tests): (Option<(f64, usize)>, Vec<usize>) = (None, vec![]);
         for r in read_records(&out.join("log.jsonl")).unwrap() {
             if let Record::Eval { split, step, metrics, .. } = r {
                 let r_mean = metrics[key]["r_mean"].as_f64().unwrap();
                 if split == "val" && best.is_none_or(|(b, _)| r_mean > b) {
                     best = Some((r_mean, step));
                 }
+                if split == "test" {
+                    final_tests.push(step);
+                }
             }
         }
+        assert_eq!(final_tests, [summary.steps], "{select}");
         let (_, step) = best.unwrap();
         let link = std::fs::read_link(out.join("checkpoints/best")).unwrap();
         assert_eq!(link, Path::new(&format!("step-{step:07}")), "{select}");
+
+        let at_best = summary.test_at_best.expect("a test split at the best checkpoint");
+        assert_eq!(at_best.step, step, "{select}");
+        let test_ann = out.join("data/synth-n64-seed42/test.json");
+        let eval = |ckpt: &str| {
+            let r = EvalInputs::load(cfg.clone(), &out.join(ckpt), &test_ann).unwrap().evaluate().unwrap();
+            (r.itc, r.rerank)
+        };
+        assert_eq!((at_best.report.itc, at_best.report.rerank), eval("checkpoints/best"), "{select}");
+        let last = summary.test.expect("a test split at the last epoch");
+        assert_eq!((last.itc, last.rerank), eval("checkpoints/latest"), "{select}");
     }
 }
 

@@ -131,7 +131,8 @@ impl Run {
                     })?;
                     match split.as_str() {
                         "val" => val.push(EpochEval { epoch, metrics: m }),
-                        _ => test = Some(m),
+                        "test" => test = Some(m),
+                        _ => {}
                     }
                 }
             }

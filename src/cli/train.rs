@@ -8,6 +8,7 @@ use anyhow::Result;
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = Config::load(&args.cfg.config, &args.cfg.set)?;
+    let select = cfg.train.select;
     let dist = crate::dist::current(&cfg.device)?;
     let opts = TrainOptions {
         out: args.out.clone(),
@@ -41,8 +42,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if s.skipped_steps + s.skipped_images > 0 {
         println!("skipped: {} non-finite steps, {} bad images or samples", s.skipped_steps, s.skipped_images);
     }
-    if let Some(t) = &s.test {
-        println!("\ntest retrieval:\n{t}");
+    let by = format!("the best by {} validation r_mean, train.select", select.describe());
+    match (&s.test, &s.test_at_best) {
+        (Some(t), Some(b)) if b.step == s.steps => println!("\ntest retrieval (the last epoch, also {by}):\n{t}"),
+        (Some(t), Some(b)) => {
+            println!("\ntest retrieval at the last epoch:\n{t}");
+            let at = format!("epoch {} (step {}), {by}; ALBEF reports this one", b.epoch, b.step);
+            println!("\ntest retrieval at the `best` checkpoint, {at}:\n{}", b.report);
+        }
+        (Some(t), None) => println!("\ntest retrieval:\n{t}"),
+        (None, _) => {}
     }
     let summary = s.save(&args.out)?;
     println!("log: {}  summary: {}", args.out.join("log.jsonl").display(), summary.display());

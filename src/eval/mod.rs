@@ -19,7 +19,7 @@ use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics::{GroundTruth, Metrics};
 use rerank::{rerank, reranked_standings, RerankOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sims::itc_pass;
 use std::fmt;
 use std::path::Path;
@@ -49,7 +49,7 @@ impl EvalInputs {
 }
 
 /// Everything one evaluation measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RetrievalReport {
     /// Ranked by ITC cosine similarity alone.
     pub itc: Metrics,
@@ -71,7 +71,7 @@ pub struct RetrievalReport {
 }
 
 /// Wall-clock seconds of each stage.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Timings {
     pub embed_s: f64,
     pub itc_s: f64,

@@ -26,6 +26,9 @@ pub struct TrainState {
     pub seed: u64,
     /// Validation r_mean (the one `train.select` names) of the best checkpoint so far.
     pub best_r_mean: Option<f64>,
+    /// The test split evaluated at that checkpoint: the figure ALBEF reports.
+    #[serde(default)]
+    pub best_test: Option<BestTest>,
     /// Non-finite steps skipped (`on_nonfinite = "skip"`) and images skipped (`on_bad_image = "skip"`).
     pub skipped_steps: usize,
     pub skipped_images: usize,
@@ -37,6 +40,14 @@ pub struct TrainState {
     #[serde(default = "one")]
     pub world_size: usize,
     pub config: Config,
+}
+
+/// The test retrieval of the epoch (0-based) whose validation r_mean marked `best`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BestTest {
+    pub epoch: usize,
+    pub step: usize,
+    pub report: crate::eval::RetrievalReport,
 }
 
 fn one() -> usize {
@@ -53,6 +64,7 @@ impl TrainState {
             batch_in_epoch: 0,
             seed: cfg.seed,
             best_r_mean: None,
+            best_test: None,
             skipped_steps: 0,
             skipped_images: 0,
             stream: None,

@@ -55,7 +55,10 @@ pub struct TrainSummary {
     pub resumed_from: Option<usize>,
     pub last: Option<StepRecord>,
     pub val: Option<RetrievalReport>,
+    /// The test split at the last epoch.
     pub test: Option<RetrievalReport>,
+    /// The test split at the `best` checkpoint (`train.select`), as ALBEF reports it.
+    pub test_at_best: Option<checkpoint::BestTest>,
     pub checkpoint: PathBuf,
     pub skipped_steps: usize,
     pub skipped_images: usize,
@@ -99,11 +102,17 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         if !trainer.epoch()? {
             break;
         }
-        val_report = trainer.end_epoch(val.as_ref())?.or(val_report);
+        val_report = trainer.end_epoch(val.as_ref(), test.as_ref())?.or(val_report);
         trainer.stop_if_interrupted(false)?;
     }
-    let test_report = match (&test, trainer.state.epoch >= cfg.train.epochs) {
-        (Some(t), true) => Some(trainer.evaluate("test", t)?),
+    let finished = trainer.state.epoch >= cfg.train.epochs;
+    let test_report = match (&test, &trainer.state.best_test) {
+        // The last epoch was the best: its test retrieval is already measured.
+        (Some(_), Some(b)) if finished && b.step == trainer.state.step => {
+            trainer.log.eval("test", b.epoch, b.step, serde_json::to_value(&b.report)?)?;
+            Some(b.report.clone())
+        }
+        (Some(t), _) if finished => Some(trainer.evaluate("test", t)?),
         _ => None,
     };
     trainer.log.finish();
@@ -115,6 +124,7 @@ pub fn train(cfg: Config, opts: &TrainOptions) -> Result<TrainSummary> {
         last: trainer.last,
         val: val_report,
         test: test_report,
+        test_at_best: trainer.state.best_test.clone().filter(|_| finished),
         checkpoint: std::fs::canonicalize(&latest).unwrap_or(latest),
         skipped_steps: trainer.state.skipped_steps,
         skipped_images: trainer.state.skipped_images,
@@ -325,18 +335,23 @@ impl Trainer {
     }
 
     /// Closes the epoch: validation (when a split is configured) and a checkpoint, marked `best` when
-    /// the validation r_mean `train.select` names improved.
-    fn end_epoch(&mut self, val: Option<&RetrievalSet>) -> Result<Option<RetrievalReport>> {
+    /// the validation r_mean `train.select` names improved. A new `best` also evaluates the test split
+    /// (ALBEF evaluates it every epoch and reports the best epoch's), kept in the run's state.
+    fn end_epoch(
+        &mut self, val: Option<&RetrievalSet>, test: Option<&RetrievalSet>,
+    ) -> Result<Option<RetrievalReport>> {
         self.state.epoch += 1;
         self.state.batch_in_epoch = 0;
         self.state.stream = None;
         let report = val.map(|v| self.evaluate("val", v)).transpose()?;
         let is_best = match &report {
             Some(r) => {
-                let (r_mean, what) = match self.setup.cfg.train.select {
-                    Select::Rerank => (r.rerank.r_mean, "re-ranked"),
-                    Select::Itc => (r.itc.r_mean, "ITC-only"),
+                let select = self.setup.cfg.train.select;
+                let r_mean = match select {
+                    Select::Rerank => r.rerank.r_mean,
+                    Select::Itc => r.itc.r_mean,
                 };
+                let what = select.describe();
                 let best = self.state.best_r_mean.is_none_or(|b| r_mean > b);
                 if best {
                     self.state.best_r_mean = Some(r_mean);
@@ -346,6 +361,11 @@ impl Trainer {
             }
             None => false,
         };
+        if let (true, Some(t)) = (is_best, test) {
+            let report = self.evaluate("test_at_best", t)?;
+            let (epoch, step) = (self.state.epoch - 1, self.state.step);
+            self.state.best_test = Some(checkpoint::BestTest { epoch, step, report });
+        }
         self.save(is_best)?;
         Ok(report)
     }
