@@ -29,7 +29,8 @@ pub struct StepRecord {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Record {
     Step(StepRecord),
-    /// Retrieval metrics of a split (`val` after each epoch, `test_at_best` when it marks a new `best`, `test` at the end).
+    /// Retrieval metrics of a split: `val` after each epoch, `test_at_best` after an epoch that became
+    /// `best`, `test` at the end.
     Eval {
         split: String,
         epoch: usize,
