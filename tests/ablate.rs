@@ -5,7 +5,7 @@ mod common;
 use alignfuse::ablate::run::{EpochEval, EvalMetrics, RunResult};
 use alignfuse::ablate::variants::{parse, parse_list, DEFAULT};
 use alignfuse::ablate::{plot, report};
-use alignfuse::config::EvalConfig;
+use alignfuse::config::{EvalConfig, Select};
 use alignfuse::eval::metrics::Metrics;
 use alignfuse::train::log::StepRecord;
 use common::{micro_config, scratch};
@@ -125,6 +125,7 @@ fn fake_run(variant: &str, seed: u64, level: f64, itm: bool) -> RunResult {
         last: Some(last),
         split: Some("test".into()),
         final_eval: Some(eval(3)),
+        best: Some(EpochEval { epoch: 1, metrics: eval(1) }),
         val: (0..3).map(|epoch| EpochEval { epoch, metrics: eval(epoch) }).collect(),
         loss,
     }
@@ -156,6 +157,7 @@ fn report_and_plots_from_fixed_results() {
         seeds: vec![1, 2],
         planned_runs: 4,
         eval: EvalConfig::default(),
+        select: Select::Rerank,
         eval_ann: Some("test.json".into()),
         loss_plot: "loss.png".into(),
         val_plot: "val.png".into(),
@@ -171,6 +173,13 @@ fn report_and_plots_from_fixed_results() {
     assert!(itc_row.contains("| – |"), "no itm loss: {itc_row}");
     let full_row = table.lines().find(|l| l.starts_with("| `full`")).unwrap();
     assert!(full_row.contains("| `full` | 1 | 46.0 |") && full_row.contains("1m 40s"), "{full_row}");
+    // r_mean and ITC r_mean of the last epoch (level + 2 * 3 + 10, level + 3 + 10), then at `best`, epoch 1.
+    assert!(full_row.contains("| 56.0 | 53.0 | 52.0 | 51.0 |"), "{full_row}");
+    assert!(itc_row.contains("| 34.0 ± 2.8 | 33.0 ± 2.8 |"), "{itc_row}");
+    assert!(
+        md.contains("the highest re-ranked validation r_mean") && md.contains("| `full` | 1 | 120 | test | 1 |"),
+        "{md}"
+    );
     assert!(md.contains("![training loss](loss.png)") && md.contains("moving average over 4 steps"));
     assert!(md.contains("sample standard deviation"));
     // Chance over 100 images: IR R@1/5/10 = 1, 5, 10 %; TR = 1 - 0.99^K = 1, 4.90, 9.56 %.
@@ -238,6 +247,11 @@ fn end_to_end_skips_finished_and_resumes_interrupted() {
     assert_eq!(full["steps"], 16);
     assert!(full["final_eval"]["rerank"]["r_mean"].is_number());
     assert_eq!(full["val"].as_array().unwrap().len(), 2);
+    // The test split at `best` is the trainer's, from summary.json.
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("runs/full/summary.json")).unwrap()).unwrap();
+    assert_eq!(full["best"]["epoch"], summary["test_at_best"]["epoch"]);
+    assert_eq!(full["best"]["rerank"], summary["test_at_best"]["report"]["rerank"]);
     assert_eq!(r1["variants"][0]["runs"][0]["last"]["itm"], Value::Null, "itc trains no ITM");
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("| `itc` † | 1 |") && report.contains("| `full` | 1 |"), "{report}");

@@ -57,6 +57,7 @@ pub fn ablate(opts: &AblateOptions) -> Result<Ablation> {
         seeds: (0..opts.seeds as u64).map(|k| base.seed + k).collect(),
         planned_runs: runs.len(),
         eval: base.eval.clone(),
+        select: base.train.select,
         eval_ann: base.data.test_ann.clone().or(base.data.val_ann.clone()),
         loss_plot: LOSS_PLOT.into(),
         val_plot: VAL_PLOT.into(),
@@ -101,11 +102,19 @@ fn write_outputs(out: &Path, meta: &Meta, variants: &[Variant], results: &[RunRe
     report::write(out, &Meta { loss_window, ..meta.clone() }, variants, results)
 }
 
-/// ": test r_mean 45.1 (ITC only 40.2)", or nothing without an evaluation.
+/// ": test r_mean 45.1 (ITC only 40.2); at `best` (epoch 4) 46.0 (ITC only 41.3)", or nothing without an
+/// evaluation.
 fn headline(r: &RunResult) -> String {
-    match (&r.split, &r.final_eval) {
+    let last = match (&r.split, &r.final_eval) {
         (Some(split), Some(e)) => format!(": {split} r_mean {:.1} (ITC only {:.1})", e.rerank.r_mean, e.itc.r_mean),
-        _ => String::new(),
+        _ => return String::new(),
+    };
+    match &r.best {
+        Some(b) => format!(
+            "{last}; at `best` (epoch {}) {:.1} (ITC only {:.1})",
+            b.epoch, b.metrics.rerank.r_mean, b.metrics.itc.r_mean
+        ),
+        None => last,
     }
 }
 

@@ -5,7 +5,7 @@
 use super::progress::duration;
 use super::run::RunResult;
 use super::variants::Variant;
-use crate::config::{EvalConfig, RerankScore};
+use crate::config::{EvalConfig, RerankScore, Select};
 use crate::eval::metrics::Metrics;
 use anyhow::Result;
 use serde::Serialize;
@@ -21,6 +21,8 @@ pub struct Meta {
     pub seeds: Vec<u64>,
     pub planned_runs: usize,
     pub eval: EvalConfig,
+    /// What picks the `best` checkpoint.
+    pub select: Select,
     /// The annotation file of the final evaluation (test, else val).
     pub eval_ann: Option<PathBuf>,
     /// File names of the plots, beside the report.
@@ -62,6 +64,8 @@ fn columns(runs: &[RunResult]) -> Vec<Column> {
         recall("ir_r10", "IR@10", |m| m.ir_r10),
         recall("r_mean", "r_mean", |m| m.r_mean),
         Column::new("itc_r_mean", "ITC r_mean", |r| r.final_eval.map(|e| e.itc.r_mean), pct),
+        Column::new("best_r_mean", "r_mean at best", |r| r.best.as_ref().map(|b| b.metrics.rerank.r_mean), pct),
+        Column::new("best_itc_r_mean", "ITC at best", |r| r.best.as_ref().map(|b| b.metrics.itc.r_mean), pct),
     ];
     let losses: BTreeSet<&String> = runs.iter().filter_map(|r| r.last.as_ref()).flat_map(|s| s.losses.keys()).collect();
     for name in losses {
@@ -224,15 +228,18 @@ ITM re-ranked and ITC only:\n\n![validation r_mean]({})\n",
         meta.loss_plot,
         meta.val_plot
     );
-    md.push_str("## Runs\n\n| run | seed | steps | final split | directory |\n|---|---:|---:|---|---|\n");
+    md.push_str(
+        "## Runs\n\n| run | seed | steps | final split | best epoch | directory |\n|---|---:|---:|---|---:|---|\n",
+    );
     for r in runs {
         let _ = writeln!(
             md,
-            "| `{}` | {} | {} | {} | {}{} |",
+            "| `{}` | {} | {} | {} | {} | {}{} |",
             r.variant,
             r.seed,
             r.steps,
             r.split.as_deref().unwrap_or("–"),
+            r.best.as_ref().map_or("–".to_string(), |b| b.epoch.to_string()),
             r.dir.display(),
             if r.reused { " (finished earlier)" } else { "" }
         );
@@ -247,6 +254,15 @@ fn notes(meta: &Meta, groups: &[(&Variant, Vec<&RunResult>)], runs: &[RunResult]
         "- R@K in %, after ITM re-ranking; r_mean is the mean of the six R@K. ITC r_mean: ranked by ITC \
 similarity alone.\n",
     );
+    if runs.iter().any(|r| r.best.is_some()) {
+        let _ = writeln!(
+            md,
+            "- r_mean at best, ITC at best: the test split at the `best` checkpoint, the epoch of the highest {} \
+validation r_mean (`train.select`), as ALBEF reports retrieval; its epoch is under Runs. The other columns are \
+the last epoch's.",
+            meta.select.describe()
+        );
+    }
     if runs.iter().any(|r| !r.itm) {
         md.push_str(
             "- † no ITM objective: the ITM head stays at its random initialisation, so the re-ranked columns \

@@ -156,6 +156,7 @@ impl Run {
             last: steps.pop(),
             split,
             final_eval,
+            best: summary.test_at_best.map(|b| EpochEval { epoch: b.epoch, metrics: b.report }),
             val,
         })
     }
@@ -168,6 +169,16 @@ struct SummaryTimes {
     wall_s: f64,
     #[serde(default)]
     resumed_from: Option<usize>,
+    /// Absent in summaries written before the trainer evaluated the test split at `best`.
+    #[serde(default)]
+    test_at_best: Option<BestTest>,
+}
+
+/// summary.json's `test_at_best`, its step left out.
+#[derive(Deserialize)]
+struct BestTest {
+    epoch: usize,
+    report: EvalMetrics,
 }
 
 /// What one finished run measured.
@@ -192,6 +203,9 @@ pub struct RunResult {
     /// The split of `final_eval`: `test`, or `val` (the last epoch's) when no test set is configured.
     pub split: Option<String>,
     pub final_eval: Option<EvalMetrics>,
+    /// The test split at the checkpoint `train.select` chose on validation (what ALBEF reports), and its
+    /// epoch; none without a test set.
+    pub best: Option<EpochEval>,
     /// Validation after each epoch (0-based).
     pub val: Vec<EpochEval>,
     /// (step, total loss) of every optimiser step.
