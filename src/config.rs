@@ -282,7 +282,8 @@ pub struct TrainConfig {
     /// Stop after this many optimiser steps in a row were skipped for non-finite losses or gradients
     /// (with `on_nonfinite = "skip"`): a run that keeps diverging is not recovering.
     pub max_consecutive_skips: usize,
-    /// `"rerank"` (ALBEF) or `"itc"`: the validation r_mean that marks a checkpoint `best`.
+    /// `"rerank"` (ALBEF) or `"itc"`: the validation r_mean that marks a checkpoint `best` (always ITC-only
+    /// with `objectives.itm = false`: see [`Config::select`]).
     pub select: Select,
     /// `"fp32"`, `"tf32"` (fp32 storage, TF32 tensor-core matmuls on CUDA; the same as fp32 on the CPU) or
     /// `"bf16"` (torch.autocast's rules: linear layers and attention in bf16 with bf16 outputs; LayerNorm,
@@ -500,6 +501,16 @@ impl Default for EvalConfig {
 }
 
 impl Config {
+    /// The validation r_mean that picks `best`: `train.select`, but ITC-only when no ITM objective is
+    /// trained, since re-ranking by an untrained head would pick epochs at random.
+    pub fn select(&self) -> Select {
+        if self.objectives.itm {
+            self.train.select
+        } else {
+            Select::Itc
+        }
+    }
+
     /// Reads a TOML file, applies `key=value` overrides (dotted paths, values parsed as TOML, bare words
     /// as strings), rejects unknown keys by name and validates the values.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {

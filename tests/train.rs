@@ -168,12 +168,22 @@ fn itm_alone_overfits_one_batch() {
 /// `train.select` names the validation r_mean that marks `best`: the link follows the epoch with the
 /// highest value of that number (the first of equal ones), and the run reports the test split at that
 /// checkpoint (what ALBEF reports) besides the last epoch's: the same numbers `eval` gives on it. With
-/// one epoch the last is the best, measured once and logged as the final `test` all the same.
+/// one epoch the last is the best, measured once and logged as the final `test` all the same. Without
+/// ITM, re-ranking is by an untrained head, so `best` follows ITC whatever `train.select` says.
 #[test]
 fn best_follows_the_selected_validation_r_mean() {
-    for (select, key, epochs) in [("itc", "itc", 3), ("rerank", "rerank", 3), ("rerank", "rerank", 1)] {
-        let out = scratch(&format!("select-{select}-{epochs}"));
-        let cfg = micro_config(&[&format!("train.select={select}"), &format!("train.epochs={epochs}")]);
+    let cases = [
+        ("itc", true, "itc", 3),
+        ("rerank", true, "rerank", 3),
+        ("rerank", true, "rerank", 1),
+        ("rerank", false, "itc", 3),
+    ];
+    for (select, itm, key, epochs) in cases {
+        let out = scratch(&format!("select-{select}-{itm}-{epochs}"));
+        let sets =
+            [format!("train.select={select}"), format!("objectives.itm={itm}"), format!("train.epochs={epochs}")];
+        let cfg = micro_config(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(cfg.select().describe(), if key == "itc" { "ITC-only" } else { "re-ranked" });
         let opts = TrainOptions { out: out.clone(), resume: None, max_steps: None, label: None, overwrite: false };
         let summary = train(cfg.clone(), &opts).unwrap();
         let (mut best, mut final_tests): (Option<(f64, usize)>, Vec<usize>) = (None, vec![]);

@@ -258,9 +258,10 @@ similarity alone.\n",
         let _ = writeln!(
             md,
             "- r_mean at best, ITC at best: the test split at the `best` checkpoint, the epoch of the highest {} \
-validation r_mean (`train.select`), as ALBEF reports retrieval; its epoch is under Runs. The other columns are \
-the last epoch's.",
-            meta.select.describe()
+validation r_mean (`train.select`{}), as ALBEF reports retrieval; its epoch is under Runs. The other columns \
+are the last epoch's.",
+            meta.select.describe(),
+            if runs.iter().any(|r| !r.itm) { "; ITC-only in the † rows" } else { "" }
         );
     }
     if runs.iter().any(|r| !r.itm) {

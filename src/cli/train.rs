@@ -8,7 +8,7 @@ use anyhow::Result;
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = Config::load(&args.cfg.config, &args.cfg.set)?;
-    let select = cfg.train.select;
+    let select = cfg.select();
     let dist = crate::dist::current(&cfg.device)?;
     let opts = TrainOptions {
         out: args.out.clone(),

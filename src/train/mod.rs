@@ -346,7 +346,7 @@ impl Trainer {
         let report = val.map(|v| self.evaluate("val", v)).transpose()?;
         let is_best = match &report {
             Some(r) => {
-                let select = self.setup.cfg.train.select;
+                let select = self.setup.cfg.select();
                 let r_mean = match select {
                     Select::Rerank => r.rerank.r_mean,
                     Select::Itc => r.itc.r_mean,
