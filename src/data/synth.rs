@@ -17,7 +17,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde_json::json;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// Width and height of every generated image.
@@ -452,6 +452,15 @@ fn split_scenes(rng: &mut ChaCha8Rng, n: usize, unique: bool) -> Vec<Scene> {
     scenes
 }
 
+/// Each scene's image id: the position of the first scene with the same canonical caption. Two such
+/// images differ only in where the objects sit and in noise, so each one's captions describe the other:
+/// one id makes them positives of each other in ITC and keeps them out of each other's ITM negatives, as
+/// ALBEF's annotations do for one photo's captions (nearly all one-object scenes: there are only 72).
+fn scene_ids(scenes: &[Scene]) -> Vec<usize> {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    scenes.iter().enumerate().map(|(i, s)| *first.entry(s.captions().swap_remove(0)).or_insert(i)).collect()
+}
+
 /// Every word the captions can contain, in a fixed order.
 fn grammar_words() -> Vec<&'static str> {
     let mut words = vec![
@@ -509,13 +518,14 @@ pub fn generate(out_dir: &Path, n_train: usize, seed: u64) -> Result<SynthPaths>
         std::fs::create_dir_all(&image_dir).with_context(|| format!("cannot create {}", image_dir.display()))?;
         let mut rng = crate::rng::stream(seed, "synth", split, 0);
         let scenes = split_scenes(&mut rng, n, split != "train");
+        let image_ids = scene_ids(&scenes);
         let mut entries = Vec::with_capacity(n);
         for (i, scene) in scenes.iter().enumerate() {
             let rel = format!("images/{split}/{i:06}.png");
             let img = render(scene, &mut rng);
             img.save(out_dir.join(&rel)).with_context(|| format!("cannot write {}", out_dir.join(&rel).display()))?;
             entries.push(if split == "train" {
-                json!({"image": rel, "caption": scene.captions(), "image_id": i})
+                json!({"image": rel, "caption": scene.captions(), "image_id": image_ids[i]})
             } else {
                 json!({"image": rel, "caption": scene.captions()})
             });
@@ -533,7 +543,7 @@ pub fn generate(out_dir: &Path, n_train: usize, seed: u64) -> Result<SynthPaths>
 mod tests {
     use super::*;
     use crate::config::CaptionStyle;
-    use crate::data::annotations::{RetrievalSet, TextOptions, TrainSet};
+    use crate::data::annotations::{RetrievalSet, TextOptions, TrainEntry, TrainSet};
     use crate::data::image::load_rgb;
     use crate::data::tokenizer::TextTokenizer;
 
@@ -580,7 +590,10 @@ mod tests {
         let text = TextOptions { max_words: 30, style: CaptionStyle::Albef };
         let train = TrainSet::load(std::slice::from_ref(&paths.train), None, text, true).unwrap();
         assert_eq!(train.len(), 60);
-        assert_eq!(train.num_images, 60);
+        let same_scene = |a: &TrainEntry, b: &TrainEntry| a.captions[0] == b.captions[0];
+        for (a, b) in train.entries.iter().flat_map(|a| train.entries.iter().map(move |b| (a, b))) {
+            assert_eq!(a.image_id == b.image_id, same_scene(a, b), "{:?} / {:?}", a.captions[0], b.captions[0]);
+        }
         let val = RetrievalSet::load(&paths.val, None, text).unwrap();
         let test = RetrievalSet::load(&paths.test, None, text).unwrap();
         assert_eq!((val.images.len(), test.images.len()), (50, 50));
@@ -596,6 +609,19 @@ mod tests {
         let img = load_rgb(&val.images[0]).unwrap();
         assert_eq!(img.dimensions(), (IMAGE_SIZE, IMAGE_SIZE));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn one_scene_one_image_id() {
+        let mut rng = crate::rng::stream(2, "synth-test", "", 0);
+        let scenes = split_scenes(&mut rng, 1000, false);
+        let ids = scene_ids(&scenes);
+        let shared = (0..1000).filter(|&i| ids[i] != i).count();
+        assert!(shared > 20, "{shared} of 1000 scenes repeat an earlier one");
+        for i in 0..1000 {
+            assert!(ids[i] <= i && scenes[ids[i]].captions() == scenes[i].captions());
+            assert_eq!(ids[i] == i, (0..i).all(|j| scenes[j].captions()[0] != scenes[i].captions()[0]));
+        }
     }
 
     #[test]
