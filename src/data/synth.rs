@@ -452,13 +452,14 @@ fn split_scenes(rng: &mut ChaCha8Rng, n: usize, unique: bool) -> Vec<Scene> {
     scenes
 }
 
-/// Each scene's image id: the position of the first scene with the same canonical caption. Two such
-/// images differ only in where the objects sit and in noise, so each one's captions describe the other:
-/// one id makes them positives of each other in ITC and keeps them out of each other's ITM negatives, as
-/// ALBEF's annotations do for one photo's captions (nearly all one-object scenes: there are only 72).
-fn scene_ids(scenes: &[Scene]) -> Vec<usize> {
-    let mut first: HashMap<String, usize> = HashMap::new();
-    scenes.iter().enumerate().map(|(i, s)| *first.entry(s.captions().swap_remove(0)).or_insert(i)).collect()
+/// Each scene's image id from its `captions` (paraphrases, canonical first): the position of the first
+/// scene with the same canonical caption. Two such images differ only in where the objects sit and in
+/// noise, so each one's captions describe the other: one id makes them positives of each other in ITC and
+/// keeps them out of each other's ITM negatives, as ALBEF's annotations do for one photo's captions (nearly
+/// all one-object scenes: there are only 72).
+fn scene_ids(captions: &[Vec<String>]) -> Vec<usize> {
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    captions.iter().enumerate().map(|(i, c)| *first.entry(&c[0]).or_insert(i)).collect()
 }
 
 /// Every word the captions can contain, in a fixed order.
@@ -518,16 +519,17 @@ pub fn generate(out_dir: &Path, n_train: usize, seed: u64) -> Result<SynthPaths>
         std::fs::create_dir_all(&image_dir).with_context(|| format!("cannot create {}", image_dir.display()))?;
         let mut rng = crate::rng::stream(seed, "synth", split, 0);
         let scenes = split_scenes(&mut rng, n, split != "train");
-        let image_ids = scene_ids(&scenes);
+        let captions: Vec<Vec<String>> = scenes.iter().map(Scene::captions).collect();
+        let image_ids = scene_ids(&captions);
         let mut entries = Vec::with_capacity(n);
-        for (i, scene) in scenes.iter().enumerate() {
+        for (i, (scene, caption)) in scenes.iter().zip(captions).enumerate() {
             let rel = format!("images/{split}/{i:06}.png");
             let img = render(scene, &mut rng);
             img.save(out_dir.join(&rel)).with_context(|| format!("cannot write {}", out_dir.join(&rel).display()))?;
             entries.push(if split == "train" {
-                json!({"image": rel, "caption": scene.captions(), "image_id": image_ids[i]})
+                json!({"image": rel, "caption": caption, "image_id": image_ids[i]})
             } else {
-                json!({"image": rel, "caption": scene.captions()})
+                json!({"image": rel, "caption": caption})
             });
         }
         let text = serde_json::to_string_pretty(&entries)?;
@@ -615,7 +617,7 @@ mod tests {
     fn one_scene_one_image_id() {
         let mut rng = crate::rng::stream(2, "synth-test", "", 0);
         let scenes = split_scenes(&mut rng, 1000, false);
-        let ids = scene_ids(&scenes);
+        let ids = scene_ids(&scenes.iter().map(Scene::captions).collect::<Vec<_>>());
         let shared = (0..1000).filter(|&i| ids[i] != i).count();
         assert!(shared > 20, "{shared} of 1000 scenes repeat an earlier one");
         for i in 0..1000 {
