@@ -258,16 +258,15 @@ similarity alone.\n",
         let _ = writeln!(
             md,
             "- r_mean at best, ITC at best: the test split at the `best` checkpoint, the epoch of the highest {} \
-validation r_mean (`train.select`{}), as ALBEF reports retrieval; its epoch is under Runs. The other columns \
+validation r_mean (`train.select`), as ALBEF reports retrieval; its epoch is under Runs. The other columns \
 are the last epoch's.",
             meta.select.describe(),
-            if runs.iter().any(|r| !r.itm) { "; ITC-only in the † rows" } else { "" }
         );
     }
     if runs.iter().any(|r| !r.itm) {
         md.push_str(
             "- † no ITM objective: the ITM head stays at its random initialisation, so the re-ranked columns \
-are not meaningful for this row; compare its ITC r_mean.\n",
+are not meaningful for this row and its `best` follows ITC-only validation; compare its ITC columns.\n",
         );
     }
     if meta.eval.k_test < 10 {
