@@ -454,9 +454,9 @@ fn split_scenes(rng: &mut ChaCha8Rng, n: usize, unique: bool) -> Vec<Scene> {
 
 /// Each scene's image id from its `captions` (paraphrases, canonical first): the position of the first
 /// scene with the same canonical caption. Two such images differ only in where the objects sit and in
-/// noise, so each one's captions describe the other: one id makes them positives of each other in ITC and
-/// keeps them out of each other's ITM negatives, as ALBEF's annotations do for one photo's captions (nearly
-/// all one-object scenes: there are only 72).
+/// noise, so each one's captions describe the other: one id keeps them out of each other's ITM negatives
+/// (and makes them ITC positives with `objectives.itc_multi_positive`), as ALBEF's annotations do for one
+/// photo's captions (nearly all one-object scenes: there are only 72).
 fn scene_ids(captions: &[Vec<String>]) -> Vec<usize> {
     let mut first: HashMap<&str, usize> = HashMap::new();
     captions.iter().enumerate().map(|(i, c)| *first.entry(&c[0]).or_insert(i)).collect()
@@ -617,12 +617,13 @@ mod tests {
     fn one_scene_one_image_id() {
         let mut rng = crate::rng::stream(2, "synth-test", "", 0);
         let scenes = split_scenes(&mut rng, 1000, false);
-        let ids = scene_ids(&scenes.iter().map(Scene::captions).collect::<Vec<_>>());
+        let captions: Vec<Vec<String>> = scenes.iter().map(Scene::captions).collect();
+        let ids = scene_ids(&captions);
         let shared = (0..1000).filter(|&i| ids[i] != i).count();
         assert!(shared > 20, "{shared} of 1000 scenes repeat an earlier one");
         for i in 0..1000 {
-            assert!(ids[i] <= i && scenes[ids[i]].captions() == scenes[i].captions());
-            assert_eq!(ids[i] == i, (0..i).all(|j| scenes[j].captions()[0] != scenes[i].captions()[0]));
+            assert!(ids[i] <= i && captions[ids[i]] == captions[i]);
+            assert_eq!(ids[i] == i, (0..i).all(|j| captions[j][0] != captions[i][0]));
         }
     }
 
