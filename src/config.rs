@@ -348,6 +348,9 @@ pub struct EvalConfig {
     /// Count a retrieved caption as correct when its cleaned text equals a ground-truth caption's text
     /// (for datasets where different images share identical captions). Off: the reference protocol.
     pub match_text: bool,
+    /// Also measure whether the fusion encoder reads the image: MLM on the set's captions with each
+    /// caption's own image against another image of the set (`eval::mlm_probe`). Off: not computed.
+    pub mlm_probe: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -496,7 +499,7 @@ impl Default for TrainConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { k_test: 256, score: RerankScore::Itm, batch_size: 64, match_text: false }
+        EvalConfig { k_test: 256, score: RerankScore::Itm, batch_size: 64, match_text: false, mlm_probe: false }
     }
 }
 

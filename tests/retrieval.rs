@@ -23,9 +23,12 @@ use alignfuse::model::bert::{
 };
 use alignfuse::model::layers::{Ctx, Linear};
 use alignfuse::model::params::ParamStore;
+use alignfuse::objectives::mlm::{mask_tokens, masked_positions};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use common::{assert_close, load_fixture};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -565,4 +568,52 @@ fn bench_rerank_tiny_preset() {
     let cfg = Config::load(&preset, &["device=cpu".into()]).unwrap();
     let n = std::env::var("ALIGNFUSE_BENCH_IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     println!("{}", bench_rerank(&cfg, n, cfg.eval.k_test, &Device::Cpu).unwrap());
+}
+
+/// `eval.mlm_probe` is MLM of each caption, masked as training masks it, with its own image and with the
+/// image half the set away: the same numbers as one caption at a time through the model's MLM head.
+#[test]
+fn mlm_probe_agrees_with_one_caption_at_a_time() {
+    let dir = TempDir::new("mlm_probe");
+    let ann = write_retrieval_set(&dir.0);
+    let mut cfg = tiny_config();
+    cfg.eval.mlm_probe = true;
+    cfg.objectives.mlm_probability = 0.5;
+    let model = tiny_model(&cfg);
+    let set = RetrievalSet::load(&ann, None, TextOptions { max_words: 30, style: CaptionStyle::Albef }).unwrap();
+    let tok = TextTokenizer::from_file(&cfg.vocab_path(&ann).unwrap()).unwrap();
+    let direct = direct_forward(&model, &set, &tok, &cfg);
+    let probe = evaluate(&model, &set, &tok, &cfg, &Dist::single()).unwrap().mlm_probe.expect("asked for");
+
+    let ctx = Ctx::eval(model.kernels());
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let n = set.images.len();
+    let (mut masked, mut nll, mut hits) = (0, [0f64; 2], [0usize; 2]);
+    for (t, text) in set.texts.iter().enumerate() {
+        let ids = tok.encode(text, cfg.data.max_tokens).unwrap();
+        let m = mask_tokens(&ids, tok.special_tokens(cfg.model.text.vocab_size), 0.5, &mut rng);
+        let Some((positions, targets)) = masked_positions(&m.labels) else { continue };
+        let len = ids.len();
+        let ids = Tensor::from_vec(m.ids, (1, len), &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, len), DType::F32, &Device::Cpu).unwrap();
+        let at = Tensor::from_vec(positions, targets.len(), &Device::Cpu).unwrap();
+        let own = set.txt2img[t];
+        for (k, image) in [own, (own + n / 2) % n].into_iter().enumerate() {
+            let logits = model.mlm_logits_at(&ids, &mask, &direct.image_embeds[image], &at, &ctx).unwrap();
+            for (row, &target) in logits.to_vec2::<f32>().unwrap().iter().zip(&targets) {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let log_z = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+                nll[k] += (log_z - row[target as usize]) as f64;
+                hits[k] += usize::from(row[target as usize] == max);
+            }
+        }
+        masked += targets.len();
+    }
+    assert!(masked > 5, "the test needs masked tokens ({masked})");
+    assert_eq!(probe.masked, masked);
+    for (k, score) in [probe.own, probe.other].into_iter().enumerate() {
+        assert_near(&format!("loss {k}"), score.loss as f32, (nll[k] / masked as f64) as f32);
+        assert!((score.accuracy - hits[k] as f64 / masked as f64).abs() < 1e-9, "accuracy {k}: {score:?}");
+    }
+    assert!((probe.own.loss - probe.other.loss).abs() > 1e-3, "the images differ, so must the losses: {probe:?}");
 }

@@ -2,6 +2,7 @@
 //! `[CLS] tokens [SEP]`, cut to a maximum length with `[SEP]` kept last, padded to the batch's longest
 //! sequence (the reference calls the HF tokenizer with `padding='longest', truncation=True`).
 
+use crate::objectives::mlm::SpecialTokens;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -120,6 +121,12 @@ impl TextTokenizer {
     }
     pub fn mask_id(&self) -> u32 {
         self.mask_id
+    }
+
+    /// The ids MLM masking needs, for a model with `vocab_size` word embeddings: the reference draws
+    /// random replacements from the model's vocabulary (`config.vocab_size`), not the tokenizer's.
+    pub fn special_tokens(&self, vocab_size: usize) -> SpecialTokens {
+        SpecialTokens { pad: self.pad_id, cls: self.cls_id, mask: self.mask_id, vocab_size: vocab_size as u32 }
     }
 
     /// Number of ids the tokenizer can produce (the word embedding table must have at least this many rows).

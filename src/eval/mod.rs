@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod embed;
 pub mod metrics;
+pub mod mlm_probe;
 pub mod rerank;
 pub mod sims;
 
@@ -18,6 +19,7 @@ use crate::model::albef::Albef;
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics::{GroundTruth, Metrics};
+use mlm_probe::{mlm_probe, MlmProbe};
 use rerank::{rerank, reranked_standings, RerankOptions};
 use serde::{Deserialize, Serialize};
 use sims::itc_pass;
@@ -67,6 +69,9 @@ pub struct RetrievalReport {
     pub shared_captions: usize,
     /// Distinct (image, caption) pairs the fusion encoder scored.
     pub pairs: usize,
+    /// With eval.mlm_probe: MLM with each caption's own image against another image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlm_probe: Option<MlmProbe>,
     pub timings: Timings,
 }
 
@@ -104,8 +109,9 @@ pub fn evaluate(
     let scores = rerank(model, tokens, &i2t.topk, &t2i.topk, &opts, dist)?;
     let tr = reranked_standings(&i2t.topk, &scores.i2t, set.texts.len(), &gt.texts_of_image);
     let ir = reranked_standings(&t2i.topk, &scores.t2i, set.images.len(), &gt.images_of_text);
+    let rerank_s = start.elapsed().as_secs_f64() - embed_s - itc_s;
+    let probe = cfg.eval.mlm_probe.then(|| mlm_probe(model, set, tokenizer, tokens, cfg)).transpose()?;
     let total_s = start.elapsed().as_secs_f64();
-    let rerank_s = total_s - embed_s - itc_s;
     Ok(RetrievalReport {
         itc: Metrics::from_standings(&i2t.standings, &t2i.standings),
         rerank: Metrics::from_standings(&tr, &ir),
@@ -117,6 +123,7 @@ pub fn evaluate(
         match_text: gt.match_text,
         shared_captions: gt.shared_captions,
         pairs: scores.pairs,
+        mlm_probe: probe,
         timings: Timings { embed_s, itc_s, rerank_s, total_s, pairs_per_s: scores.pairs as f64 / rerank_s.max(1e-9) },
     })
 }
@@ -148,6 +155,9 @@ impl fmt::Display for RetrievalReport {
                 "note: fewer than 10 candidates re-ranked: a ground truth outside the top k ties with every other \
 candidate outside it, so re-ranked R@K for K > k counts it at the random-tie expectation"
             )?;
+        }
+        if let Some(probe) = &self.mlm_probe {
+            writeln!(f, "{probe}")?;
         }
         let t = &self.timings;
         write!(

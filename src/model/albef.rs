@@ -286,6 +286,14 @@ impl Albef {
         self.itm_head.forward(&cls, ctx)?.to_dtype(DType::F32)
     }
 
+    /// The online model's MLM logits [N, V] of (masked) ids [B, L] with padding mask [B, L] at `positions`
+    /// (u32 \[N\], row-major into B x L), conditioned on image_embeds [B, N_img, W].
+    pub fn mlm_logits_at(
+        &self, ids: &Tensor, mask: &Tensor, image_embeds: &Tensor, positions: &Tensor, ctx: &Ctx,
+    ) -> Result<Tensor> {
+        self.online.text_encoder.mlm_logits_at(ids, mask, image_embeds, positions, ctx)
+    }
+
     /// One EMA step of the momentum twin towards the online weights.
     pub fn update_momentum(&self) -> Result<()> {
         self.momentum.update()
@@ -429,7 +437,7 @@ impl Albef {
         let Some((positions, targets)) = mlm::masked_positions(&masked.labels) else { return Ok(None) };
         let positions = Tensor::from_vec(positions, targets.len(), ids.device())?;
         let masked_ids = Tensor::from_vec(masked.ids, ids.shape(), ids.device())?;
-        let logits = self.online.text_encoder.mlm_logits_at(&masked_ids, mask, image_embeds, &positions, ctx)?;
+        let logits = self.mlm_logits_at(&masked_ids, mask, image_embeds, &positions, ctx)?;
         let logits_m = image_embeds_m
             .map(|embeds_m| {
                 self.momentum_encoders.text_encoder.mlm_logits_at(&masked_ids, mask, embeds_m, &positions, ctx_m)

@@ -99,13 +99,7 @@ impl Setup {
         };
         model.sync_from(&dist, 0)?;
         let opt = AdamW::new(model.params().vars(), &cfg.train)?;
-        let special = SpecialTokens {
-            pad: tok.pad_id(),
-            cls: tok.cls_id(),
-            mask: tok.mask_id(),
-            // The reference draws replacements from the model's vocabulary (`config.vocab_size`).
-            vocab_size: cfg.model.text.vocab_size as u32,
-        };
+        let special = tok.special_tokens(cfg.model.text.vocab_size);
         Ok(Setup {
             dist,
             device,
