@@ -27,8 +27,6 @@ use alignfuse::objectives::mlm::{mask_tokens, masked_positions};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use common::{assert_close, load_fixture};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -586,7 +584,7 @@ fn mlm_probe_agrees_with_one_caption_at_a_time() {
     let probe = evaluate(&model, &set, &tok, &cfg, &Dist::single()).unwrap().mlm_probe.expect("asked for");
 
     let ctx = Ctx::eval(model.kernels());
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut rng = alignfuse::rng::stream(cfg.seed, "mlm_probe", "", 0);
     let n = set.images.len();
     let (mut masked, mut nll, mut hits) = (0, [0f64; 2], [0usize; 2]);
     for (t, text) in set.texts.iter().enumerate() {

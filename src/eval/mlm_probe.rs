@@ -10,10 +10,9 @@ use crate::data::tokenizer::{to_tensors, TextTokenizer};
 use crate::model::albef::Albef;
 use crate::model::layers::Ctx;
 use crate::objectives::mlm;
+use crate::rng;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor, D};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -37,7 +36,7 @@ pub struct MlmProbe {
 }
 
 /// The probe on `set` (eval mode, no distillation). Masks follow training's rule
-/// (`objectives.mlm_probability`, BERT's 80/10/10) from one stream seeded by `seed`, drawn caption by
+/// (`objectives.mlm_probability`, BERT's 80/10/10) from the seed's `mlm_probe` stream (`rng::stream`), drawn caption by
 /// caption in set order, so they do not depend on `eval.batch_size`.
 pub fn mlm_probe(
     model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, tokens: &TokenFeatures, cfg: &Config,
@@ -46,9 +45,9 @@ pub fn mlm_probe(
     ensure!(n >= 2, "eval.mlm_probe needs at least two images in the set (it has {n})");
     let ctx = Ctx::eval(model.kernels());
     let special = tokenizer.special_tokens(cfg.model.text.vocab_size);
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut rng = rng::stream(cfg.seed, "mlm_probe", "", 0);
     let (mut masked, mut own, mut other) = (0, Sums::default(), Sums::default());
-    let batch = cfg.eval.batch_size.max(1);
+    let batch = cfg.eval.batch_size;
     for (b, texts) in set.texts.chunks(batch).enumerate() {
         let enc = tokenizer.encode_batch(texts, cfg.data.max_tokens)?;
         let m = mlm::mask_tokens(&enc.ids, special, cfg.objectives.mlm_probability, &mut rng);
