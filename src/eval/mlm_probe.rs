@@ -36,8 +36,8 @@ pub struct MlmProbe {
 }
 
 /// The probe on `set` (eval mode, no distillation). Masks follow training's rule
-/// (`objectives.mlm_probability`, BERT's 80/10/10) from the seed's `mlm_probe` stream (`rng::stream`), drawn caption by
-/// caption in set order, so they do not depend on `eval.batch_size`.
+/// (`objectives.mlm_probability`, BERT's 80/10/10) from the seed's `mlm_probe` stream, drawn caption
+/// by caption in set order, so they do not depend on `eval.batch_size`.
 pub fn mlm_probe(
     model: &Albef, set: &RetrievalSet, tokenizer: &TextTokenizer, tokens: &TokenFeatures, cfg: &Config,
 ) -> Result<MlmProbe> {
